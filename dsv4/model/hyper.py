@@ -1,0 +1,77 @@
+"""Manifold-constrained hyper-connections (mHC, arXiv 2512.24880), as shipped in DeepSeek-V4.
+
+The residual is `n = hc_mult` streams h [B, S, n, D]. Around each sub-layer F (attention or MoE):
+
+    x    = flatten(h) in fp32 [B, S, nD];  mix = (x @ fn^T) * rsqrt(mean(x^2) + eps)        fn: [(2+n)n, nD]
+    pre  = sigmoid(mix[:n]   * scale[0] + base[:n]) + hc_eps                              [B, S, n]
+    post = 2 sigmoid(mix[n:2n] * scale[1] + base[n:2n])                                   [B, S, n]
+    comb = Sinkhorn(softmax(mix[2n:] * scale[2] + base[2n:]) + hc_eps)                    [B, S, n, n] doubly stochastic
+    h'_k = post_k * F(sum_j pre_j h_j) + sum_j comb[j, k] h_j          (comb is applied TRANSPOSED)
+
+`HyperHead` collapses the streams once at the end: w = sigmoid(mix * scale + base) + eps, out = sum_j w_j h_j.
+All hyper-connection parameters and math stay in fp32.
+"""
+
+import torch
+from torch import nn
+
+
+def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """[B, S, n, D] -> [B, S, rows of fn]: the normalised linear read of all streams, in fp32."""
+    x = h.flatten(-2).float()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)) @ fn.float().t()
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, dim: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.n, self.iters, self.hc_eps, self.norm_eps = hc_mult, sinkhorn_iters, hc_eps, norm_eps
+        rows = (2 + hc_mult) * hc_mult
+        self.fn = nn.Parameter(torch.empty(rows, hc_mult * dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(rows, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+
+    def reset_parameters(self, std: float = 0.02):
+        nn.init.normal_(self.fn, std=std)
+        nn.init.zeros_(self.base)
+        nn.init.ones_(self.scale)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B, S, n, D] -> (sub-layer input [B, S, D] in h's dtype, post [B, S, n], comb [B, S, n, n]) in fp32."""
+        n = self.n
+        mix = _mix(h, self.fn, self.norm_eps)
+        pre = torch.sigmoid(mix[..., :n] * self.scale[0] + self.base[:n]) + self.hc_eps
+        post = 2 * torch.sigmoid(mix[..., n:2 * n] * self.scale[1] + self.base[n:2 * n])
+        logits = mix[..., 2 * n:] * self.scale[2] + self.base[2 * n:]
+        comb = torch.softmax(logits.unflatten(-1, (n, n)), dim=-1) + self.hc_eps
+        comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)  # Sinkhorn: columns, then (rows, columns) x iters-1
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + self.hc_eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)
+        x = (pre.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)
+        return x, post, comb
+
+
+def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""
+    mixed = torch.matmul(comb.transpose(-1, -2), h.float())
+    return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(h.dtype)
+
+
+class HyperHead(nn.Module):
+    def __init__(self, dim: int, hc_mult: int, hc_eps: float, norm_eps: float):
+        super().__init__()
+        self.hc_eps, self.norm_eps = hc_eps, norm_eps
+        self.fn = nn.Parameter(torch.empty(hc_mult, hc_mult * dim, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(hc_mult, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def reset_parameters(self, std: float = 0.02):
+        nn.init.normal_(self.fn, std=std)
+        nn.init.zeros_(self.base)
+        nn.init.ones_(self.scale)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S, n, D] -> [B, S, D]"""
+        w = torch.sigmoid(_mix(h, self.fn, self.norm_eps) * self.scale + self.base) + self.hc_eps
+        return (w.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)

@@ -1,0 +1,140 @@
+"""DeepSeek-V4 mixture of experts: sqrt-softplus router, aux-loss-free selection bias, hash-routed first layers,
+clamped SwiGLU routed experts run grouped by expert, plus an always-on shared expert.
+
+    s = score(x W^T)  (fp32; sqrt(softplus(.)) in V4)        selection: topk(s + bias)  or  tid2eid[token] (hash layers)
+    w = s_sel / sum(s_sel) * route_scale                      (the bias chooses experts, never weighs them)
+    expert(x) = w2( silu(min(w1 x, L)) * clamp(w3 x, -L, L) )     y = sum_k w_k expert_k(x) + shared(x)
+
+Shape legend: N tokens, D model dim, I expert width, E routed experts, K experts per token, A = N*K assignments.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelArgs
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
+class Expert(nn.Module):
+    """The shared expert: a dense clamped SwiGLU MLP."""
+
+    def __init__(self, dim: int, inter_dim: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.hashed, self.topk, self.score_func, self.route_scale = (
+            hashed, args.n_activated_experts, args.score_func, args.route_scale)
+        self.n_experts = args.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        if hashed:  # frozen token -> experts table
+            self.register_buffer("tid2eid", torch.empty(args.vocab_size, args.n_activated_experts, dtype=torch.long))
+        else:  # aux-loss-free balancing bias: moved by the trainer toward balance, used only to select
+            self.register_buffer("bias", torch.empty(args.n_routed_experts, dtype=torch.float32))
+
+    def reset_parameters(self, std: float = 0.02, seed: int = 0):
+        nn.init.normal_(self.weight, std=std)
+        if not self.hashed:
+            self.bias.zero_()
+        elif self.tid2eid.device.type != "meta":  # K distinct random experts per token id, reproducible
+            g = torch.Generator().manual_seed(seed)
+            table = torch.rand(self.tid2eid.shape[0], self.n_experts, generator=g).argsort(-1)[:, : self.topk]
+            self.tid2eid.copy_(table)
+
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weights [N, K] fp32, expert indices [N, K])"""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        if self.score_func == "sqrtsoftplus":
+            scores_NE = F.softplus(logits_NE).sqrt()
+        elif self.score_func == "sigmoid":
+            scores_NE = logits_NE.sigmoid()
+        else:
+            scores_NE = logits_NE.softmax(-1)
+        if self.hashed:
+            if ids_N is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            idx_NK = self.tid2eid[ids_N]
+        else:
+            idx_NK = torch.topk(scores_NE + self.bias, self.topk, dim=-1, sorted=False).indices
+        w_NK = scores_NE.gather(1, idx_NK)
+        w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return w_NK, idx_NK
+
+
+class Experts(nn.Module):
+    """E routed experts as grouped weights: w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.limit, self.inter_dim = args.swiglu_limit, args.moe_inter_dim
+        self.w13 = nn.Parameter(torch.empty(args.n_routed_experts, 2 * args.moe_inter_dim, args.dim))
+        self.w2 = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, args.moe_inter_dim))
+
+    def reset_parameters(self, std: float = 0.02):
+        nn.init.normal_(self.w13, std=std)
+        nn.init.normal_(self.w2, std=std)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.split(self.inter_dim, dim=-1)
+        return swiglu(gate, up, self.limit)
+
+    def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        if not self.grouped_ok(x_ND):
+            return self.forward_dense(x_ND, w_NK, idx_NK)
+        N, K = idx_NK.shape
+        # sort the N*K assignments by expert, run each expert once on its contiguous slice (grouped GEMM)
+        order_A = idx_NK.flatten().argsort(stable=True)
+        token_A = order_A // K
+        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.w13.shape[0])
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        x_AD = x_ND[token_A]
+        h_A2I = F.grouped_mm(x_AD, self.w13.transpose(-1, -2), offs=offs_E)
+        y_AD = F.grouped_mm(self._act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
+        y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+    def grouped_ok(self, x: torch.Tensor) -> bool:
+        """F.grouped_mm needs 16-byte aligned rows and matching dtypes."""
+        align = 16 // x.element_size()
+        return (x.dtype == self.w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
+                and x.device.type != "meta")
+
+    def forward_dense(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Plain twin of `forward`: every expert on every token, weighted by a dense [N, E] routing matrix.
+        Exact and simple; used by tests and for shapes the grouped GEMM cannot take."""
+        dense_NE = torch.zeros(x_ND.shape[0], self.w13.shape[0], dtype=torch.float32, device=x_ND.device)
+        dense_NE.scatter_add_(1, idx_NK, w_NK.float())
+        h_NE2I = torch.einsum("nd,efd->nef", x_ND, self.w13.to(x_ND.dtype))
+        y_NED = torch.einsum("nei,edi->ned", self._act(h_NE2I), self.w2.to(x_ND.dtype))
+        return (y_NED * dense_NE.unsqueeze(-1).to(y_NED.dtype)).sum(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.gate = Gate(args, hashed=layer_id < args.n_hash_layers)
+        self.experts = Experts(args)
+        self.shared_experts = (Expert(args.dim, args.n_shared_experts * args.moe_inter_dim, args.swiglu_limit)
+                               if args.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])
+        w_NK, idx_NK = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
+        y = self.experts(x_ND, w_NK, idx_NK)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_ND)
+        return y.view(shape)

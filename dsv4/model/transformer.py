@@ -1,0 +1,165 @@
+"""The DeepSeek-V4 transformer: embedding -> hc_mult residual streams -> blocks -> hc_head -> norm -> head.
+
+    h = embed(ids) copied into n streams                       [B, S, n, D]
+    block:  x, post, comb = hc_attn(h);  h = post * attn(attn_norm(x)) + comb^T h
+            x, post, comb = hc_ffn(h);   h = post * moe(ffn_norm(x))   + comb^T h
+    logits = head(norm(hc_head(h)))
+    MTP j:  h' = block(e_proj(enorm(embed(t_{i+1+j}))) + h_proj(hnorm(h_i)))  -> its own hc_head + norm -> shared head
+
+The model is pure and single-device: caching, sampling, sharding and quantization act on it from outside.
+References: DeepSeek-V4 release; `transformers.DeepseekV4ForCausalLM` is the numerical reference.
+"""
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelArgs
+from dsv4.model.attention import Attention
+from dsv4.model.compressor import Compressor
+from dsv4.model.hyper import HyperConnection, HyperHead, hc_post
+from dsv4.model.moe import MoE, Experts, Gate
+from dsv4.model.norm import RMSNorm
+from dsv4.model.rope import Rotary
+
+# parameters the release keeps in fp32 whatever the compute dtype (hyper-connections, norms, sinks, gate bias)
+FP32_SUFFIXES = (".fn", ".base", ".scale", "attn_sink", ".ape", "norm.weight", "gate.bias")
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.kind = args.layer_kind(layer_id)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MoE(args, layer_id)
+        hc = (args.dim, args.hc_mult, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps)
+        self.hc_attn = HyperConnection(*hc)
+        self.hc_ffn = HyperConnection(*hc)
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]):
+        x, post, comb = self.hc_attn(h)
+        h = hc_post(self.attn(self.attn_norm(x), rope), h, post, comb)
+        x, post, comb = self.hc_ffn(h)
+        return hc_post(self.ffn(self.ffn_norm(x), ids), h, post, comb)
+
+
+class MTPBlock(Block):
+    """One multi-token-prediction module: a full block fed with the next token's embedding and the main streams."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__(args, layer_id)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """h [B, S, n, D] streams at position i, emb [B, S, D] embedding of token i+1 -> new streams."""
+        x = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(h))
+        return super().forward(x, None, rope)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + j) for j in range(args.n_mtp_layers))
+        self.rope_swa = Rotary(args, args.rope_theta, yarn=False)
+        self.rope_compress = Rotary(args, args.compress_rope_theta, yarn=True)
+
+    # --- initialisation and dtype ---
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int = 0):
+        """Fresh weights (for training from scratch); call after `to_empty` when built on meta."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, Gate):
+                module.reset_parameters(std, seed=seed + hash_seed(name))
+            elif isinstance(module, (RMSNorm, HyperConnection, HyperHead, Experts, Compressor, Attention, Rotary)):
+                module.reset_parameters() if not isinstance(module, (HyperConnection, HyperHead, Experts)) \
+                    else module.reset_parameters(std)
+
+    @torch.no_grad()
+    def init_rope(self):
+        """Recompute the non-persistent RoPE tables (needed after `to_empty`)."""
+        self.rope_swa.reset_parameters()
+        self.rope_compress.reset_parameters()
+
+    def to_dtype(self, dtype: torch.dtype) -> "Transformer":
+        """Cast floating parameters to `dtype`, keeping the release's fp32 ones (hyper-connections, norms, ...)."""
+        for name, p in self.named_parameters():
+            if p.is_floating_point() and not name.endswith(FP32_SUFFIXES):
+                p.data = p.data.to(dtype)
+        return self
+
+    # --- forward ---
+    def rope(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.rope_swa if kind == "swa" else self.rope_compress)(positions)
+
+    def check_ids(self, input_ids: torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {tuple(input_ids.shape)} "
+                             f"{input_ids.dtype}")
+        if input_ids.numel() and input_ids.device.type != "meta":
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.args.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.args.vocab_size}); got ids in [{lo}, {hi}]")
+        if input_ids.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.args.max_seq_len}")
+
+    def forward_streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """-> (final residual streams [B, S, n, D] before hc_head, rope tables by layer kind)."""
+        self.check_ids(input_ids)
+        S = input_ids.shape[1]
+        positions = torch.arange(S, device=input_ids.device)
+        ropes = {kind: self.rope(kind, positions) for kind in ("swa", "csa")}
+        ropes["hca"] = ropes["csa"]
+        h = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)
+        for layer in self.layers:
+            h = layer(h, input_ids, ropes[layer.kind])
+        return h, ropes
+
+    def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
+        x = (norm or self.norm)((hc_head or self.hc_head)(h))
+        return self.head(x.to(self.head.weight.dtype)).float()
+
+    def forward(self, input_ids: torch.Tensor, mtp: bool = False):
+        """input_ids [B, S] -> logits [B, S, V] (fp32). With mtp=True also a list, one per MTP module j, of
+        logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j."""
+        h, ropes = self.forward_streams(input_ids)
+        logits = self.logits(h)
+        if not mtp:
+            return logits
+        mtp_logits = []
+        for j, block in enumerate(self.mtp):
+            n = input_ids.shape[1] - 1 - j
+            if n <= 0:
+                mtp_logits.append(logits.new_zeros(input_ids.shape[0], 0, logits.shape[-1]))
+                continue
+            h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind])
+            mtp_logits.append(self.logits(h, block.hc_head, block.norm))
+        return logits, mtp_logits
+
+    def save_pretrained(self, path, **kwargs):
+        from dsv4.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+
+def hash_seed(name: str) -> int:
+    """A stable per-module seed (Python's hash() is salted per process)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2 ** 31)
