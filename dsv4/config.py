@@ -237,6 +237,8 @@ def _hf_to_args(c: dict) -> dict:
                          f"got {c['num_key_value_heads']}")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act must be 'silu', got {c['hidden_act']!r}")
+    if c.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"config.json topk_method must be 'noaux_tc' (bias-corrected top-k), got {c['topk_method']!r}")
     if c.get("norm_topk_prob", True) is not True:
         raise ValueError("config.json norm_topk_prob must be true for DeepSeek-V4")
     simple = {
@@ -254,7 +256,7 @@ def _hf_to_args(c: dict) -> dict:
     }
     structural = {"layer_types", "compress_rates", "mlp_layer_types", "rope_parameters", "partial_rotary_factor",
                   "mtp_compress_ratios", "qk_rope_head_dim", "compress_ratios", "num_hash_layers",
-                  "compress_rate_csa", "compress_rate_hca"}
+                  "compress_rate_csa", "compress_rate_hca", "rope_scaling", "topk_method"}
     unknown = sorted(k for k in c if k not in simple and k not in structural and k not in _HF_IGNORED)
     if unknown:
         raise ValueError(f"config.json has field(s) dsv4 does not understand: {', '.join(unknown)}")
@@ -270,7 +272,7 @@ def _hf_to_args(c: dict) -> dict:
         d["rope_head_dim"] = int(c["qk_rope_head_dim"])
     elif partial is not None:
         d["rope_head_dim"] = int(head_dim * partial)
-    rp = c.get("rope_parameters") or {}
+    rp = c.get("rope_parameters") or c.get("rope_scaling") or {}  # rope_scaling: the release's legacy name
     main, compress = rp.get("main"), rp.get("compress")
     if not isinstance(compress, dict):
         compress = {k: v for k, v in rp.items() if k not in ("main", "compress")}
@@ -343,16 +345,16 @@ PRESETS: dict[str, dict] = {
         vocab_size=512, dim=64, n_layers=4, max_seq_len=65536, n_heads=4, head_dim=32, rope_head_dim=16,
         q_lora_rank=32, o_groups=2, o_lora_rank=32, window_size=16, original_seq_len=4096,
         compress_ratios=[0, 4, 16, 4, 0], csa_ratio=4, hca_ratio=16,
-        index_n_heads=8, index_head_dim=32, index_topk=8,
+        index_n_heads=16, index_head_dim=32, index_topk=8,
         n_routed_experts=8, n_activated_experts=2, moe_inter_dim=64, n_hash_layers=1, hc_mult=4,
     ),
-    # trains on a 2-core CPU (~150M total parameters, a fraction of them active)
+    # trains on a 2-core CPU (~130M total parameters, ~30M active)
     "small": dict(
         vocab_size=8192, dim=512, n_layers=8, max_seq_len=1048576, n_heads=8, head_dim=64, rope_head_dim=32,
         q_lora_rank=256, o_groups=4, o_lora_rank=256, window_size=128, original_seq_len=8192,
         compress_ratios=[0, 4, 128, 4, 128, 4, 128, 4, 0], csa_ratio=4, hca_ratio=128,
         index_n_heads=8, index_head_dim=64, index_topk=64,
-        n_routed_experts=32, n_activated_experts=2, moe_inter_dim=512, n_hash_layers=1, hc_mult=4,
+        n_routed_experts=16, n_activated_experts=2, moe_inter_dim=512, n_hash_layers=1, hc_mult=4,
     ),
     # the released DeepSeek-V4-Flash (284B total, 13B active)
     "v4-flash": dict(),

@@ -68,7 +68,7 @@ class Attention(nn.Module):
                            if self.ratio else None)
         self.indexer = Indexer(args) if self.kind == "csa" else None
 
-    def reset_parameters(self):
+    def reset_parameters(self, std: float = 0.0):
         nn.init.zeros_(self.attn_sink)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

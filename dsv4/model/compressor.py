@@ -27,7 +27,7 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))  # absolute position in the window
         self.norm = RMSNorm(head_dim, eps)
 
-    def reset_parameters(self):
+    def reset_parameters(self, std: float = 0.0):
         nn.init.zeros_(self.ape)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,5 +20,5 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
 
-    def reset_parameters(self):
+    def reset_parameters(self, std: float = 0.0):
         nn.init.ones_(self.weight)

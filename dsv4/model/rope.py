@@ -41,7 +41,7 @@ class Rotary(nn.Module):
         self.args, self.theta, self.yarn = args, theta, yarn
         self.register_buffer("inv_freq", rope_inv_freq(args, theta, yarn), persistent=False)
 
-    def reset_parameters(self):
+    def reset_parameters(self, std: float = 0.0):
         self.inv_freq.copy_(rope_inv_freq(self.args, self.theta, self.yarn))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

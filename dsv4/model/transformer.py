@@ -15,9 +15,8 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
-from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import HyperConnection, HyperHead, hc_post
-from dsv4.model.moe import MoE, Experts, Gate
+from dsv4.model.moe import Gate, MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary
 
@@ -81,17 +80,14 @@ class Transformer(nn.Module):
     # --- initialisation and dtype ---
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0):
-        """Fresh weights (for training from scratch); call after `to_empty` when built on meta."""
+        """Fresh weights for training from scratch (call after `to_empty` when built on meta)."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.Embedding):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, Gate):
-                module.reset_parameters(std, seed=seed + hash_seed(name))
-            elif isinstance(module, (RMSNorm, HyperConnection, HyperHead, Experts, Compressor, Attention, Rotary)):
-                module.reset_parameters() if not isinstance(module, (HyperConnection, HyperHead, Experts)) \
-                    else module.reset_parameters(std)
+                module.reset_parameters(std, seed=seed + stable_hash(name))
+            elif module is not self and type(module).__module__.startswith("dsv4.") and hasattr(module, "reset_parameters"):
+                module.reset_parameters(std)
 
     @torch.no_grad()
     def init_rope(self):
@@ -160,6 +156,6 @@ class Transformer(nn.Module):
         return save_pretrained(self, path, **kwargs)
 
 
-def hash_seed(name: str) -> int:
+def stable_hash(name: str) -> int:
     """A stable per-module seed (Python's hash() is salted per process)."""
     return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2 ** 31)

@@ -1,0 +1,527 @@
+"""Checkpoint IO: sharded safetensors in three name layouts, loaded lazily with FP8/FP4 dequantised on the fly.
+
+Layouts (the same tensors under different names; shapes equal unless noted):
+    dsv4      our module names: `layers.{i}.attn.wq_a.weight`, `layers.{i}.hc_attn.fn`, `layers.{i}.ffn.experts.w13`
+    hf        transformers' DeepseekV4ForCausalLM: `model.layers.{i}.self_attn.q_a_proj.weight`, `...attn_hc.fn`,
+              `...mlp.experts.gate_up_proj` [E, 2I, D] (w1 rows, then w3 rows); `mtp.{j}.` + the same inner names
+              (transformers ignores `mtp.*`; we keep the MTP modules there).
+    upstream  DeepSeek's release: our names except `hc_attn_fn` (also hc_ffn_*, hc_head_*), one tensor per routed
+              expert `ffn.experts.{e}.w{1,2,3}.weight` ([I, D], [D, I], [I, D]) and quantized weights: FP8 or packed FP4
+              with a `<name>.scale` next to `<name>.weight` (see dsv4.quant).
+transformers' own `save_pretrained` may write a hybrid (`model.` + upstream names, `model.embed_tokens`,
+`model.hc_head.hc_fn`) and spells every `kv_norm` as `norm`; the loader reads all of these, and any mix of them.
+HF FP8 checkpoints name scales `*_scale_inv`.
+
+    files:   model-0000k-of-0000N.safetensors + model.safetensors.index.json + config.json
+    load:    build on `meta` -> to_empty(device) -> RoPE tables -> copy each tensor in (dequantised, cast to the
+             destination's dtype) one at a time from mmapped `safe_open` handles: memory ~ the model + one tensor.
+Which tensors are quantized is read from the files (dtype, presence of a scale), never from a list of names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv4 import quant
+from dsv4.config import ModelArgs
+
+LAYOUTS = ("hf", "upstream", "dsv4")
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+# --- name maps -------------------------------------------------------------------------------------------------------
+# leaf names inside `layers.{i}.` / `mtp.{j}.`: ours -> transformers'
+_HF_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    **{f"hc_{site}.{p}": f"{site}_hc.{p}" for site in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_norm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv.weight": "self_attn.kv_proj.weight",
+    "attn.kv_norm.weight": "self_attn.kv_norm.weight",
+    "attn.wo_a.weight": "self_attn.o_a_proj.weight",
+    "attn.wo_b.weight": "self_attn.o_b_proj.weight",
+    "attn.attn_sink": "self_attn.sinks",
+    **{f"attn.{ours}compressor.{a}": f"self_attn.compressor.{theirs}{b}"
+       for ours, theirs in (("", ""), ("indexer.", "indexer."))
+       for a, b in (("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"),
+                    ("ape", "position_bias"), ("norm.weight", "kv_norm.weight"))},
+    "attn.indexer.wq_b.weight": "self_attn.compressor.indexer.q_b_proj.weight",
+    "attn.indexer.weights_proj.weight": "self_attn.compressor.indexer.scorer.weights_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.gate.tid2eid": "mlp.gate.tid2eid",
+    "ffn.experts.w13": "mlp.experts.gate_up_proj",
+    "ffn.experts.w2": "mlp.experts.down_proj",
+    "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+}
+# extra leaves of an MTP module (the rest of it is a block)
+_HF_MTP = {**{f"{n}.weight": f"{n}.weight" for n in ("enorm", "hnorm", "e_proj", "h_proj", "norm")},
+           **{f"hc_head.{p}": f"hc_head.hc_{p}" for p in ("fn", "base", "scale")}}
+_HF_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
+           "norm.weight": "model.norm.weight",
+           **{f"hc_head.{p}": f"model.hc_head.hc_{p}" for p in ("fn", "base", "scale")}}
+
+_SCOPED = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
+# one routed expert's matrix, as the release (w1/w2/w3) or a per-expert HF export (gate/up/down_proj) names it
+_EXPERT = re.compile(r"^(?:ffn|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PART = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _upstream_leaf(leaf: str) -> str:
+    """`hc_attn.fn` -> `hc_attn_fn` (the release spells hyper-connection parameters flat); other leaves unchanged."""
+    return leaf.replace(".", "_", 1) if leaf.startswith(("hc_attn.", "hc_ffn.", "hc_head.")) else leaf
+
+
+def to_layout_name(name: str, layout: str) -> str:
+    """Our state_dict name -> its name in `layout` (fused experts keep one name; `export` splits them for upstream)."""
+    if layout == "dsv4":
+        return name
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
+    m = _SCOPED.match(name)
+    if layout == "upstream":
+        return (f"{m[1]}.{m[2]}.{_upstream_leaf(m[3])}" if m else _upstream_leaf(name))
+    if not m:
+        if name not in _HF_TOP:
+            raise ValueError(f"no transformers name for {name!r}")
+        return _HF_TOP[name]
+    scope, i, leaf = m.groups()
+    hf = (_HF_MTP.get(leaf) if scope == "mtp" else None) or _HF_BLOCK.get(leaf)
+    if hf is None:
+        raise ValueError(f"no transformers name for {name!r}")
+    return f"model.layers.{i}.{hf}" if scope == "layers" else f"mtp.{i}.{hf}"
+
+
+def _aliases(table: dict[str, str]) -> dict[str, str]:
+    """every spelling of a leaf (ours, transformers', the release's) -> ours. transformers' `save_pretrained` undoes
+    its load-time rename `.norm.` -> `.kv_norm.` everywhere, so `kv_norm` may also come back as `norm`
+    (`model.layers.0.self_attn.norm.weight`)."""
+    out = {}
+    for ours, hf in table.items():
+        for name in (ours, hf, _upstream_leaf(ours)):
+            out[name] = out[name.replace("kv_norm.", "norm.")] = ours
+    return out
+
+
+_BLOCK_ALIASES = _aliases(_HF_BLOCK)
+_MTP_ALIASES = _aliases(_HF_MTP)
+_TOP_ALIASES = _aliases({ours: hf.removeprefix("model.") for ours, hf in _HF_TOP.items()})  # `model.` is stripped
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: a whole model tensor, or one routed expert's w1 / w3 / w2 slice of it."""
+    param: str
+    expert: int | None = None
+    part: str | None = None  # "w1" | "w3" | "w2"
+
+
+def resolve(name: str) -> Target | None:
+    """A checkpoint tensor name in any layout -> its destination in our model, or None if unknown."""
+    n = name.removeprefix("model.")
+    m = _SCOPED.match(n)
+    if not m:
+        return Target(_TOP_ALIASES[n]) if n in _TOP_ALIASES else None
+    scope, i, leaf = m.groups()
+    prefix = f"{scope}.{i}."
+    ours = (_MTP_ALIASES.get(leaf) if scope == "mtp" else None) or _BLOCK_ALIASES.get(leaf)
+    if ours is not None:
+        return Target(prefix + ours)
+    e = _EXPERT.match(leaf)
+    if e:
+        part = _PART.get(e[2], e[2])
+        return Target(prefix + ("ffn.experts.w2" if part == "w2" else "ffn.experts.w13"), int(e[1]), part)
+    return None
+
+
+def detect_layout(names) -> str:
+    names = list(names)
+    if any(n.startswith("model.") or n == "lm_head.weight" for n in names):
+        return "hf"
+    if any(n.endswith((".experts.w13", ".hc_attn.fn")) for n in names):
+        return "dsv4"
+    return "upstream"
+
+
+def _scale_owner(name: str, names: set[str]) -> str | None:
+    """If `name` is a quantization scale, the weight it scales: `X.scale` next to `X.weight` (release), or
+    `X_scale_inv` (HF FP8). `hc_attn.scale`-style parameters have no `.weight` sibling and stay ordinary tensors."""
+    if name.endswith("_scale_inv"):
+        return name[: -len("_scale_inv")]
+    if name.endswith(".scale") and name[: -len(".scale")] + ".weight" in names:
+        return name[: -len(".scale")] + ".weight"
+    return None
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+# keys of DeepSeek's inference config.json that choose kernels or runtime sizes, not the math
+_UPSTREAM_RUNTIME_KEYS = ("max_batch_size", "dtype", "scale_fmt", "expert_dtype", "scale_dtype")
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict]:
+    """config.json of a checkpoint directory -> (ModelArgs, raw dict). Accepts transformers' config (detected by
+    model_type / hidden_size) and DeepSeek's inference config (our field names)."""
+    cfg_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no {CONFIG_FILE}; a checkpoint directory needs one next to its "
+                                f"*.safetensors files")
+    raw = _read_json(cfg_path)
+    try:
+        if "model_type" in raw or "hidden_size" in raw:
+            return ModelArgs.from_hf_config(raw), raw
+        return ModelArgs.from_dict({k: v for k, v in raw.items() if k not in _UPSTREAM_RUNTIME_KEYS}), raw
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fp8_block(raw: dict) -> tuple[int, int]:
+    block = (raw.get("quantization_config") or {}).get("weight_block_size") or quant.FP8_BLOCK
+    return int(block[0]), int(block[1])
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Entry:
+    file: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string, e.g. "BF16", "F8_E4M3", "I8"
+
+
+_FP8_ST = {"F8_E4M3", "F8_E5M2"}
+_FP4_ST = {"I8", "U8", "F4"}  # packed e2m1 bytes
+_INT_ST = {"I8", "U8", "I16", "I32", "I64", "U16", "U32", "U64", "BOOL"}
+
+
+def _scan(path: str) -> dict[str, _Entry]:
+    """tensor name -> (file, shape, dtype) from the safetensors headers alone."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            listed = set(json.load(f)["weight_map"].values())
+        absent = sorted(listed - set(files))
+        if absent:
+            raise FileNotFoundError(f"{path}: {INDEX_FILE} lists shard(s) that are not there: {', '.join(absent)}")
+        files = sorted(listed)
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    entries, twice = {}, []
+    for fname in files:
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                if name in entries:
+                    twice.append(f"{name} (in {entries[name].file} and {fname})")
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if dtype == "F4":  # the header counts e2m1 values; torch's float4_e2m1fn_x2 tensor holds bytes
+                    shape = (*shape[:-1], shape[-1] // 2)
+                entries[name] = _Entry(fname, shape, dtype)
+    if twice:
+        raise ValueError(f"{path}: tensor(s) stored in more than one shard: {_listing(twice)}")
+    return entries
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _dest(model_tensors: dict[str, torch.Tensor], t: Target) -> torch.Tensor:
+    """The model tensor (or expert slice) a target fills."""
+    dest = model_tensors[t.param]
+    if t.expert is None:
+        return dest
+    if t.part == "w2":
+        return dest[t.expert]
+    inter = dest.shape[1] // 2
+    return dest[t.expert, :inter] if t.part == "w1" else dest[t.expert, inter:]
+
+
+def _expert_name(param: str, e: int, part: str) -> str:
+    return f"{param.rsplit('.', 1)[0]}.{e}.{part}.weight"
+
+
+def _check(name: str, e: _Entry, dest: torch.Tensor, scale: str | None, s: _Entry | None,
+           fp8_block: tuple[int, int]) -> tuple[str, str] | None:
+    """One stored tensor (and its scale) against its destination: (problem kind, message) or None."""
+    quantized = e.dtype in _FP8_ST or (scale is not None and e.dtype in _FP4_ST)
+    if quantized and scale is None:
+        return "bad format", f"{name} is stored as {e.dtype} but has no scale tensor"
+    if scale is not None and not quantized:
+        return "bad format", f"{name} has a scale {scale} but is stored as {e.dtype}, not FP8 or packed FP4"
+    shape = (*e.shape[:-1], 2 * e.shape[-1]) if quantized and e.dtype in _FP4_ST else e.shape  # two codes a byte
+    if shape != tuple(dest.shape):
+        unpacked = " (after unpacking FP4)" if shape != e.shape else ""
+        return "wrong shape", f"{name}: checkpoint {list(shape)}, model {list(dest.shape)}{unpacked}"
+    if scale is not None:
+        want = quant.fp8_scale_shape(e.shape, fp8_block) if e.dtype in _FP8_ST else quant.fp4_scale_shape(e.shape)
+        if s.shape != want:
+            return "wrong shape", f"{scale}: scale of {name} is {list(s.shape)}, expected {list(want)}"
+    elif (e.dtype in _INT_ST) == dest.is_floating_point():
+        return "bad format", f"{name} is stored as {e.dtype} but the model keeps it as {dest.dtype}"
+    return None
+
+
+def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], groups: list[list[str]],
+          fp8_block: tuple[int, int]) -> tuple[list[tuple[str, Target, str | None]], list[str]]:
+    """Match checkpoint tensors to model tensors from the headers alone.
+    -> ([(checkpoint name, target, scale name or None)], [error lines])."""
+    names = set(entries)
+    scales = {n: w for n in names if (w := _scale_owner(n, names)) is not None}
+    scale_of = {w: s for s, w in scales.items()}
+    layout = detect_layout(names)
+    plan, unexpected, problems, twice = [], [], {"wrong shape": [], "bad format": []}, []
+    filled: dict[str, set] = {}  # model tensor -> {"all"} or {(expert, part), ...} the checkpoint covers
+    for name in sorted(names):
+        if name in scales:
+            if scales[name] not in names:
+                unexpected.append(f"{name} (a scale without its weight {scales[name]})")
+            continue
+        t = resolve(name)
+        if t is None or t.param not in model_tensors or (
+                t.expert is not None and not 0 <= t.expert < model_tensors[t.param].shape[0]):
+            unexpected.append(name)
+            continue
+        key = "all" if t.expert is None else (t.expert, t.part)
+        got = filled.setdefault(t.param, set())
+        if key in got or (key != "all" and "all" in got) or (key == "all" and got):
+            twice.append(f"{name} (-> {t.param})")
+            continue
+        got.add(key)  # present, even if unusable below: reported once, as what it is, never also as missing
+        scale = scale_of.get(name)
+        problem = _check(name, entries[name], _dest(model_tensors, t), scale, scale and entries[scale], fp8_block)
+        if problem:
+            problems[problem[0]].append(problem[1])
+        else:
+            plan.append((name, t, scale))
+
+    missing = []
+    for group in groups:  # a tied tensor is filled by any one of its names
+        param = group[0]
+        got = set().union(*(filled.get(g, set()) for g in group))
+        if "all" in got:
+            continue
+        if got or (layout == "upstream" and param.endswith((".experts.w13", ".experts.w2"))):
+            parts = ("w2",) if param.endswith("w2") else ("w1", "w3")  # experts go one by one: name the absent ones
+            missing += [_expert_name(param, e, p) for e in range(model_tensors[param].shape[0]) for p in parts
+                        if (e, p) not in got]
+            continue
+        try:
+            hint = to_layout_name(param, layout)
+        except ValueError:  # a tensor the layout has no name for yet
+            hint = param
+        missing.append(param if hint == param else f"{param} [{layout}: {hint}]")
+    errors = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), *problems.items(),
+                         ("given twice", twice)):
+        if items:
+            errors.append(f"{len(items)} {title}: {_listing(items)}")
+    return plan, errors
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None) -> None:
+    """Fill `model`'s parameters and persistent buffers from the checkpoint at `path` (any layout), in place.
+    Every problem (missing, unexpected, wrong shape, bad format) is found from the headers and raised together in
+    one ValueError before any data is read."""
+    path = os.fspath(path)
+    if fp8_block is None:
+        cfg_path = os.path.join(path, CONFIG_FILE)
+        fp8_block = _fp8_block(_read_json(cfg_path) if os.path.isfile(cfg_path) else {})
+    entries = _scan(path)
+    model_tensors = dict(model.state_dict(keep_vars=True))
+    groups: dict[int, list[str]] = {}  # tied tensors (embed / head) appear under several names
+    for name, t in model_tensors.items():
+        groups.setdefault(id(t), []).append(name)
+    plan, errors = _plan(entries, model_tensors, list(groups.values()), fp8_block)
+    if errors:
+        raise ValueError(f"checkpoint {path} (layout {detect_layout(entries)}) does not fit the model:\n  "
+                         + "\n  ".join(errors))
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def handle(fname: str):
+            if fname not in handles:
+                handles[fname] = stack.enter_context(safe_open(os.path.join(path, fname), framework="pt"))
+            return handles[fname]
+
+        # shard by shard, so each file's pages are touched once
+        for name, target, scale in sorted(plan, key=lambda p: (entries[p[0]].file, p[0])):
+            dest = _dest(model_tensors, target)
+            tensor = handle(entries[name].file).get_tensor(name)
+            if scale is not None:  # dequantise where the weight will live (fast on an accelerator)
+                s = handle(entries[scale].file).get_tensor(scale)
+                tensor = quant.dequantize(tensor.to(dest.device), s.to(dest.device), fp8_block)
+            dest.copy_(tensor)  # casts to the dtype the model keeps this tensor in
+
+
+def _to_empty(model: torch.nn.Module, device) -> None:
+    """`Module.to_empty` gives every parameter its own storage, which unties a tied head and embedding; tie again."""
+    first, ties = {}, []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        first.setdefault(id(p), name)
+    model.to_empty(device=device)
+    for name, source in ties:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+
+
+def _init_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers (RoPE tables) are not in checkpoints and are garbage after `to_empty`."""
+    for method in ("init_rope", "init_buffers"):
+        if hasattr(model, method):
+            getattr(model, method)()
+            return
+    model.init_weights()  # fallback: everything fresh, then the checkpoint overwrites what it holds
+
+
+def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None, args: ModelArgs | None = None):
+    """Build a Transformer from a checkpoint directory. `dtype` casts the compute weights (the model keeps its fp32
+    tensors: hyper-connections, norms, sinks, ...); None keeps the model's defaults. `args` overrides config.json.
+    A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning."""
+    from dsv4.model.transformer import Transformer
+
+    path = os.fspath(path)
+    raw = {}
+    if args is None:
+        args, raw = read_config(path)
+        if args.n_mtp_layers and not any(n.removeprefix("model.").startswith("mtp.") for n in _scan(path)):
+            warnings.warn(f"{path} holds no MTP weights (transformers does not save them); loading without the "
+                          f"{args.n_mtp_layers} MTP module(s)")
+            args = ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
+                                        "compress_ratios": args.compress_ratios[: args.n_layers]})
+    else:
+        cfg_path = os.path.join(path, CONFIG_FILE)
+        raw = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    with torch.device("meta"):
+        model = Transformer(args)
+    if dtype is not None:
+        model.to_dtype(dtype)
+    _to_empty(model, device or "cpu")
+    _init_buffers(model)
+    load_into(model, path, _fp8_block(raw))
+    return model
+
+
+def load_state_dict(path: str | os.PathLike, args: ModelArgs | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint as our state_dict (dequantised, experts fused), on the CPU."""
+    return from_pretrained(path, device="cpu", dtype=dtype, args=args).state_dict()
+
+
+# --- saving ----------------------------------------------------------------------------------------------------------
+def export(model: torch.nn.Module, layout: str = "hf"):
+    """Yield (name in `layout`, tensor view) for every persistent tensor, each storage once (tied head skipped)."""
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        t = t.detach()
+        if layout == "upstream" and name.endswith((".experts.w13", ".experts.w2")):
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                if name.endswith("w2"):
+                    yield f"{prefix}.{e}.w2.weight", t[e]
+                else:
+                    inter = t.shape[1] // 2
+                    yield f"{prefix}.{e}.w1.weight", t[e, :inter]
+                    yield f"{prefix}.{e}.w3.weight", t[e, inter:]
+            continue
+        yield to_layout_name(name, layout), t
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = 4 * 2**30,
+                    layout: str = "hf") -> list[str]:
+    """Write `path`/model-0000k-of-0000N.safetensors + index + config.json; returns the shard file names.
+    Everything is written into a temporary directory next to `path` and moved into place with os.replace (the whole
+    directory when `path` does not exist yet; else file by file, index last, then stale shards are removed)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; choose one of {LAYOUTS}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a directory")
+    args: ModelArgs = model.args
+    tensors = list(export(model, layout))
+    if len({n for n, _ in tensors}) != len(tensors):
+        raise ValueError("two model tensors map to the same checkpoint name")
+
+    # greedy shards in state_dict order, each under max_shard_bytes unless one tensor alone is larger
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    n = len(shards)
+    fnames = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    if layout == "upstream":
+        config = args.to_dict()
+    else:
+        config = args.to_hf_config()
+        config["dtype"] = str(dict(tensors)[to_layout_name("embed.weight", layout)].dtype).removeprefix("torch.")
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in tensors)},
+             "weight_map": {name: fnames[k] for k, shard in enumerate(shards) for name, _ in shard}}
+
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        for fname, shard in zip(fnames, shards):
+            # own contiguous CPU copies: no views into the model, no storage shared between names (safetensors
+            # refuses shared storage; expert slices of w13 would otherwise share it)
+            data = {name: t.to("cpu", copy=True).contiguous() for name, t in shard}
+            save_file(data, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del data
+            _fsync(os.path.join(tmp, fname))
+        for fname, obj in ((CONFIG_FILE, config), (INDEX_FILE, index)):
+            with open(os.path.join(tmp, fname), "w") as f:
+                json.dump(obj, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+            return fnames
+        for fname in (*fnames, CONFIG_FILE, INDEX_FILE):  # the index goes last: it makes the new shards current
+            os.replace(os.path.join(tmp, fname), os.path.join(path, fname))
+        for stale in os.listdir(path):
+            if _SHARD.match(stale) and stale not in fnames:
+                os.remove(os.path.join(path, stale))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fnames

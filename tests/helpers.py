@@ -1,0 +1,60 @@
+"""Shared test utilities: random weights far from any initialisation, tiny configs covering every layer kind."""
+
+import torch
+
+from dsv4 import ModelArgs, Transformer
+
+# tiny configs that together cover SWA-only, CSA and HCA layers, hash and learned routing, hc_mult 1 and 4
+PARITY_CONFIGS = {
+    "mixed": dict(),  # [swa, csa, hca, csa] + MTP; 1 hash layer
+    "hc1": dict(hc_mult=1),
+    "swa_only": dict(compress_ratios=[0, 0, 0, 0, 0]),
+    "hca_only": dict(compress_ratios=[16, 16, 16, 16, 0], n_hash_layers=2),
+    "csa_learned": dict(compress_ratios=[4, 4, 4, 4, 0], n_hash_layers=0),
+    "window128": dict(window_size=128, hca_ratio=128, compress_ratios=[0, 4, 128, 4, 0], n_layers=4),
+}
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs.from_name("tiny", **overrides)
+
+
+@torch.no_grad()
+def randomize(model: Transformer, seed: int = 0) -> Transformer:
+    """Weights far from the reference's initialisation: non-uniform mHC mixing (a transposed comb shows),
+    non-trivial norms, sinks, window position biases and router biases; scaled so 4 layers stay well conditioned."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape):
+        return torch.randn(shape, generator=g)
+
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1 + 0.1 * rand(p.shape))
+        elif name.endswith(".fn"):
+            p.copy_(0.2 * rand(p.shape))
+        elif name.endswith(".base"):
+            p.copy_(0.5 * rand(p.shape))
+        elif name.endswith(".scale"):
+            p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        elif name.endswith(("attn_sink", ".ape")):
+            p.copy_(rand(p.shape))
+        else:
+            p.copy_(0.5 * p.shape[-1] ** -0.5 * rand(p.shape))
+    for name, b in model.named_buffers():
+        if name.endswith("gate.bias"):
+            b.copy_(0.1 * rand(b.shape))
+        elif name.endswith("tid2eid"):
+            b.copy_(torch.rand(b.shape[0], model.args.n_routed_experts, generator=g).argsort(-1)[:, : b.shape[1]])
+    return model
+
+
+def random_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    model.init_weights()
+    return randomize(model, seed).eval()
+
+
+def random_ids(args: ModelArgs, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
