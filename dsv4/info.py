@@ -1,0 +1,262 @@
+"""What a DeepSeek-V4 configuration costs: parameters (total and active, per component), forward FLOPs per token
+and attention-cache bytes, all computed on the `meta` device (nothing is allocated, so V4-Pro takes a blink).
+
+Parameters. Every parameter is counted once (tied weights too) and put in one component: embedding, attention
+(with its compressor and lightning indexer), routed experts, shared experts, router, hyper-connections, norms, head,
+and, for MTP modules, their e_proj/h_proj. "Active" = parameters a token touches: K of the E routed experts
+(hash-routed and learned layers alike), everything else whole, except the embedding: listed with its total but 0
+active, since a lookup is no matmul (a tied head still counts as active). The main model and the MTP modules are
+reported apart, with totals with and without MTP.
+DeepSeek's published sizes (V4-Flash 284B / 13B active, V4-Pro 1.6T / 49B) match the main model WITHOUT MTP and
+with the embedding not active, as V3's 671B / 37B did (V3's card lists its 14B MTP module apart): Flash comes out
+284.3B / 13.3B, Pro 1.573T / 48.9B; with MTP Flash would be 290.9B, and counting the embedding active 13.8B.
+
+FLOPs per token, forward, for a token that sees a context of L tokens (itself included; batch and prefill
+amortisation ignored, so this is the decode cost at position L):
+    matmul    = 2 * (active params of every weight with >= 2 dims but the embedding and the compressors' additive
+                    position biases `ape`; a tied head counted)
+    attention = sum over layers of 4 * n_heads * head_dim * keys          (q.k and p.v, one shared K=V head)
+                keys = min(window_size, L) + compressed entries: HCA L // m, CSA min(index_topk, L // m), SWA 0
+    indexer   = sum over CSA layers of 2 * index_n_heads * index_head_dim * (L // m)   (the lightning scan)
+Elementwise work (norms, softmaxes, RoPE, SwiGLU, Sinkhorn, stream mixing) is left out: small next to these terms.
+
+Cache bytes at context L, per layer, in `dtype` (bf16 unless given):
+    window      min(window_size, L) * head_dim                 (a ring of the last W shared K=V vectors)
+    compressed  (L // m) * head_dim                            (CSA and HCA layers)
+    indexer     (L // m) * index_head_dim                      (CSA layers: the indexer's own compressed keys)
+    partial     compressor state of the window still open: kv and gate for m tokens at the compressor width
+                (2*head_dim with CSA's overlap, plus the previous window's first half: 6*m*head_dim; HCA 2*m*head_dim),
+                and the same for the indexer's compressor at index_head_dim
+bytes per token = total / L. MTP layers keep their own cache; reported apart.
+"""
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelArgs
+from dsv4.model.attention import Attention
+from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.moe import Experts, Gate
+from dsv4.model.norm import RMSNorm
+from dsv4.model.transformer import Transformer
+
+COMPONENTS = ("embedding", "attention", "routed_experts", "shared_experts", "router", "hyper_connections", "norms",
+              "head", "mtp_projections")
+CONTEXTS = (131072, 1048576)  # 128K and 1M tokens
+_BY_TYPE = ((Attention, "attention"), (Experts, "routed_experts"), (Gate, "router"),
+            ((HyperConnection, HyperHead), "hyper_connections"), (nn.Embedding, "embedding"), (RMSNorm, "norms"))
+
+
+@dataclass
+class Count:
+    total: int = 0
+    active: int = 0
+    flops: int = 0  # forward matmul FLOPs per token
+
+    def __add__(self, other: "Count") -> "Count":
+        return Count(self.total + other.total, self.active + other.active, self.flops + other.flops)
+
+
+def meta_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+def component_of(name: str, module: nn.Module, parent: str | None) -> str | None:
+    if parent is not None:  # a component owns everything beneath it (an indexer's norm is attention)
+        return parent
+    for types, component in _BY_TYPE:
+        if isinstance(module, types):
+            return component
+    last = name.rsplit(".", 1)[-1]
+    if last == "shared_experts":
+        return "shared_experts"
+    if name == "head":
+        return "head"
+    if last in ("e_proj", "h_proj"):
+        return "mtp_projections"
+    return parent
+
+
+def count_params(model: Transformer) -> dict[str, dict[str, Count]]:
+    """{"main" | "mtp": {component: Count}}. A shared parameter is counted once, under its first owner, but its
+    FLOPs at every module that uses it, so a tied head still costs its matmul."""
+    args = model.args
+    parts = {"main": {c: Count() for c in COMPONENTS}, "mtp": {c: Count() for c in COMPONENTS}}
+    components: dict[str, str | None] = {}
+    credited: dict[int, int] = {}  # id(parameter) -> active elements counted so far
+    for name, module in model.named_modules():
+        parent = components.get(name.rsplit(".", 1)[0] if "." in name else "")
+        component = components[name] = component_of(name, module, parent)
+        for pname, p in module.named_parameters(recurse=False):
+            if component is None:
+                raise ValueError(f"info: parameter {name}.{pname} belongs to no component; teach component_of")
+            part = parts["mtp" if name.startswith("mtp.") else "main"]
+            active = p.numel()
+            if component == "routed_experts":
+                active = p.numel() * args.n_activated_experts // args.n_routed_experts
+            elif component == "embedding":
+                active = 0  # a lookup, not a matmul: listed in totals, 0 active (as DeepSeek counts)
+            matmul = p.dim() >= 2 and component != "embedding" and pname != "ape"  # ape is added, not multiplied
+            flops = 2 * active if matmul else 0
+            stored = id(p) not in credited
+            extra = active - credited.get(id(p), 0)  # a tied head adds its activity to the embedding's 0
+            credited[id(p)] = max(active, credited.get(id(p), 0))
+            part[component] += Count(p.numel() if stored else 0, max(extra, 0), flops)
+    return parts
+
+
+def attention_flops(args: ModelArgs, layer_ids: range, context: int) -> dict[str, int]:
+    """Per-token score/value and indexer-scan FLOPs of the given layers at `context` (see the module docstring)."""
+    attn = index = 0
+    for i in layer_ids:
+        kind, m = args.layer_kind(i), args.compress_ratios[i]
+        keys = min(args.window_size, context)
+        if kind == "hca":
+            keys += context // m
+        elif kind == "csa":
+            keys += min(args.index_topk, context // m)
+            index += 2 * args.index_n_heads * args.index_head_dim * (context // m)
+        attn += 4 * args.n_heads * args.head_dim * keys
+    return {"attention": attn, "indexer": index}
+
+
+def cache_bytes(args: ModelArgs, layer_ids: range, context: int, dtype: torch.dtype) -> dict[str, int]:
+    """Attention-cache bytes of the given layers for one sequence of `context` tokens (see the module docstring)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    d, c = args.head_dim, args.index_head_dim
+    parts = {"window": 0, "compressed": 0, "indexer": 0, "partial": 0}
+    for i in layer_ids:
+        kind, m = args.layer_kind(i), args.compress_ratios[i]
+        parts["window"] += min(args.window_size, context) * d
+        if kind == "hca":
+            parts["compressed"] += context // m * d
+            parts["partial"] += 2 * m * d
+        elif kind == "csa":
+            parts["compressed"] += context // m * d
+            parts["indexer"] += context // m * c
+            parts["partial"] += 6 * m * d + 6 * m * c
+    parts = {k: v * size for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    parts["per_token"] = parts["total"] / context
+    return parts
+
+
+def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Everything `dsv4 info` reports, as plain JSON-able data."""
+    parts = count_params(meta_model(args))
+    totals = {part: sum(comps.values(), Count()) for part, comps in parts.items()}
+    with_mtp = totals["main"] + totals["mtp"]
+    main_layers = range(args.n_layers)
+    mtp_layers = range(args.n_layers, args.n_layers + args.n_mtp_layers)
+    flops, cache = {}, {}
+    for L in contexts:
+        main, mtp = attention_flops(args, main_layers, L), attention_flops(args, mtp_layers, L)
+        main_total = totals["main"].flops + main["attention"] + main["indexer"]
+        mtp_total = totals["mtp"].flops + mtp["attention"] + mtp["indexer"]
+        flops[str(L)] = {"matmul": totals["main"].flops, **main, "total": main_total,
+                         "mtp": mtp_total, "total_with_mtp": main_total + mtp_total}
+        cache[str(L)] = {**cache_bytes(args, main_layers, L, cache_dtype),
+                         "mtp": cache_bytes(args, mtp_layers, L, cache_dtype)["total"]}
+    kinds = [args.layer_kind(i) for i in main_layers]
+    return {
+        "config": {"dim": args.dim, "n_layers": args.n_layers, "layers": {k: kinds.count(k) for k in
+                                                                           ("swa", "csa", "hca")},
+                   "n_routed_experts": args.n_routed_experts, "n_activated_experts": args.n_activated_experts,
+                   "n_mtp_layers": args.n_mtp_layers, "vocab_size": args.vocab_size},
+        "params": {part: {c: {"total": v.total, "active": v.active} for c, v in comps.items() if v.total or v.active}
+                   for part, comps in parts.items()},
+        "totals": {"main": {"total": totals["main"].total, "active": totals["main"].active},
+                   "mtp": {"total": totals["mtp"].total, "active": totals["mtp"].active},
+                   "with_mtp": {"total": with_mtp.total, "active": with_mtp.active}},
+        "published_sizes_exclude_mtp": True,
+        "flops_per_token": flops,
+        "cache_dtype": str(cache_dtype).removeprefix("torch."),
+        "cache_bytes": cache,
+    }
+
+
+# --- checkpoints: stored tensors, read from the safetensors headers alone ---
+def checkpoint_tensors(path: str | os.PathLike) -> dict:
+    """Tensor count, element count and bytes of every *.safetensors file in `path`, by stored dtype."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    out = {"files": len(files), "tensors": 0, "elements": 0, "bytes": 0, "dtypes": {}}
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, t in header.items():
+            if key == "__metadata__":
+                continue
+            numel = 1
+            for s in t["shape"]:
+                numel *= s
+            nbytes = t["data_offsets"][1] - t["data_offsets"][0]
+            out["tensors"] += 1
+            out["elements"] += numel
+            out["bytes"] += nbytes
+            out["dtypes"][t["dtype"]] = out["dtypes"].get(t["dtype"], 0) + nbytes
+    return out
+
+
+# --- the readable table ---
+def human(n: float, unit: str = "") -> str:
+    """1.23B parameters; with a unit, SI prefixes: 1.23 GFLOP."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}" if unit else f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f} {unit}" if unit else f"{n:.0f}"
+
+
+def tokens(n: int) -> str:
+    """131072 -> 128K, 1048576 -> 1M"""
+    for shift, suffix in ((20, "M"), (10, "K")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
+def human_bytes(n: float) -> str:
+    for scale, suffix in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def format_table(info: dict, title: str = "") -> str:
+    cfg, p, t = info["config"], info["params"], info["totals"]
+    lines = [f"{title}  dim {cfg['dim']}, {cfg['n_layers']} layers (" +
+             ", ".join(f"{v} {k.upper()}" for k, v in cfg["layers"].items() if v) +
+             f"), {cfg['n_activated_experts']} of {cfg['n_routed_experts']} experts, {cfg['n_mtp_layers']} MTP",
+             "", f"{'parameters':<20}{'total':>12}{'active':>12}{'MTP total':>12}{'MTP active':>12}"]
+    for c in COMPONENTS:
+        main, mtp = p["main"].get(c), p["mtp"].get(c)
+        if main or mtp:
+            cells = [human(x[k]) if x else "-" for x in (main, mtp) for k in ("total", "active")]
+            lines.append(f"{c.replace('_', ' '):<20}" + "".join(f"{x:>12}" for x in cells))
+    lines.append(f"{'sum':<20}{human(t['main']['total']):>12}{human(t['main']['active']):>12}"
+                 f"{human(t['mtp']['total']):>12}{human(t['mtp']['active']):>12}")
+    lines.append(f"with MTP: {human(t['with_mtp']['total'])} total, {human(t['with_mtp']['active'])} active "
+                 f"(published sizes count the main model only)")
+    lines += ["", f"{'per token at context':<22}" + "".join(f"{tokens(int(L)):>14}" for L in info["flops_per_token"])]
+    rows = [("matmul FLOPs", "matmul"), ("attention FLOPs", "attention"), ("indexer FLOPs", "indexer"),
+            ("total FLOPs", "total"), ("  + MTP", "mtp")]
+    for label, key in rows:
+        lines.append(f"{label:<22}" + "".join(f"{human(v[key], 'FLOP'):>14}" for v in info["flops_per_token"].values()))
+    lines.append(f"{'cache / token':<22}" + "".join(f"{human_bytes(v['per_token']):>14}"
+                                                    for v in info["cache_bytes"].values()))
+    lines.append(f"{'cache / sequence':<22}" + "".join(f"{human_bytes(v['total']):>14}"
+                                                       for v in info["cache_bytes"].values()))
+    lines.append(f"(cache in {info['cache_dtype']}, main layers; MTP adds " +
+                 ", ".join(human_bytes(v["mtp"]) for v in info["cache_bytes"].values()) + ")")
+    if "checkpoint" in info:
+        ck = info["checkpoint"]
+        lines += ["", f"checkpoint {ck['path']}: {ck['files']} files, {ck['tensors']} tensors, "
+                      f"{human(ck['elements'])} elements, {human_bytes(ck['bytes'])} "
+                      f"({', '.join(f'{k} {human_bytes(v)}' for k, v in ck['dtypes'].items())})"]
+    return "\n".join(lines)
