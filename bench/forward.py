@@ -70,7 +70,11 @@ def child(opts) -> dict:
 
     from dsv4.device import resolve_dtype
 
+    from dsv4.device import tune_cpu_allocator
+
     watchdog(opts.limit_kb)
+    if opts.tune_allocator == "both" or opts.tune_allocator == opts.impl:
+        tune_cpu_allocator()
     dtype = resolve_dtype(opts.dtype)
     base_kb = rss_kb()
     start = time.perf_counter()
@@ -116,7 +120,7 @@ def child(opts) -> dict:
 def run_child(impl: str, seq: int, ckpt: str, opts, logits_out: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--ckpt", ckpt, "--seq", str(seq),
            "--dtype", opts.dtype, "--repeats", str(opts.repeats), "--limit-kb", str(opts.limit_kb),
-           "--logits-out", logits_out]
+           "--logits-out", logits_out, "--tune-allocator", opts.tune_allocator]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
     except subprocess.TimeoutExpired:
@@ -145,6 +149,7 @@ def parent(opts) -> dict:
                                      "compress_ratios": args.compress_ratios[: args.n_layers]})
     results = {"preset": opts.preset, "dtype": str(resolve_dtype(opts.dtype)).removeprefix("torch."),
                "batch": 1, "repeats": opts.repeats, "threads": torch.get_num_threads(),
+               "tuned_allocator": opts.tune_allocator,
                "memory_limit_mb": opts.limit_kb // 1024, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(opts.seed)
@@ -178,6 +183,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="smoke run: short sequences, one timed repeat")
     p.add_argument("--ours-only", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-allocator", choices=("ours", "both", "none"), default="ours",
+                   help="which side gets dsv4.device.tune_cpu_allocator() (dsv4's entry points call it; "
+                        "transformers does not) -- 'both' measures the reference with it too")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it counts as 'timeout'")
     p.add_argument("--limit-kb", type=int, default=int(0.9 * available_kb()), help=argparse.SUPPRESS)
     p.add_argument("--child", choices=("ours", "theirs"), dest="impl", help=argparse.SUPPRESS)

@@ -182,3 +182,32 @@ def test_bf16_forward_close_to_fp32():
     # bf16 rounding (and the odd router flip it causes) moves logits a little, not a lot
     rel = (got - ref).norm() / ref.norm()
     assert rel < 0.1, rel
+
+
+def test_fast_topk_selects_the_same_set_as_the_sorting_twin():
+    from dsv4.model.indexer import topk_recent_fast
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        T, k = int(torch.randint(2, 300, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        k = min(k, T)
+        s = torch.randn(3, 17, T, generator=g)
+        if trial % 3 == 0:  # many exact ties, as ReLU scores produce
+            s = torch.where(torch.rand(s.shape, generator=g) < 0.6, torch.zeros_like(s), s)
+        if trial % 3 == 1:  # quantised scores: ties everywhere
+            s = (s * 2).round()
+        a = topk_recent_fast(s, k).sort(-1).values
+        b = topk_recent(s, k).sort(-1).values
+        assert torch.equal(a, b), trial
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # swa, csa, hca
+def test_attention_in_query_blocks_equals_one_block(layer):
+    model = random_model()
+    attn, kind = model.layers[layer].attn, model.layers[layer].kind
+    x = torch.randn(2, 203, model.args.dim)
+    rope = model.rope(kind, torch.arange(203))
+    with torch.no_grad():
+        whole = attn(x, rope, block=4096)
+        for block in (16, 48, 100):  # multiples of the window and not (rounded down to whole windows)
+            torch.testing.assert_close(attn(x, rope, block=block), whole, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,8 @@
     out = wo_b( concat_g wo_a_g(o_t[heads of group g]) )            (grouped low-rank output projection)
 
 Sliding-window-only layers use RoPE theta `rope_theta`; compressed layers use `compress_rope_theta` with YaRN.
-The window is computed block by block ([S/W, W, 2W] scores, never [S, S]); CSA gathers only its top-k entries.
+Queries are processed in blocks; the window W queries at a time ([W, 2W] scores, never [S, S]); CSA gathers
+only its top-k entries.
 """
 
 import torch
@@ -23,25 +24,26 @@ from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
 
 
-def window_scores(q: torch.Tensor, kv: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled-free logits of every query against its sliding window, block by block.
-    q [B, S, H, d], kv [B, S, d] -> (logits [B, S, H, 2W], keys [B, S/W, 2W, d]); masked slots are -inf.
-    Block j of W queries sees keys from positions jW-W .. jW+W-1; query i of the block may read key slot k
-    iff i < k <= i + W (inside the window and causal) and the key position is >= 0."""
-    B, S, H, d = q.shape
+def window_scores(q: torch.Tensor, kv: torch.Tensor, window: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of queries at positions start.. (start a multiple of W) against their sliding windows, W at a time.
+    q [B, s, H, d], kv [B, S, d] (all positions) -> (logits [B, s, H, 2W], keys [B, nb, 2W, d]), masked slots -inf.
+    Query block j (W queries from position p = start + jW) reads the 2W keys at p-W .. p+W-1; its query i may read
+    slot k iff i < k <= i + W (inside the window, causal) and the key position is >= 0."""
+    B, s, H, d = q.shape
     W = window
-    nb = -(-S // W)
-    pad = nb * W - S
-    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, nb, W, H, d)
-    keys = F.pad(kv, (0, 0, W, pad)).unfold(1, 2 * W, W).transpose(-1, -2)  # [B, nb, 2W, d]
+    nb = -(-s // W)
+    lo, hi = start - W, start + nb * W  # key positions the blocks need
+    qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, d)
+    keys = F.pad(kv[:, max(lo, 0): hi], (0, 0, max(-lo, 0), max(hi - kv.shape[1], 0)))
+    keys = keys.unfold(1, 2 * W, W).transpose(-1, -2)  # [B, nb, 2W, d]
     logits = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys)
     i = torch.arange(W, device=q.device)[:, None]
     k = torch.arange(2 * W, device=q.device)[None, :]
-    allowed = (k > i) & (k <= i + W)  # [W, 2W]
-    first = allowed & (k >= W)  # block 0 has no previous block
-    mask = torch.stack([first] + [allowed] * (nb - 1)) if nb > 1 else first[None]  # [nb, W, 2W]
-    logits = logits.masked_fill(~mask[None, :, :, None, :], float("-inf"))
-    return logits.reshape(B, nb * W, H, 2 * W)[:, :S], keys
+    mask = ((k > i) & (k <= i + W)).expand(nb, W, 2 * W).clone()  # [nb, W, 2W]
+    if start == 0:
+        mask[0] &= k >= W  # the first block of the sequence has no previous block
+    logits = logits.masked_fill_(~mask[None, :, :, None, :], float("-inf"))
+    return logits.reshape(B, nb * W, H, 2 * W)[:, :s], keys
 
 
 class Attention(nn.Module):
@@ -71,47 +73,55 @@ class Attention(nn.Module):
     def reset_parameters(self, std: float = 0.0):
         nn.init.zeros_(self.attn_sink)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, S, D] at positions 0..S-1; rope = this layer's (cos, sin) [S, R/2]."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], block: int = 1024) -> torch.Tensor:
+        """x [B, S, D] at positions 0..S-1; rope = this layer's (cos, sin) [S, R/2]. Queries are attended
+        `block` at a time (rounded to whole windows), so no attention temporary grows with S beyond [block, ...]."""
         B, S, _ = x.shape
         cos, sin = rope
         qr = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), self.norm_eps)
-        q = apply_rope(q, cos[:S, None], sin[:S, None])  # [B, S, H, d]
+        q = apply_rope(q, cos[:S, None], sin[:S, None]) * self.softmax_scale  # [B, S, H, d], pre-scaled
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos[:S], sin[:S])  # [B, S, d]
+        entries = self.compressor(x, cos, sin) if self.compressor is not None else None  # [B, T, d]
+        idx = self.indexer(x, qr, cos, sin) if self.indexer is not None else None  # [B, S, k], -1 = empty
 
-        logits, win_keys = window_scores(q, kv, self.window)  # [B, S, H, 2W]
+        block = max(block // self.window, 1) * self.window
+        o = torch.cat([self.attend(q[:, t0:t0 + block], kv, entries, None if idx is None else idx[:, t0:t0 + block],
+                                   t0) for t0 in range(0, S, block)], dim=1)
+        o = apply_rope(o, cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
+        return self.project_out(o)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
+               start: int) -> torch.Tensor:
+        """Attention output [B, s, H, d] of the (scaled) queries at positions start..start+s-1."""
+        B, s, H, _ = q.shape
+        W = self.window
+        logits, win_keys = window_scores(q, kv, W, start)  # [B, s, H, 2W]
         parts = [logits]
-        if self.compressor is not None:
-            entries = self.compressor(x, cos, sin)  # [B, T, d]
+        if entries is not None:
             T = entries.shape[1]
-            visible = (torch.arange(S, device=x.device) + 1) // self.ratio  # [S]
-            if self.indexer is not None:  # CSA: gather each query's top-k entries
-                idx = self.indexer(x, qr, cos, sin)  # [B, S, k], -1 = empty
-                cmp_keys = entries[torch.arange(B, device=x.device)[:, None, None], idx.clamp(min=0)]  # [B, S, k, d]
+            if idx is not None:  # CSA: gather each query's top-k entries
+                flat = (idx.clamp(min=0) + T * torch.arange(B, device=q.device)[:, None, None]).flatten()
+                cmp_keys = entries.flatten(0, 1).index_select(0, flat).view(*idx.shape, entries.shape[-1])
                 cmp_logits = torch.einsum("bshd,bskd->bshk", q, cmp_keys)
-                cmp_logits = cmp_logits.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
+                cmp_logits = cmp_logits.masked_fill_((idx < 0)[:, :, None, :], float("-inf"))
             else:  # HCA: every closed window
                 cmp_keys = entries
                 cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
-                future = torch.arange(T, device=x.device) >= visible[:, None]  # [S, T]
-                cmp_logits = cmp_logits.masked_fill(future[None, :, None, :], float("-inf"))
+                visible = (torch.arange(start, start + s, device=q.device) + 1) // self.ratio  # [s]
+                future = torch.arange(T, device=q.device) >= visible[:, None]  # [s, T]
+                cmp_logits = cmp_logits.masked_fill_(future[None, :, None, :], float("-inf"))
             parts.append(cmp_logits)
-        sink = self.attn_sink.view(1, 1, -1, 1).expand(B, S, -1, 1)
-        all_logits = torch.cat([p.float() * self.softmax_scale for p in parts] + [sink.float()], dim=-1)
-        probs = all_logits.softmax(-1).to(q.dtype)
+        sink = self.attn_sink.view(1, 1, -1, 1).expand(B, s, -1, 1)  # fp32: the cat promotes the logits too
+        probs = torch.cat(parts + [sink], dim=-1).softmax(-1).to(q.dtype)
 
-        # weighted values: window part block by block, compressed part gathered/dense
-        W = self.window
         nb = win_keys.shape[1]
-        p_win = F.pad(probs[..., : 2 * W], (0, 0, 0, 0, 0, nb * W - S)).view(B, nb, W, self.n_heads, 2 * W)
-        o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * W, self.n_heads, -1)[:, :S]
-        if self.compressor is not None:
-            p_cmp = probs[..., 2 * W: -1]
-            eq = "bshk,bskd->bshd" if self.indexer is not None else "bsht,btd->bshd"
-            o = o + torch.einsum(eq, p_cmp, cmp_keys)
-        o = apply_rope(o, cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
-        return self.project_out(o)
+        p_win = F.pad(probs[..., : 2 * W], (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, 2 * W)
+        o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * W, H, -1)[:, :s]
+        if entries is not None:
+            eq = "bshk,bskd->bshd" if idx is not None else "bsht,btd->bshd"
+            o = o + torch.einsum(eq, probs[..., 2 * W: -1], cmp_keys)
+        return o
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, H, d] -> [B, S, D] through the grouped low-rank projection."""

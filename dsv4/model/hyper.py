@@ -1,15 +1,16 @@
 """Manifold-constrained hyper-connections (mHC, arXiv 2512.24880), as shipped in DeepSeek-V4.
 
-The residual is `n = hc_mult` streams h [B, S, n, D]. Around each sub-layer F (attention or MoE):
+The residual is `n = hc_mult` streams h [B, S, n, D], kept in fp32. Around each sub-layer F (attention or MoE):
 
-    x    = flatten(h) in fp32 [B, S, nD];  mix = (x @ fn^T) * rsqrt(mean(x^2) + eps)        fn: [(2+n)n, nD]
+    x    = flatten(h) [B, S, nD];  mix = rmsnorm(x) @ fn^T                                 fn: [(2+n)n, nD]
     pre  = sigmoid(mix[:n]   * scale[0] + base[:n]) + hc_eps                              [B, S, n]
     post = 2 sigmoid(mix[n:2n] * scale[1] + base[n:2n])                                   [B, S, n]
     comb = Sinkhorn(softmax(mix[2n:] * scale[2] + base[2n:]) + hc_eps)                    [B, S, n, n] doubly stochastic
     h'_k = post_k * F(sum_j pre_j h_j) + sum_j comb[j, k] h_j          (comb is applied TRANSPOSED)
 
 `HyperHead` collapses the streams once at the end: w = sigmoid(mix * scale + base) + eps, out = sum_j w_j h_j.
-All hyper-connection parameters and math stay in fp32.
+All hyper-connection parameters and math stay in fp32. The [B, S, n, D] tensors are the largest activations of a
+small model, so each step below writes at most one of them.
 """
 
 import torch
@@ -17,9 +18,15 @@ from torch import nn
 
 
 def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """[B, S, n, D] -> [B, S, rows of fn]: the normalised linear read of all streams, in fp32."""
-    x = h.flatten(-2).float()
-    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)) @ fn.float().t()
+    """[B, S, n, D] fp32 -> [B, S, rows of fn]: rmsnorm(flatten(h)) @ fn^T."""
+    x = h.flatten(-2)
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
+    return (x @ fn.t()) * torch.rsqrt(rms.square() + eps)
+
+
+def _collapse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j h_j:  w [B, S, n], h [B, S, n, D] -> [B, S, D]"""
+    return (w.unsqueeze(-2) @ h).squeeze(-2)
 
 
 class HyperConnection(nn.Module):
@@ -37,7 +44,7 @@ class HyperConnection(nn.Module):
         nn.init.ones_(self.scale)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, S, n, D] -> (sub-layer input [B, S, D] in h's dtype, post [B, S, n], comb [B, S, n, n]) in fp32."""
+        """h [B, S, n, D] fp32 -> (sub-layer input [B, S, D], post [B, S, n], comb [B, S, n, n]), all fp32."""
         n = self.n
         mix = _mix(h, self.fn, self.norm_eps)
         pre = torch.sigmoid(mix[..., :n] * self.scale[0] + self.base[:n]) + self.hc_eps
@@ -48,14 +55,13 @@ class HyperConnection(nn.Module):
         for _ in range(self.iters - 1):
             comb = comb / (comb.sum(-1, keepdim=True) + self.hc_eps)
             comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)
-        x = (pre.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)
-        return x, post, comb
+        return _collapse(pre, h), post, comb
 
 
 def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """New streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""
-    mixed = torch.matmul(comb.transpose(-1, -2), h.float())
-    return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(h.dtype)
+    """New fp32 streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""
+    out = comb.transpose(-1, -2) @ h
+    return out.addcmul_(post.unsqueeze(-1), y.float().unsqueeze(-2))
 
 
 class HyperHead(nn.Module):
@@ -72,6 +78,6 @@ class HyperHead(nn.Module):
         nn.init.ones_(self.scale)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, S, n, D] -> [B, S, D]"""
+        """[B, S, n, D] fp32 -> [B, S, D] fp32"""
         w = torch.sigmoid(_mix(h, self.fn, self.norm_eps) * self.scale + self.base) + self.hc_eps
-        return (w.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)
+        return _collapse(w, h)

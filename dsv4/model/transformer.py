@@ -38,10 +38,11 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(*hc)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]):
+        dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
         x, post, comb = self.hc_attn(h)
-        h = hc_post(self.attn(self.attn_norm(x), rope), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x).to(dtype), rope), h, post, comb)
         x, post, comb = self.hc_ffn(h)
-        return hc_post(self.ffn(self.ffn_norm(x), ids), h, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(x).to(dtype), ids), h, post, comb)
 
 
 class MTPBlock(Block):
@@ -58,8 +59,9 @@ class MTPBlock(Block):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """h [B, S, n, D] streams at position i, emb [B, S, D] embedding of token i+1 -> new streams."""
-        x = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        return super().forward(x, None, rope)
+        dtype = self.e_proj.weight.dtype
+        x = self.e_proj(self.enorm(emb).to(dtype)).unsqueeze(2) + self.h_proj(self.hnorm(h).to(dtype))
+        return super().forward(x.float(), None, rope)
 
 
 class Transformer(nn.Module):
@@ -124,17 +126,17 @@ class Transformer(nn.Module):
         positions = torch.arange(S, device=input_ids.device)
         ropes = {kind: self.rope(kind, positions) for kind in ("swa", "csa")}
         ropes["hca"] = ropes["csa"]
-        h = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)
+        h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)  # fp32 streams
         for layer in self.layers:
             h = layer(h, input_ids, ropes[layer.kind])
         return h, ropes
 
     def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
         x = (norm or self.norm)((hc_head or self.hc_head)(h))
-        return self.head(x.to(self.head.weight.dtype)).float()
+        return self.head(x.to(self.head.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor, mtp: bool = False):
-        """input_ids [B, S] -> logits [B, S, V] (fp32). With mtp=True also a list, one per MTP module j, of
+        """input_ids [B, S] -> logits [B, S, V] (in the head's dtype). With mtp=True also a list, one per MTP module j, of
         logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j."""
         h, ropes = self.forward_streams(input_ids)
         logits = self.logits(h)
