@@ -10,6 +10,7 @@ import json
 import sys
 
 from dsv4.config import PRESETS
+from dsv4.device import tune_cpu_allocator
 
 
 def add_info(subparsers):
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in COMMANDS:
         add(subparsers)
     opts = parser.parse_args(argv)
+    tune_cpu_allocator()  # process-wide, so here at the entry point and never inside the library
     try:
         return opts.run(opts)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad config or path: one line, not a traceback

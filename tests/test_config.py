@@ -3,6 +3,7 @@ transformers reads our config.json with the same layer schedule and RoPE tables.
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,20 @@ def test_hf_yarn_with_mscale_is_rejected():
     hf["rope_parameters"]["compress"]["mscale"] = 1.0
     with pytest.raises(ValueError, match="rope_parameters"):
         ModelArgs.from_hf_config(hf)
+
+
+RELEASE_CONFIG = Path(__file__).parent / "data" / "v4_flash_release_config.json"
+
+
+def test_release_config_json_reads_as_the_v4_flash_preset():
+    """The config.json shipped with DeepSeek-V4-Flash (legacy `rope_scaling`, `compress_ratios` incl. the MTP
+    layer, `num_hash_layers`, `qk_rope_head_dim`, `topk_method`) means exactly our v4-flash preset."""
+    path = RELEASE_CONFIG
+    assert ModelArgs.from_hf_config(path) == ModelArgs.from_name("v4-flash")
+
+
+def test_unsupported_topk_method_is_rejected():
+    cfg = json.loads(RELEASE_CONFIG.read_text())
+    cfg["topk_method"] = "greedy"
+    with pytest.raises(ValueError, match="topk_method"):
+        ModelArgs.from_hf_config(cfg)
