@@ -67,10 +67,9 @@ def watchdog(limit_kb: int):
 # --- the child: one implementation, one length ---
 def child(opts) -> dict:
     import torch
+    from safetensors.torch import save_file
 
-    from dsv4.device import resolve_dtype
-
-    from dsv4.device import tune_cpu_allocator
+    from dsv4.device import resolve_dtype, tune_cpu_allocator
 
     watchdog(opts.limit_kb)
     if opts.tune_allocator == "both" or opts.tune_allocator == opts.impl:
@@ -82,6 +81,8 @@ def child(opts) -> dict:
         import dsv4
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
+        if opts.compile:
+            model.compile_hot_paths()
 
         def forward(ids):
             return model(ids)
@@ -107,12 +108,14 @@ def child(opts) -> dict:
         for i in range(opts.repeats + 1):
             start = time.perf_counter()
             logits = forward(ids)
-            if i:  # the first call is warm-up
+            if i:  # the first call is warm-up (and compilation, with --compile)
                 times.append(time.perf_counter() - start)
+            else:
+                warmup_s = time.perf_counter() - start
     peak_kb = rss_kb("VmHWM")
-    torch.save(logits[0, -8:].float().clone(), opts.logits_out)  # the parent compares the two implementations
+    save_file({"logits": logits[0, -8:].float().contiguous()}, opts.logits_out)  # the parent compares the two
     seconds = statistics.median(times)
-    return {"tok_s": seq / seconds, "best_tok_s": seq / min(times), "seconds": times, "load_s": load_s,
+    return {"tok_s": seq / seconds, "best_tok_s": seq / min(times), "seconds": times, "load_s": load_s, "warmup_s": warmup_s,
             "peak_mb": (peak_kb - base_kb) / 1024, "forward_mb": (peak_kb - loaded_kb) / 1024,
             "weights_mb": (loaded_kb - base_kb) / 1024}
 
@@ -120,7 +123,7 @@ def child(opts) -> dict:
 def run_child(impl: str, seq: int, ckpt: str, opts, logits_out: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--ckpt", ckpt, "--seq", str(seq),
            "--dtype", opts.dtype, "--repeats", str(opts.repeats), "--limit-kb", str(opts.limit_kb),
-           "--logits-out", logits_out, "--tune-allocator", opts.tune_allocator]
+           "--logits-out", logits_out, "--tune-allocator", opts.tune_allocator] + ["--compile"] * opts.compile
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
     except subprocess.TimeoutExpired:
@@ -138,6 +141,8 @@ def run_child(impl: str, seq: int, ckpt: str, opts, logits_out: str) -> dict:
 def parent(opts) -> dict:
     import torch
 
+    from safetensors.torch import load_file
+
     import dsv4
     from dsv4.device import resolve_dtype
 
@@ -149,7 +154,7 @@ def parent(opts) -> dict:
                                      "compress_ratios": args.compress_ratios[: args.n_layers]})
     results = {"preset": opts.preset, "dtype": str(resolve_dtype(opts.dtype)).removeprefix("torch."),
                "batch": 1, "repeats": opts.repeats, "threads": torch.get_num_threads(),
-               "tuned_allocator": opts.tune_allocator,
+               "tuned_allocator": opts.tune_allocator, "compiled": opts.compile,
                "memory_limit_mb": opts.limit_kb // 1024, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(opts.seed)
@@ -160,7 +165,7 @@ def parent(opts) -> dict:
         for seq in seqs:
             row = {"seq": seq}
             for impl in impls:
-                row[impl] = run_child(impl, seq, tmp, opts, os.path.join(tmp, f"logits-{impl}-{seq}.pt"))
+                row[impl] = run_child(impl, seq, tmp, opts, os.path.join(tmp, f"logits-{impl}-{seq}.safetensors"))
                 brief = {k: v for k, v in row[impl].items() if k != "stderr"}
                 print(f"seq {seq} {impl}: {brief}", file=sys.stderr, flush=True)
             ours, theirs = row["ours"], row.get("theirs", {})
@@ -168,7 +173,7 @@ def parent(opts) -> dict:
                 row["speedup"] = ours["tok_s"] / theirs["tok_s"]
                 row["peak_mem_ratio"] = ours["peak_mb"] / theirs["peak_mb"]
                 row["forward_mem_ratio"] = ours["forward_mb"] / max(theirs["forward_mb"], 1e-9)
-                a, b = (torch.load(os.path.join(tmp, f"logits-{i}-{seq}.pt")) for i in impls)
+                a, b = (load_file(os.path.join(tmp, f"logits-{i}-{seq}.safetensors"))["logits"] for i in impls)
                 row["logits_max_abs_diff"] = (a - b).abs().max().item()  # same weights: should be ~0 in fp32
             results["runs"].append(row)
     return results
@@ -183,6 +188,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="smoke run: short sequences, one timed repeat")
     p.add_argument("--ours-only", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="dsv4 with compile_hot_paths() (torch.compile)")
     p.add_argument("--tune-allocator", choices=("ours", "both", "none"), default="ours",
                    help="which side gets dsv4.device.tune_cpu_allocator() (dsv4's entry points call it; "
                         "transformers does not) -- 'both' measures the reference with it too")

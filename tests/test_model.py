@@ -211,3 +211,17 @@ def test_attention_in_query_blocks_equals_one_block(layer):
         whole = attn(x, rope, block=4096)
         for block in (16, 48, 100):  # multiples of the window and not (rounded down to whole windows)
             torch.testing.assert_close(attn(x, rope, block=block), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_hot_paths_match_eager():
+    """The opt-in torch.compile fast path computes what the eager code computes."""
+    import copy
+
+    model = random_model()
+    ids = random_ids(model.args, 2, 70)
+    fast = copy.deepcopy(model).compile_hot_paths()
+    with torch.no_grad():
+        want = model(ids)
+        got = fast(ids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

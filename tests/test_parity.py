@@ -60,6 +60,6 @@ def test_parity_check_catches_a_transposed_comb(monkeypatch, tmp_path):
     def untransposed(y, h, post, comb):
         return original(y, h, post, comb.transpose(-1, -2))
 
-    monkeypatch.setattr("dsv4.model.transformer.hc_post", untransposed)
+    monkeypatch.setattr("dsv4.model.hyper.hc_post", untransposed)
     a, b = logits_pair(ours, theirs, ids)
     assert (a - b).abs().max() > 100 * TOL

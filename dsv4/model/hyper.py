@@ -57,6 +57,10 @@ class HyperConnection(nn.Module):
             comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)
         return _collapse(pre, h), post, comb
 
+    def post(self, y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """Write the sub-layer output back into the streams (see `hc_post`); a method so it can be compiled."""
+        return hc_post(y, h, post, comb)
+
 
 def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """New fp32 streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""

@@ -87,7 +87,7 @@ class Experts(nn.Module):
         nn.init.normal_(self.w13, std=std)
         nn.init.normal_(self.w2, std=std)
 
-    def _act(self, h: torch.Tensor) -> torch.Tensor:
+    def act(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = h.split(self.inter_dim, dim=-1)
         return swiglu(gate, up, self.limit)
 
@@ -102,7 +102,7 @@ class Experts(nn.Module):
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_AD = x_ND[token_A]
         h_A2I = F.grouped_mm(x_AD, self.w13.transpose(-1, -2), offs=offs_E)
-        y_AD = F.grouped_mm(self._act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
+        y_AD = F.grouped_mm(self.act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
         y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
@@ -118,7 +118,7 @@ class Experts(nn.Module):
         dense_NE = torch.zeros(x_ND.shape[0], self.w13.shape[0], dtype=torch.float32, device=x_ND.device)
         dense_NE.scatter_add_(1, idx_NK, w_NK.float())
         h_NE2I = torch.einsum("nd,efd->nef", x_ND, self.w13.to(x_ND.dtype))
-        y_NED = torch.einsum("nei,edi->ned", self._act(h_NE2I), self.w2.to(x_ND.dtype))
+        y_NED = torch.einsum("nei,edi->ned", self.act(h_NE2I), self.w2.to(x_ND.dtype))
         return (y_NED * dense_NE.unsqueeze(-1).to(y_NED.dtype)).sum(1)
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
-from dsv4.model.hyper import HyperConnection, HyperHead, hc_post
-from dsv4.model.moe import Gate, MoE
+from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.moe import Experts, Gate, MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary
 
@@ -40,9 +40,9 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]):
         dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
         x, post, comb = self.hc_attn(h)
-        h = hc_post(self.attn(self.attn_norm(x).to(dtype), rope), h, post, comb)
+        h = self.hc_attn.post(self.attn(self.attn_norm(x).to(dtype), rope), h, post, comb)
         x, post, comb = self.hc_ffn(h)
-        return hc_post(self.ffn(self.ffn_norm(x).to(dtype), ids), h, post, comb)
+        return self.hc_ffn.post(self.ffn(self.ffn_norm(x).to(dtype), ids), h, post, comb)
 
 
 class MTPBlock(Block):
@@ -151,6 +151,22 @@ class Transformer(nn.Module):
             h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind])
             mtp_logits.append(self.logits(h, block.hc_head, block.norm))
         return logits, mtp_logits
+
+    def compile_hot_paths(self, **options) -> "Transformer":
+        """Opt-in fast path: torch.compile the element-wise-heavy pieces (mHC mixing and Sinkhorn, the attention
+        core, SwiGLU) so their chains of small ops fuse into a few kernels. The code compiled is the eager code
+        (tests compare the two); matmuls are unchanged. Needs a C++ compiler on CPU; the first forward per shape
+        compiles (seconds). Returns self."""
+        options.setdefault("dynamic", False)
+        for module in self.modules():
+            if isinstance(module, HyperConnection):
+                module.forward = torch.compile(module.forward, **options)
+                module.post = torch.compile(module.post, **options)
+            elif isinstance(module, Attention):
+                module.attend = torch.compile(module.attend, **options)
+            elif isinstance(module, Experts):
+                module.act = torch.compile(module.act, **options)
+        return self
 
     def save_pretrained(self, path, **kwargs):
         from dsv4.checkpoint import save_pretrained
