@@ -88,7 +88,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, Gate):
                 module.reset_parameters(std, seed=seed + stable_hash(name))
-            elif module is not self and type(module).__module__.startswith("dsv4.") and hasattr(module, "reset_parameters"):
+            elif module is not self and type(module).__module__.startswith("dsv4.") \
+                    and hasattr(module, "reset_parameters"):
                 module.reset_parameters(std)
 
     @torch.no_grad()
