@@ -225,3 +225,46 @@ def test_compiled_hot_paths_match_eager():
         want = model(ids)
         got = fast(ids)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_aux_loss_free_bias_evens_out_a_skewed_router():
+    from dsv4.model.moe import MoE, update_balance_bias
+
+    args = tiny_args(n_routed_experts=8, n_activated_experts=2, n_hash_layers=0)
+    moe = MoE(args, layer_id=1).train()
+    moe.gate.reset_parameters(0.02)
+    with torch.no_grad():
+        moe.gate.weight[:2] += 0.5  # experts 0 and 1 win for most tokens
+    x = torch.randn(4, 64, args.dim).abs()
+
+    def imbalance():
+        with torch.no_grad():
+            moe(x)
+        return (moe.load.max() / moe.load.mean()).item()
+
+    before = imbalance()
+    for _ in range(300):
+        imbalance()
+        update_balance_bias(moe, gamma=0.01)
+    after = imbalance()
+    assert before > 3.0 and after < 1.5, (before, after)
+    # the bias only selects: routing weights still come from the scores alone
+    w, idx, s = moe.gate(x.view(-1, args.dim), None)
+    torch.testing.assert_close(w, s.gather(1, idx) / s.gather(1, idx).sum(-1, keepdim=True) * args.route_scale)
+
+
+def test_sequence_balance_loss_is_minimal_when_balanced():
+    from dsv4.model.moe import MoE
+
+    args = tiny_args(n_routed_experts=4, n_activated_experts=1, n_hash_layers=0)
+    moe = MoE(args, layer_id=1).train()
+    moe.aux_alpha = 1.0
+    # uniform scores, perfectly balanced assignments: f_i = 1, P_i = 1/E -> loss = 1
+    idx = torch.arange(8).remainder(4).view(8, 1)
+    moe.record_balance(idx, torch.ones(8, 4), batch=1)
+    torch.testing.assert_close(moe.aux_loss, torch.tensor(1.0))
+    # everything on expert 0 with all the score mass there: f_0 = 4, P_0 = 1 -> loss = 4
+    scores = torch.zeros(8, 4)
+    scores[:, 0] = 1
+    moe.record_balance(torch.zeros(8, 1, dtype=torch.long), scores, batch=1)
+    torch.testing.assert_close(moe.aux_loss, torch.tensor(4.0))

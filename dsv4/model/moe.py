@@ -54,8 +54,8 @@ class Gate(nn.Module):
             table = torch.rand(self.tid2eid.shape[0], self.n_experts, generator=g).argsort(-1)[:, : self.topk]
             self.tid2eid.copy_(table)
 
-    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weights [N, K] fp32, expert indices [N, K])"""
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights [N, K] fp32, expert indices [N, K], scores [N, E] fp32)"""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         if self.score_func == "sqrtsoftplus":
             scores_NE = F.softplus(logits_NE).sqrt()
@@ -71,7 +71,7 @@ class Gate(nn.Module):
             idx_NK = torch.topk(scores_NE + self.bias, self.topk, dim=-1, sorted=False).indices
         w_NK = scores_NE.gather(1, idx_NK)
         w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20) * self.route_scale
-        return w_NK, idx_NK
+        return w_NK, idx_NK, scores_NE
 
 
 class Experts(nn.Module):
@@ -123,18 +123,51 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed + shared experts. In training mode it also keeps the statistics the trainer needs:
+    `load` [E] (assignments per expert in the last forward, for the aux-loss-free bias update) and, when
+    `aux_alpha` > 0, `aux_loss`: DeepSeek-V3's sequence-wise balance loss  alpha * mean_b sum_i f_i P_i  with
+    f_i = E / (K T) * #tokens of the sequence routed to i and P_i = mean_t s_i / sum_j s_j."""
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.gate = Gate(args, hashed=layer_id < args.n_hash_layers)
         self.experts = Experts(args)
         self.shared_experts = (Expert(args.dim, args.n_shared_experts * args.moe_inter_dim, args.swiglu_limit)
                                if args.n_shared_experts else None)
+        self.aux_alpha = 0.0  # set by the trainer
+        self.load: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
-        w_NK, idx_NK = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
+        w_NK, idx_NK, scores_NE = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
+        if self.training:
+            self.record_balance(idx_NK, scores_NE, shape[0])
         y = self.experts(x_ND, w_NK, idx_NK)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_ND)
         return y.view(shape)
+
+    def record_balance(self, idx_NK: torch.Tensor, scores_NE: torch.Tensor, batch: int):
+        E, K = scores_NE.shape[-1], idx_NK.shape[-1]
+        self.load = torch.bincount(idx_NK.flatten(), minlength=E).float()
+        self.aux_loss = None
+        if self.aux_alpha > 0:
+            idx_BTK, s_BTE = idx_NK.view(batch, -1, K), scores_NE.view(batch, -1, E)
+            T = s_BTE.shape[1]
+            hits_BE = torch.zeros(batch, E, device=idx_NK.device).scatter_add_(
+                1, idx_BTK.flatten(1), torch.ones(batch, T * K, device=idx_NK.device))
+            f_BE = hits_BE * E / (K * T)
+            p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
+            self.aux_loss = self.aux_alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_balance_bias(model: nn.Module, gamma: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): after each step, raise the selection bias of experts that
+    received fewer than the mean number of tokens by gamma and lower the others' by gamma. Hash-routed layers have
+    no bias. (With data parallelism, all-reduce `load` first.)"""
+    for module in model.modules():
+        if isinstance(module, MoE) and not module.gate.hashed and module.load is not None:
+            module.gate.bias += gamma * torch.sign(module.load.mean() - module.load)
