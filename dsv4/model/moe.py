@@ -151,7 +151,8 @@ class MoE(nn.Module):
 
     def record_balance(self, idx_NK: torch.Tensor, scores_NE: torch.Tensor, batch: int):
         E, K = scores_NE.shape[-1], idx_NK.shape[-1]
-        self.load = torch.bincount(idx_NK.flatten(), minlength=E).float()
+        flat = idx_NK.flatten()
+        self.load = torch.zeros(E, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
         self.aux_loss = None
         if self.aux_alpha > 0:
             idx_BTK, s_BTE = idx_NK.view(batch, -1, K), scores_NE.view(batch, -1, E)
