@@ -268,3 +268,46 @@ def test_sequence_balance_loss_is_minimal_when_balanced():
     scores[:, 0] = 1
     moe.record_balance(torch.zeros(8, 1, dtype=torch.long), scores, batch=1)
     torch.testing.assert_close(moe.aux_loss, torch.tensor(4.0))
+
+
+def test_indexer_kl_is_zero_iff_the_indexer_matches_the_attention():
+    from dsv4.model.indexer import indexer_kl
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 5, 3, 6, generator=g)  # [B, s, H, T]
+    target = probs.sum(2) / probs.sum((2, 3))[..., None]
+    kl, n = indexer_kl(target.log(), probs, None)
+    assert n == 10 and abs(kl.item()) < 1e-5
+    kl, _ = indexer_kl(torch.randn(2, 5, 6, generator=g), probs, None)
+    assert kl.item() > 0.01
+    # invisible entries (-inf) and rows with nothing visible are skipped, not NaN
+    scores = torch.full((1, 2, 6), float("-inf"))
+    scores[0, 1, :2] = 0.0
+    p = torch.zeros(1, 2, 3, 6)
+    p[0, 1, :, :2] = 0.25
+    kl, n = indexer_kl(scores, p, None)
+    assert n == 1 and abs(kl.item()) < 1e-6
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_indexer_training_stages(stage):
+    model = random_model(compress_ratios=[4, 4, 0, 4, 0]).train()
+    ids = random_ids(model.args, 2, 97)
+    with torch.no_grad():
+        model.eval()
+        ref = model(ids)
+        model.train()
+    for layer in model.layers:
+        layer.attn.indexer_train = stage
+    logits = model(ids)
+    kls = [layer.attn.indexer_kl for layer in model.layers if layer.attn.indexer is not None]
+    assert len(kls) == 3 and all(torch.isfinite(k) and k > 0 for k in kls)
+    if stage == "sparse":  # top-k attention as in inference; the KL reaches only the indexer
+        torch.testing.assert_close(logits, ref)
+        sum(kls).backward()
+        attn = model.layers[0].attn
+        assert attn.wq_a.weight.grad is None and model.embed.weight.grad is None
+        assert attn.indexer.wq_b.weight.grad.abs().sum() > 0
+        assert attn.indexer.compressor.wkv.weight.grad.abs().sum() > 0
+    else:  # dense warm-up attends to every visible entry: different logits once entries outnumber index_topk
+        assert not torch.allclose(logits, ref)

@@ -19,7 +19,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer
+from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
 
@@ -69,6 +69,11 @@ class Attention(nn.Module):
         self.compressor = (Compressor(args.dim, args.head_dim, self.ratio, overlap=self.kind == "csa", eps=eps)
                            if self.ratio else None)
         self.indexer = Indexer(args) if self.kind == "csa" else None
+        # training only: None (inference), "dense" (warm-up: attend to all visible entries, record the indexer's
+        # KL to the main attention) or "sparse" (top-k attention, KL on the selected entries); in both the
+        # indexer's input is detached, so it learns from the KL alone and the LM loss never reaches it
+        self.indexer_train: str | None = None
+        self.indexer_kl: torch.Tensor | None = None
 
     def reset_parameters(self, std: float = 0.0):
         nn.init.zeros_(self.attn_sink)
@@ -83,17 +88,35 @@ class Attention(nn.Module):
         q = apply_rope(q, cos[:S, None], sin[:S, None]) * self.softmax_scale  # [B, S, H, d], pre-scaled
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos[:S], sin[:S])  # [B, S, d]
         entries = self.compressor(x, cos, sin) if self.compressor is not None else None  # [B, T, d]
-        idx = self.indexer(x, qr, cos, sin) if self.indexer is not None else None  # [B, S, k], -1 = empty
+        prepared = None
+        if self.indexer is not None:  # in training the indexer learns from its own KL loss only: detach its input
+            xi, qri = (x.detach(), qr.detach()) if self.indexer_train else (x, qr)
+            prepared = self.indexer.prepare(xi, qri, cos, sin)
 
         block = max(block // self.window, 1) * self.window
-        o = torch.cat([self.attend(q[:, t0:t0 + block], kv, entries, None if idx is None else idx[:, t0:t0 + block],
-                                   t0) for t0 in range(0, S, block)], dim=1)
-        o = apply_rope(o, cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
+        outputs, kl_sum, kl_count = [], x.new_zeros((), dtype=torch.float32), 0
+        for t0 in range(0, S, block):
+            t1 = min(t0 + block, S)
+            scores = idx = None
+            if prepared is not None:
+                scores = self.indexer.scores(prepared, t0, t1)  # [B, s, T]
+                if self.indexer_train != "dense":  # the dense warm-up attends to every visible entry
+                    idx = self.indexer.select(scores.detach(), t0)
+            o, cmp_probs = self.attend(q[:, t0:t1], kv, entries, idx, t0)
+            if self.indexer_train and scores is not None:
+                kl, n = indexer_kl(scores, cmp_probs, idx)
+                kl_sum, kl_count = kl_sum + kl, kl_count + n
+            outputs.append(o)
+        if self.indexer_train and prepared is not None:
+            self.indexer_kl = kl_sum / max(kl_count, 1)
+        o = apply_rope(torch.cat(outputs, dim=1), cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
         return self.project_out(o)
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
-               start: int) -> torch.Tensor:
-        """Attention output [B, s, H, d] of the (scaled) queries at positions start..start+s-1."""
+               start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the (scaled) queries at positions start..start+s-1 -> (output [B, s, H, d], the attention
+        probabilities on the compressed entries [B, s, H, k or T] or None). idx: each query's selected entries
+        (CSA), or None to read every visible entry (HCA, and CSA's dense indexer warm-up)."""
         B, s, H, _ = q.shape
         W = self.window
         logits, win_keys = window_scores(q, kv, W, start)  # [B, s, H, 2W]
@@ -118,10 +141,12 @@ class Attention(nn.Module):
         nb = win_keys.shape[1]
         p_win = F.pad(probs[..., : 2 * W], (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, 2 * W)
         o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * W, H, -1)[:, :s]
+        cmp_probs = None
         if entries is not None:
             eq = "bshk,bskd->bshd" if idx is not None else "bsht,btd->bshd"
-            o = o + torch.einsum(eq, probs[..., 2 * W: -1], cmp_keys)
-        return o
+            cmp_probs = probs[..., 2 * W: -1]
+            o = o + torch.einsum(eq, cmp_probs, cmp_keys)
+        return o, cmp_probs
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, H, d] -> [B, S, D] through the grouped low-rank projection."""

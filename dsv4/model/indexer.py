@@ -52,26 +52,56 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
 
+    def prepare(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Everything the scan needs, computed once: queries q [B, S, H, c], compressed keys [B, T, c] and head
+        weights w [B, S, H] (in the compute dtype: the scan is the one superlinear part of the model)."""
+        B, S, _ = x.shape
+        keys = self.compressor(x, cos, sin)
+        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos[:S, None], sin[:S, None])
+        w = self.weights_proj(x) * (self.head_dim * self.n_heads) ** -0.5
+        return q, keys, w
+
+    def scores(self, prepared, t0: int, t1: int) -> torch.Tensor:
+        """I[t, s] for queries t0..t1-1: [B, t1-t0, T] fp32, -inf on entries not yet visible to the query."""
+        q, keys, w = prepared
+        scores = torch.einsum("bshc,btc->bsht", q[:, t0:t1], keys).relu_()
+        scores = torch.einsum("bsht,bsh->bst", scores, w[:, t0:t1].to(scores.dtype)).float()
+        visible = (torch.arange(t0, t1, device=q.device) + 1) // self.ratio
+        return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[:, None], float("-inf"))
+
+    def select(self, scores: torch.Tensor, t0: int) -> torch.Tensor:
+        """Top-k visible entries per query: [B, s, min(topk, T)], -1 where fewer entries are visible."""
+        k = min(self.topk, scores.shape[-1])
+        if k == 0:
+            return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device)
+        visible = (torch.arange(t0, t0 + scores.shape[1], device=scores.device) + 1) // self.ratio
+        idx = topk_recent_fast(scores, k)
+        return torch.where(idx < visible[:, None], idx, -1)
+
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], qr [B, S, q_lora] (normed query latent), cos/sin [S, R/2] (compress rope)
-        -> selected entry indices [B, S, min(topk, S // m)], -1 where fewer entries are visible."""
-        B, S, _ = x.shape
-        keys = self.compressor(x, cos, sin)  # [B, T, c] in the compute dtype: the scan is the one superlinear part
-        T = keys.shape[1]
-        k = min(self.topk, T)
-        if k == 0:
-            return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
-        q = self.wq_b(qr).view(B, S, self.n_heads, self.head_dim)
-        q = apply_rope(q, cos[:S, None], sin[:S, None])  # [B, S, H, c]
-        w = self.weights_proj(x) * (self.head_dim * self.n_heads) ** -0.5  # [B, S, H]
-        visible = (torch.arange(S, device=x.device) + 1) // self.ratio  # [S] entries each query may see
-        out = []
-        for t0 in range(0, S, self.block_size):  # blocks of queries bound the [block, H, T] scores
-            t1 = min(t0 + self.block_size, S)
-            scores = torch.einsum("bshc,btc->bsht", q[:, t0:t1], keys).relu_()
-            scores = torch.einsum("bsht,bsh->bst", scores, w[:, t0:t1].to(scores.dtype)).float()
-            future = torch.arange(T, device=x.device) >= visible[t0:t1, None]  # [s, T]
-            scores = scores.masked_fill(future, float("-inf"))
-            idx = topk_recent_fast(scores, k)
-            out.append(torch.where(idx < visible[t0:t1, None], idx, -1))
-        return torch.cat(out, dim=1)
+        -> selected entry indices [B, S, min(topk, S // m)], -1 where fewer entries are visible.
+        Queries go `block_size` at a time, so the [block, H, T] scores never exist for all S at once."""
+        prepared = self.prepare(x, qr, cos, sin)
+        S = x.shape[1]
+        return torch.cat([self.select(self.scores(prepared, t0, min(t0 + self.block_size, S)), t0)
+                          for t0 in range(0, S, self.block_size)], dim=1)
+
+
+def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """KL(main attention || indexer) over the compressed entries, summed over queries (DeepSeek-V3.2's indexer loss).
+    scores [B, s, T] (indexer, fp32, -inf = invisible); cmp_probs [B, s, H, k or T] the main attention's probabilities
+    on those entries (detached here); idx [B, s, k] the selected entries (sparse stage) or None (dense warm-up: all
+    visible entries). Target = head-summed main probabilities renormalised; rows with no visible entry are skipped.
+    Returns (sum of per-query KL, number of queries counted)."""
+    target = cmp_probs.detach().float().sum(2)  # [B, s, n]
+    if idx is not None:
+        logits = scores.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
+    else:
+        logits = scores
+    mass = target.sum(-1, keepdim=True)
+    valid = (mass[..., 0] > 0) & torch.isfinite(logits).any(-1)
+    target = target / mass.clamp(min=1e-30)
+    log_q = torch.log_softmax(logits.masked_fill(~valid[..., None], 0.0), dim=-1)
+    terms = torch.xlogy(target, target) - torch.where(target > 0, target * log_q, torch.zeros_like(log_q))
+    return (terms.sum(-1) * valid).sum(), int(valid.sum())
