@@ -1,0 +1,86 @@
+"""PNG plots of a training run, drawn from its metrics JSONL (one JSON object per line, written by the trainer):
+loss curves (train, val), the learning rate, and the routed experts' load per layer as a heat map.
+
+Expected keys: "step"; "loss" (train), "val_loss", "lr"; "expert_load": {layer: [tokens per expert]} on the lines
+that carry them. Missing keys just leave their plot out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                    continue
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _save(fig, path: str):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+
+
+def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Write loss.png, lr.png and expert_load.png (those that have data) into out_dir; return their paths."""
+    rows = read_metrics(metrics_path)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+
+    steps, loss = _series(rows, "loss")
+    vsteps, vloss = _series(rows, "val_loss")
+    if steps or vsteps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if steps:
+            ax.plot(steps, loss, label="train", lw=1)
+        if vsteps:
+            ax.plot(vsteps, vloss, "o-", label="val", ms=3)
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(os.path.join(out_dir, "loss.png"))
+        _save(fig, written[-1])
+
+    steps, lr = _series(rows, "lr")
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(steps, lr, lw=1)
+        ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+        ax.grid(alpha=0.3)
+        written.append(os.path.join(out_dir, "lr.png"))
+        _save(fig, written[-1])
+
+    loads = [r for r in rows if r.get("expert_load")]
+    if loads:
+        last = loads[-1]["expert_load"]
+        layers = sorted(last, key=int)
+        grid = [[v / max(sum(last[k]) / len(last[k]), 1e-9) for v in last[k]] for k in layers]  # load / mean load
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(layers) + 1.5))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set(xlabel="expert", ylabel="layer", title=f"expert load / mean at step {loads[-1]['step']}",
+               yticks=range(len(layers)), yticklabels=layers)
+        fig.colorbar(im, ax=ax)
+        written.append(os.path.join(out_dir, "expert_load.png"))
+        _save(fig, written[-1])
+    return written
