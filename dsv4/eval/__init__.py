@@ -1,0 +1,1 @@
+"""Evaluation: held-out bits per byte (`bpb`) and HumanEval pass@k (`humaneval`, run through `sandbox`)."""

@@ -1,0 +1,135 @@
+"""Held-out bits per byte: a tokenizer-independent measure of a language model.
+
+    bpb = sum_t CE_t / (ln 2 * sum_t bytes(target_t))
+
+where CE_t is the cross-entropy in nats of predicting target token t and bytes(target_t) the length of its UTF-8 byte
+string. Dividing by bytes rather than tokens makes models with different vocabularies comparable. Targets with zero
+bytes (special tokens: BOS/EOS, chat markers) carry no text; as in nanochat's `evaluate_bpb` they are left out of both
+sums, so bpb measures the text alone.
+
+`bigram_bpb` is the baseline to beat: an interpolated Kneser-Ney bigram (Chen & Goodman 1998, one discount d, no
+modified counts) or an add-one bigram, fit on train tokens and scored on the same val tokens.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, S] -> logits [B, S, V]
+
+
+@dataclass(frozen=True)
+class Bpb:
+    bpb: float
+    nats: float      # summed cross-entropy over the counted targets
+    bytes: int       # summed byte length of the counted targets
+    tokens: int      # number of counted targets
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nats / max(self.tokens, 1)
+
+
+def windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """Cut a 1-D stream into windows of up to seq_len + 1 tokens overlapping by one, so that every token after the
+    first is a target exactly once; the last window may be shorter."""
+    return [tokens[i:i + seq_len + 1] for i in range(0, len(tokens) - 1, seq_len)]
+
+
+def _summed(nats: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor) -> tuple[float, int, int]:
+    nbytes = bytes_per_token[targets]
+    counted = nbytes > 0
+    return nats[counted].double().sum().item(), int(nbytes.sum()), int(counted.sum())
+
+
+def _result(nats: float, nbytes: int, ntokens: int) -> Bpb:
+    return Bpb(nats / (math.log(2) * nbytes) if nbytes else float("nan"), nats, nbytes, ntokens)
+
+
+@torch.no_grad()
+def bits_per_byte(logits_fn: LogitsFn, tokens: torch.Tensor, bytes_per_token: torch.Tensor, seq_len: int,
+                  batch_size: int = 8) -> Bpb:
+    """bpb of `logits_fn` on the 1-D token stream `tokens`, read in windows of `seq_len` (see `windows`).
+    `bytes_per_token` [V]: byte length of each token id (0 for special tokens), e.g. from `token_byte_lengths`.
+    `logits_fn` gets CPU ids [B, S] and moves them to its model's device itself."""
+    bytes_per_token = bytes_per_token.to(torch.long)
+    ws = windows(tokens.to(torch.long), seq_len)
+    nats, nbytes, ntokens = 0.0, 0, 0
+    full = [w for w in ws if len(w) == seq_len + 1]
+    batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in ws if len(w) != seq_len + 1]
+    for batch in batches:                                          # [B, S + 1]
+        ids, targets = batch[:, :-1], batch[:, 1:]
+        logits = logits_fn(ids)                                    # [B, S, V]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(logits.device), reduction="none")
+        n, b, t = _summed(ce.cpu(), targets.flatten(), bytes_per_token)
+        nats, nbytes, ntokens = nats + n, nbytes + b, ntokens + t
+    return _result(nats, nbytes, ntokens)
+
+
+def bigram_prob(train: torch.Tensor, vocab_size: int, v: torch.Tensor, w: torch.Tensor,
+                method: str = "kneser_ney", discount: float = 0.75) -> torch.Tensor:
+    """P(w | v) elementwise for query pairs v, w (1-D) under a bigram model fit on the 1-D stream `train`.
+    method "add_one":    P(w | v) = (c(v, w) + 1) / (c(v) + V)
+    method "kneser_ney": P(w | v) = max(c(v, w) - d, 0) / c(v) + d * N1+(v .) / c(v) * P_cont(w),
+                         P_cont(w) = (N1+(. w) + 1) / (N1+(. .) + V)   (add-one so unseen tokens keep some mass);
+                         an unseen context v falls back to P_cont(w).
+    Counts are kept as sorted pair keys v * V + w, so memory is O(len(train)), not O(V^2)."""
+    if method not in ("add_one", "kneser_ney"):
+        raise ValueError(f"unknown method {method!r}")
+    V = vocab_size
+    train, v, w = train.to(torch.long), v.to(torch.long), w.to(torch.long)
+    keys, pair_counts = torch.unique(train[:-1] * V + train[1:], return_counts=True)  # sorted
+    context_counts = torch.bincount(train[:-1], minlength=V).double()                  # c(v)
+    q = v * V + w
+    c_vw = torch.zeros(len(q), dtype=torch.double)
+    if len(keys):
+        pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
+        c_vw = torch.where(keys[pos] == q, pair_counts[pos], 0).double()
+    c_v = context_counts[v]
+    if method == "add_one":
+        return (c_vw + 1) / (c_v + V)
+    followers = torch.bincount(keys // V, minlength=V).double()   # N1+(v .): distinct tokens seen after v
+    preceders = torch.bincount(keys % V, minlength=V).double()    # N1+(. w): distinct tokens seen before w
+    p_cont = (preceders + 1) / (len(keys) + V)
+    safe = c_v.clamp(min=1)
+    p_seen = (c_vw - discount).clamp(min=0) / safe + discount * followers[v] / safe * p_cont[w]
+    return torch.where(c_v > 0, p_seen, p_cont[w])
+
+
+def bigram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Tensor, vocab_size: int,
+               method: str = "kneser_ney", discount: float = 0.75) -> Bpb:
+    """bpb on the 1-D stream `val` of the bigram model `bigram_prob` fit on the 1-D stream `train`."""
+    val = val.to(torch.long)
+    p = bigram_prob(train, vocab_size, val[:-1], val[1:], method, discount)
+    return _result(*_summed(-torch.log(p), val[1:], bytes_per_token.to(torch.long)))
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte -> printable character map (the `ByteLevel` pre-tokenizer of `tokenizers`), inverted."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """[V] byte length of every token of a byte-level BPE `tokenizers.Tokenizer`; 0 for special (added) tokens.
+    A token's string is written in the ByteLevel alphabet, one character per byte."""
+    alphabet = _byte_level_alphabet()
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    V = tokenizer.get_vocab_size(with_added_tokens=True)
+    lengths = torch.zeros(V, dtype=torch.long)
+    for i in range(V):
+        s = tokenizer.id_to_token(i)
+        if s is None or s in special:
+            continue
+        lengths[i] = len(s) if all(ch in alphabet for ch in s) else len(s.encode("utf-8"))
+    return lengths

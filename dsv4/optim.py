@@ -1,0 +1,218 @@
+"""Optimizers for training dsv4: Muon for hidden matrices, AdamW for the rest, LR schedules, gradient clipping.
+
+Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/; used for DeepSeek-V4's hidden matrices):
+    B_t = mu * B_{t-1} + G_t                     momentum buffer
+    U_t = G_t + mu * B_t                         Nesterov look-ahead
+    O_t = NS5(U_t) ~= U V^T   (U_t = U S V^T)    orthogonalised update, the polar factor's direction
+    W_t = W_{t-1} * (1 - lr * wd) - lr * 0.2 * sqrt(max(out, in)) * O_t
+NS5 is a quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T, with (a, b, c) = (3.4445, -4.7750,
+2.0315): it does not converge to U V^T exactly but pushes every singular value into roughly [0.7, 1.2] in 5 steps,
+which is all the update needs. The 0.2 * sqrt(max(out, in)) factor is Moonlight's (arXiv:2502.16982, sec. 2.2): an
+orthogonal [out, in] matrix has RMS 1/sqrt(max(out, in)), so the update's RMS becomes ~0.2, the RMS AdamW updates
+typically have, and Muon can share AdamW's learning rate and weight decay. Grouped expert weights [E, out, in] are
+orthogonalised per expert matrix (batched over leading dims).
+
+Everything that is not a hidden matrix (embeddings, output head, router, norms, hyper-connection params, attention
+sinks, compressor ape) goes to torch.optim.AdamW; `Optimizer` holds both behind one zero_grad/step/state_dict.
+"""
+import math
+
+import torch
+from torch import nn
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+# leaf names of parameters trained without weight decay (AdamW): biases, sinks, compressor ape, mHC params
+_NO_DECAY_LEAVES = ("bias", "attn_sink", "ape", "fn", "base", "scale")
+# modules whose 2-D weight stays on AdamW (with decay) although it is a matrix: the output head and the router
+_ADAMW_MODULES = ("head", "gate")
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Approximate polar factor U V^T of G [..., m, n], batched over leading dims; returns G's dtype.
+    dtype=bfloat16 is the fast GPU path of the original; fp32 is the exact-ish default used on CPU and in tests."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the wide side so A = X X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1: inside NS's basin
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def polar_reference(G: torch.Tensor) -> torch.Tensor:
+    """Plain twin of newton_schulz: the exact polar factor U V^T from an SVD (fp64)."""
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return (U @ Vh).to(G.dtype)
+
+
+def muon_scale(shape: torch.Size) -> float:
+    """Moonlight's update scale for an [..., out, in] matrix: makes the orthogonal update's RMS ~0.2, like AdamW's."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices and [E, out, in] stacks (each expert matrix orthogonalised on its own)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() < 2:
+                    raise ValueError(f"Muon needs matrices, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(g)
+                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                o = newton_schulz(u, group["ns_steps"], group["ns_dtype"])
+                if wd:
+                    p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
+                p.add_(o.to(p.dtype), alpha=-lr * muon_scale(p.shape))
+        return loss
+
+
+def param_kind(name: str, p: nn.Parameter, module: nn.Module | None = None) -> str:
+    """'muon' (hidden matrices and expert stacks), 'decay' (AdamW with weight decay) or 'no_decay' (AdamW).
+    `module` is the parameter's owner; embeddings (nn.Embedding or a module named embed) and norms get no decay."""
+    parts = name.split(".")
+    owner = parts[-2] if len(parts) > 1 else ""
+    if (p.dim() < 2 or parts[-1] in _NO_DECAY_LEAVES or owner == "embed" or "norm" in owner
+            or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm))):
+        return "no_decay"
+    if owner in _ADAMW_MODULES:
+        return "decay"
+    return "muon"
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: float | None = None,
+                 use_muon: bool = True) -> dict[str, list[dict]]:
+    """Split the model's trainable parameters: {'adamw': [decay group, no_decay group], 'muon': [group]}.
+    Each group records its `kind` and `base_lr` (what set_lr scales). With use_muon=False muon matrices join 'decay'."""
+    kinds: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
+    seen = set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights are optimised once
+                continue
+            seen.add(id(p))
+            kind = param_kind(f"{mname}.{pname}" if mname else pname, p, module)
+            kinds["decay" if kind == "muon" and not use_muon else kind].append(p)
+    muon_lr = lr if muon_lr is None else muon_lr
+
+    def group(kind, glr, wd):
+        return dict(params=kinds[kind], lr=glr, base_lr=glr, weight_decay=wd, kind=kind)
+    return {"adamw": [group("decay", lr, weight_decay), group("no_decay", lr, 0.0)],
+            "muon": [group("muon", muon_lr, weight_decay)] if use_muon else []}
+
+
+class Optimizer:
+    """AdamW (+ Muon) behind one object: zero_grad, step, state_dict/load_state_dict, param_groups."""
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon | None = None):
+        self.adamw, self.muon = adamw, muon
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.adamw, self.muon) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict() if self.muon is not None else None}
+
+    def load_state_dict(self, sd: dict):
+        self.adamw.load_state_dict(sd["adamw"])
+        if self.muon is not None:
+            self.muon.load_state_dict(sd["muon"])
+
+
+def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weight_decay: float = 0.1,
+                    muon_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    momentum: float = 0.95, ns_dtype: torch.dtype = torch.float32) -> Optimizer:
+    """name='muon': Muon on hidden matrices + AdamW on the rest; name='adamw': AdamW on everything."""
+    if name not in ("muon", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}")
+    groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon")
+    adamw = torch.optim.AdamW([g for g in groups["adamw"] if g["params"]], lr=lr, betas=betas, eps=eps)
+    muon_groups = [g for g in groups["muon"] if g["params"]]
+    muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype) if muon_groups else None
+    return Optimizer(adamw, muon)
+
+
+# ---- learning-rate schedules: pure functions of the step, returning a multiplier of the peak lr ----
+
+def cosine_schedule(step: int, warmup: int, total: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup from ~0 to 1 over `warmup` steps, then cosine down to min_lr_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def wsd_schedule(step: int, warmup: int, total: int, decay_frac: float = 0.2, min_lr_ratio: float = 0.0) -> float:
+    """Warmup-stable-decay (arXiv:2404.06395): linear warmup, flat at 1, linear decay to min_lr_ratio over the last
+    decay_frac of training."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total - int(decay_frac * total)
+    if step < decay_start:
+        return 1.0
+    t = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return 1.0 - (1.0 - min_lr_ratio) * t
+
+
+def set_lr(optimizer, step: int, warmup: int, total: int, schedule: str = "cosine", **kw) -> float:
+    """Set every group's lr to base_lr * schedule(step); returns the multiplier."""
+    fn = {"cosine": cosine_schedule, "wsd": wsd_schedule}[schedule]
+    mult = fn(step, warmup, total, **kw)
+    for g in optimizer.param_groups:
+        g["lr"] = g.get("base_lr", g["lr"]) * mult
+    return mult
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the global grad norm to max_norm (skips params without grads); returns the pre-clip norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm.item()

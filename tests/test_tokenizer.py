@@ -1,0 +1,81 @@
+"""Tokenizer: lossless round trip (property tests), special tokens never leak from plain text, chat mask."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv4.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, special_tokens
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / f).read_text() for f in ("textwrap.py", "bisect.py", "colorsys.py")]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    Tokenizer.train(texts + ["héllo wörld 日本語 😀"], vocab_size=512, path=path, n_vis=8)
+    return Tokenizer.from_file(path)  # exercise save + load
+
+
+def test_vocab_and_specials(tok):
+    assert tok.vocab_size == 512
+    assert tok.bos_id == tok.token_id(BOS) and tok.eos_id == tok.token_id(EOS)
+    assert len(tok.special_ids) == len(special_tokens(8))
+    assert "<｜vis_7｜>" in tok.decode(tok.special_ids)
+    assert len(tok.encode("def return self")) < len("def return self")  # BPE actually merged something
+
+
+@settings(max_examples=200)
+@given(st.text())
+def test_roundtrip_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=100)
+@given(st.binary())
+def test_roundtrip_bytes(tok, data):
+    for text in (data.decode("utf-8", "surrogateescape"), data.decode("latin-1")):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(data.decode("utf-8", "surrogateescape"))).encode("utf-8", "surrogateescape") == data
+
+
+@settings(max_examples=100)
+@given(st.lists(st.sampled_from(special_tokens(8) + ["a", " ", "<", "｜", "x\n"]), max_size=12).map("".join))
+def test_plain_text_never_yields_special_ids(tok, text):
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.special_ids)
+    assert tok.decode(ids) == text
+
+
+def test_allow_special(tok):
+    ids = tok.encode(f"{USER}hi{ASSISTANT}", allow_special=True)
+    assert ids[0] == tok.token_id(USER) and ids[-1] == tok.token_id(ASSISTANT)
+
+
+def test_chat_template_format(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    assert tok.chat_template(msgs) == f"{BOS}S{USER}Q1{ASSISTANT}A1{EOS}{USER}Q2{ASSISTANT}"
+    assert tok.chat_template(msgs, thinking=True).endswith(f"{ASSISTANT}<think>\n")
+    assert tok.chat_template(msgs, add_generation_prompt=False).endswith(f"{USER}Q2")
+
+
+def test_chat_mask_covers_exactly_the_answers(tok):
+    msgs = [{"role": "user", "content": f"Write {EOS} code"}, {"role": "assistant", "content": "def f():\n    pass"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "x = 1"}]
+    ids, mask = tok.encode_chat(msgs)
+    assert len(ids) == len(mask)
+    assert tok.decode(ids) == tok.chat_template(msgs, add_generation_prompt=False)
+    # the masked tokens, read back, are the two answers each followed by eos, and nothing else
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    assert [tok.decode(s) for s in spans] == [f"def f():\n    pass{EOS}", f"x = 1{EOS}"]
+    assert ids.count(tok.eos_id) == 2  # the eos spelled inside the user text stayed text
