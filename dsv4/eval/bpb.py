@@ -109,15 +109,10 @@ def bigram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Te
 
 
 def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte -> printable character map (the `ByteLevel` pre-tokenizer of `tokenizers`), inverted."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """The ByteLevel alphabet (printable character -> byte), the inverse of the tokenizer's own table."""
+    from dsv4.tokenizer import _byte_to_char
+
+    return {c: b for b, c in _byte_to_char().items()}
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
