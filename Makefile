@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
+# the one-command CPU run: tokenizer, pretraining and fine-tuning of `small` (~15 min on 2 cores), then held-out
+# bits-per-byte and sample completions; a finished run in runs/small is reused, a killed one continues
 run: venv
-	for p in tiny small v4-flash v4-pro v4-1t; do $(VENV)/bin/dsv4 info --preset $$p || exit 1; done
-	$(PY) bench/forward.py --preset small --quick --ours-only
+	$(VENV)/bin/dsv4 info --preset small
+	$(VENV)/bin/dsv4 train --preset small --out runs/small --resume
+	$(VENV)/bin/dsv4 eval --ckpt runs/small/final --json runs/small/eval.json

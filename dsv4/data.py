@@ -96,7 +96,7 @@ def _docs_hash(docs: Sequence[Doc]) -> str:
 
 
 # ---- token file ----
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -134,9 +134,9 @@ def tokenize_corpus(docs: Sequence[Doc], tokenizer: Tokenizer, out_path: str | o
             ids.tofile(f)
             n_tokens += len(ids)
 
-    _atomic_write(out_path, write_tokens)
+    atomic_write(out_path, write_tokens)
     meta = {**want, "n_tokens": n_tokens}
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
 
 
@@ -230,15 +230,21 @@ class SFTDataset:
     """Chat examples padded/truncated to seq_len+1 tokens -> (ids, targets, mask) [T]; the mask marks the targets
     that are assistant answer tokens (incl. their end-of-sentence), pads are masked out."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int):
+    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
+                 drop_long: bool = False):
+        """drop_long: skip examples longer than seq_len + 1 tokens instead of truncating them (the trainer does, so
+        every answer it learns ends in end-of-sentence). Examples with no answer token inside the window are skipped."""
         self.seq_len, self.examples = seq_len, []
         for instruction, answer in pairs:
             ids, mask = tokenizer.encode_chat(chat_messages(instruction, answer))
+            if (drop_long and len(ids) > seq_len + 1) or not any(mask[1:seq_len + 1]):
+                continue
             ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
             pad = seq_len + 1 - len(ids)
             self.examples.append((torch.tensor(ids + [tokenizer.pad_id] * pad), torch.tensor(mask + [0] * pad)))
         if not self.examples:
-            raise ValueError("SFTDataset needs at least one pair")
+            raise ValueError(f"no fine-tuning example fits in seq_len {seq_len} (of {len(pairs)} pairs); "
+                             "raise the sequence length")
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -37,11 +37,13 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide side so A = X X^T is the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1: inside NS's basin
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).contiguous()  # spectral <= Frobenius <= 1: NS's basin
+    flat = X.reshape(-1, *X.shape[-2:])  # one batched matmul per product; baddbmm fuses the scaled sums
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        A = torch.bmm(flat, flat.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)             # b A + c A^2
+        flat = torch.baddbmm(flat, B, flat, beta=a, alpha=1.0)  # a X + B X
+    X = flat.view(X.shape)
     if transposed:
         X = X.mT
     return X.to(G.dtype)
@@ -110,9 +112,11 @@ def param_kind(name: str, p: nn.Parameter, module: nn.Module | None = None) -> s
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: float | None = None,
-                 use_muon: bool = True) -> dict[str, list[dict]]:
+                 use_muon: bool = True, master=None) -> dict[str, list[dict]]:
     """Split the model's trainable parameters: {'adamw': [decay group, no_decay group], 'muon': [group]}.
-    Each group records its `kind` and `base_lr` (what set_lr scales). With use_muon=False muon matrices join 'decay'."""
+    Each group records its `kind` and `base_lr` (what set_lr scales). With use_muon=False muon matrices join 'decay'.
+    `master(p)`, if given, is the tensor the optimizer updates for parameter p (its fp32 master copy in mixed
+    precision, see dsv4.train.MixedPrecision)."""
     kinds: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
     seen = set()
     for mname, module in model.named_modules():
@@ -121,7 +125,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: floa
                 continue
             seen.add(id(p))
             kind = param_kind(f"{mname}.{pname}" if mname else pname, p, module)
-            kinds["decay" if kind == "muon" and not use_muon else kind].append(p)
+            kinds["decay" if kind == "muon" and not use_muon else kind].append(p if master is None else master(p))
     muon_lr = lr if muon_lr is None else muon_lr
 
     def group(kind, glr, wd):
@@ -163,11 +167,12 @@ class Optimizer:
 
 def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weight_decay: float = 0.1,
                     muon_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    momentum: float = 0.95, ns_dtype: torch.dtype = torch.float32) -> Optimizer:
-    """name='muon': Muon on hidden matrices + AdamW on the rest; name='adamw': AdamW on everything."""
+                    momentum: float = 0.95, ns_dtype: torch.dtype = torch.float32, master=None) -> Optimizer:
+    """name='muon': Muon on hidden matrices + AdamW on the rest; name='adamw': AdamW on everything.
+    `master`: see `param_groups`."""
     if name not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}")
-    groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon")
+    groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon", master=master)
     adamw = torch.optim.AdamW([g for g in groups["adamw"] if g["params"]], lr=lr, betas=betas, eps=eps)
     muon_groups = [g for g in groups["muon"] if g["params"]]
     muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype) if muon_groups else None

@@ -39,6 +39,8 @@ def _flatten(obj, path: str, tensors: dict):
     if isinstance(obj, (list, tuple)):
         return {"__list__" if isinstance(obj, list) else "__tuple__":
                 [_flatten(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a snapshot")
@@ -48,6 +50,8 @@ def _unflatten(obj, tensors: dict):
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
+        if "__dtype__" in obj:
+            return getattr(torch, obj["__dtype__"])
         if "__dict__" in obj:
             return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
         if "__list__" in obj:
@@ -85,15 +89,16 @@ def snapshot_dir(run_dir: str | os.PathLike, step: int) -> str:
     return os.path.join(os.fspath(run_dir), f"{PREFIX}{step:09d}")
 
 
-def save_snapshot(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer_state: dict,
+def save_snapshot(run_dir: str | os.PathLike, step: int, model: torch.nn.Module | dict, optimizer_state: dict,
                   meta: dict | None = None, keep: int | None = None) -> str:
-    """Write snapshot `step` atomically; keep only the newest `keep` snapshots if given. Returns its path."""
+    """Write snapshot `step` atomically; keep only the newest `keep` snapshots if given. Returns its path.
+    `model` is a module or a state dict (e.g. with fp32 master weights in place of bf16 parameters)."""
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     final = snapshot_dir(run_dir, step)
     tmp = tempfile.mkdtemp(prefix=f".{PREFIX}{step:09d}-", dir=run_dir)
     try:
-        model_sd, aliases = _dedupe(model.state_dict())
+        model_sd, aliases = _dedupe(model if isinstance(model, dict) else model.state_dict())
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_structure = _flatten(optimizer_state, "opt", opt_tensors)

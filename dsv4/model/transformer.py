@@ -127,7 +127,8 @@ class Transformer(nn.Module):
         positions = torch.arange(S, device=input_ids.device)
         ropes = {kind: self.rope(kind, positions) for kind in ("swa", "csa")}
         ropes["hca"] = ropes["csa"]
-        h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1)  # fp32 streams
+        # fp32 streams; materialised, since batched matmuls over a stride-0 stream dim fall back to per-token copies
+        h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for layer in self.layers:
             h = layer(h, input_ids, ropes[layer.kind])
         return h, ropes
