@@ -10,7 +10,7 @@ One training step = forward + backward + AdamW step on one batch, the same for b
                    the same work as the reference. Mixed precision as the trainer runs it: bf16 compute weights,
                    fp32 master weights and AdamW state.
     dsv4 "v4"      the same step with V4's whole objective (MTP with lambda 0.3, indexer KL, balance loss).
-    transformers   `model(ids, labels=ids).loss.backward(); AdamW.step()`, timed both ways a user would run it
+    transformers   `model(ids, labels=ids).loss.backward(); AdamW(fused=True).step()`, timed both ways a user would run it
                    in bf16 -- fp32 weights under torch.autocast(bf16), and weights cast to bf16 -- and compared at
                    the faster of the two.
 Each (implementation, mode, shape) runs in its own subprocess; tokens/s = batch * seq / median step seconds over
@@ -95,7 +95,7 @@ def child(opts) -> dict:
         if opts.mode == "bf16":
             model = model.to(dtype)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the fast kernel, as dsv4 uses
         ids = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
         autocast = opts.mode == "autocast" and dtype != torch.float32
 

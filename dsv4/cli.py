@@ -65,6 +65,9 @@ def add_train(subparsers):
     p.add_argument("--val-frac", type=float, default=d.val_frac, help="share of files held out for validation")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: the accelerator if any)")
     p.add_argument("--dtype", default=d.dtype, help="compute dtype: auto (bf16 where fast), bf16, fp32")
+    p.add_argument("--compile", default=d.compile, choices=("auto", "on", "off"),
+                   help="torch.compile the blocks (about 2x faster steps after a minute or two of compiling; "
+                        "auto = where a compiler backend exists)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or reuse it when finished)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("pretraining")
@@ -111,7 +114,7 @@ def train_config(opts):
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
                               seq_len=opts.sft_seq_len, grad_accum=opts.grad_accum, **shared)
     return TrainConfig(out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
-                       dtype=opts.dtype, pretrain=pretrain, sft=sft)
+                       dtype=opts.dtype, compile=opts.compile, pretrain=pretrain, sft=sft)
 
 
 def run_train(opts) -> int:

@@ -173,7 +173,10 @@ def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weig
     if name not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}")
     groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon", master=master)
-    adamw = torch.optim.AdamW([g for g in groups["adamw"] if g["params"]], lr=lr, betas=betas, eps=eps)
+    adamw_groups = [g for g in groups["adamw"] if g["params"]]
+    # the fused kernel is several times faster than the per-tensor loop (one pass over params, grads and moments)
+    fused = all(p.device.type in ("cpu", "cuda") for g in adamw_groups for p in g["params"])
+    adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     muon_groups = [g for g in groups["muon"] if g["params"]]
     muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype) if muon_groups else None
     return Optimizer(adamw, muon)

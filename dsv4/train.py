@@ -47,8 +47,8 @@ DONE = "DONE"  # marker file in out/final once the whole pipeline has finished
 @dataclass
 class StageConfig:
     """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are the one-command run:
-    the `small` preset pretrained for ~11 minutes and fine-tuned for ~3 on a 2-core CPU with bf16 matmuls."""
-    steps: int = 70
+    the `small` preset pretrained for ~11 minutes and fine-tuned for ~2 on a 2-core CPU with bf16 matmuls."""
+    steps: int = 100
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 512
@@ -84,9 +84,10 @@ class TrainConfig:
     val_frac: float = 0.03
     device: str | None = None         # None = the accelerator if any, else the CPU
     dtype: str = "auto"               # compute dtype; auto = bf16 where the device does it fast, else fp32
+    compile: str = "auto"             # torch.compile the blocks: on | off | auto (on where a compiler backend exists)
     init_seed: int = 0
     pretrain: StageConfig = field(default_factory=StageConfig)
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=15, lr=1e-3, warmup=3, indexer_warmup=0,
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, lr=1e-3, warmup=3, indexer_warmup=0,
                                                                  eval_every=25, save_every=25))
 
     def to_dict(self) -> dict:
@@ -272,10 +273,11 @@ class Trainer:
         """Mean loss (CE, mask-aware) on the fixed validation batches, in inference mode."""
         self.model.eval()
         losses = []
-        for batch in self.val:
-            batch = [t.to(self.device) for t in batch]
-            mask = batch[2] if len(batch) > 2 else None
-            losses.append(cross_entropy(self.model(batch[0]), batch[1], mask).item())
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile an eval variant for this
+            for batch in self.val:
+                batch = [t.to(self.device) for t in batch]
+                mask = batch[2] if len(batch) > 2 else None
+                losses.append(cross_entropy(self.model(batch[0]), batch[1], mask).item())
         self.model.train()
         return sum(losses) / max(len(losses), 1)
 
@@ -348,7 +350,7 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
     if not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     new = cfg.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("out", "device"))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("out", "device", "compile"))
     if changed:
         raise ValueError(f"--resume with a different configuration ({', '.join(changed)} changed) would not continue "
                          f"the same run; use the original settings or another --out")
@@ -378,6 +380,20 @@ def prepare_data(cfg: TrainConfig, out: Path, vocab_size: int, progress: bool = 
         files[split] = out / "data" / f"{split}.bin"
         tokenize_corpus(docs, tok, files[split], progress=progress)
     return tok, train_docs, val_docs, files["train"], files["val"]
+
+
+def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """--compile on|off|auto; auto = on for bf16 training on CUDA or on a CPU with a C++ compiler (inductor's CPU
+    backend). Not auto in fp32: compiled, the routed experts run dense (grouped GEMM compiles only in bf16)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    if dtype != torch.bfloat16:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
 
 def pretrain_source(token_file: Path, stage: StageConfig):
@@ -416,6 +432,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
+    use_compile = compile_enabled(cfg.compile, device, dtype)
     model = build_model(args, device, cfg.init_seed)
     stages = [("pretrain", cfg.pretrain)] + ([("sft", cfg.sft)] if cfg.sft.steps > 0 else [])
     for name, stage in stages:
@@ -433,11 +450,14 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             val = fixed_val(val_ds.batches(stage.batch_size, seed=1234), stage.eval_batches)
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
+        if use_compile and trainer.step < stage.steps:
+            model.compile_blocks()
         if progress:
             n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
             print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
                   f"{device.type}), {stage.steps} steps x {stage.tokens_per_step} tokens"
-                  + (f", resuming at step {trainer.step}" if trainer.step else ""), flush=True)
+                  + (f", resuming at step {trainer.step}" if trainer.step else "")
+                  + (" (compiled: the first steps include compilation)" if use_compile else ""), flush=True)
         last = trainer.fit()
         if progress and last:
             print(f"{name}: step {last.get('step')} train ce {last.get('ce', float('nan')):.4f} "

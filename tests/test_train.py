@@ -42,7 +42,7 @@ def train_argv(out: Path, data: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dsv4", "train", "--preset", "tiny", "--out", str(out), "--data", str(data),
             "--val-frac", str(VAL_FRAC), "--dtype", "fp32", "--device", "cpu", "--steps", str(steps),
             "--batch-size", "2", "--seq-len", "64", "--warmup", "3", "--indexer-warmup", "6", "--eval-every", "5",
-            "--save-every", "4", "--sft-steps", "0", "--quiet", *extra]
+            "--save-every", "4", "--sft-steps", "0", "--compile", "off", "--quiet", *extra]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -122,6 +122,7 @@ def test_pipeline_writes_a_loadable_checkpoint_and_eval_reads_it(corpus, tmp_pat
 def test_resume_with_a_different_configuration_is_refused(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(out=str(out), preset="tiny", data=str(corpus), val_frac=VAL_FRAC, dtype="fp32", device="cpu",
+                      compile="off",
                       pretrain=StageConfig(steps=2, batch_size=2, seq_len=32, save_every=1, eval_every=1,
                                            eval_batches=1),
                       sft=StageConfig(steps=0))
@@ -219,3 +220,26 @@ def test_batched_completion_equals_one_at_a_time():
     assert together == alone and all(together)
     sampled = complete(model, tok, prompts, max_new_tokens=12, temperature=1.0, seed=7)
     assert sampled == complete(model, tok, prompts, max_new_tokens=12, temperature=1.0, seed=7)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager():
+    from dsv4.loss import training_loss
+
+    results = []
+    for compiled in (False, True):
+        model = random_model(seed=4).train()
+        for m in model.modules():
+            if getattr(m, "indexer", None) is not None:
+                m.indexer_train = "sparse"
+        if compiled:
+            model.compile_blocks()
+        ids = torch.randint(0, model.args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+        loss, metrics = training_loss(model, ids[:, :-1], ids[:, 1:], mtp_weight=0.3)
+        loss.backward()
+        results.append((loss.item(), metrics, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_m, eager_g), (comp_loss, comp_m, comp_g) = results
+    assert abs(eager_loss - comp_loss) < 1e-4 and eager_m.keys() == comp_m.keys()
+    assert eager_g.keys() == comp_g.keys()
+    for name, g in eager_g.items():
+        torch.testing.assert_close(comp_g[name], g, atol=1e-4, rtol=1e-3, msg=name)

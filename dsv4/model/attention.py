@@ -35,7 +35,8 @@ def window_scores(q: torch.Tensor, kv: torch.Tensor, window: int, start: int = 0
     lo, hi = start - W, start + nb * W  # key positions the blocks need
     qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, d)
     keys = F.pad(kv[:, max(lo, 0): hi], (0, 0, max(-lo, 0), max(hi - kv.shape[1], 0)))
-    keys = keys.unfold(1, 2 * W, W).transpose(-1, -2)  # [B, nb, 2W, d]
+    blocks = keys.view(B, nb + 1, W, -1)  # block j's keys = key blocks j-1 and j (a copy, not an overlapping
+    keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)  # unfold view: compiled backward mis-sums those)
     logits = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys)
     i = torch.arange(W, device=q.device)[:, None]
     k = torch.arange(2 * W, device=q.device)[None, :]

@@ -107,8 +107,11 @@ class Experts(nn.Module):
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
-        """F.grouped_mm needs 16-byte aligned rows and matching dtypes."""
+        """F.grouped_mm needs 16-byte aligned rows and matching dtypes; under torch.compile its meta kernel accepts
+        only bf16 (eager CPU takes fp32 too)."""
         align = 16 // x.element_size()
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            return False
         return (x.dtype == self.w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
                 and x.device.type != "meta")
 
