@@ -9,7 +9,10 @@ One training step = forward + backward + AdamW step on one batch, the same for b
     dsv4 "plain"   `dsv4.train.Trainer.train_step` with the LM loss only (no MTP, no indexer KL, no balance loss):
                    the same work as the reference. Mixed precision as the trainer runs it: bf16 compute weights,
                    fp32 master weights and AdamW state.
-    dsv4 "v4"      the same step with V4's whole objective (MTP with lambda 0.3, indexer KL, balance loss).
+    dsv4 "compiled" the same step with `Transformer.compile_blocks()` (what `dsv4 train` uses where it can);
+                   compilation happens in the warm-up steps, which are not timed (for either side).
+    dsv4 "v4"      compiled, with V4's training signals on top: the lightning indexer's KL loss and the sequence-wise
+                   balance loss (no MTP: the checkpoint both sides load has no MTP module).
     transformers   `model(ids, labels=ids).loss.backward(); AdamW(fused=True).step()`, timed both ways a user would run it
                    in bf16 -- fp32 weights under torch.autocast(bf16), and weights cast to bf16 -- and compared at
                    the faster of the two.
@@ -18,7 +21,7 @@ Each (implementation, mode, shape) runs in its own subprocess; tokens/s = batch 
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token = 3 x the forward FLOPs per token (`dsv4 info`'s
 count: 2 x active weights incl. the head, attention scores and values over the window and compressed entries, and
-the indexer scan) at the mean context seq/2, for the main model (+ the MTP module in "v4" mode). Peak = the best of
+the indexer scan) at the mean context seq/2, for the main model. Peak = the best of
 bf16 (or fp32) square matmuls of size 1024..4096 on this machine, measured in this run.
 Prints one JSON document.
 """
@@ -55,11 +58,11 @@ def matmul_peak(dtype) -> float:
     return best
 
 
-def model_flops_per_token(args, seq: int, with_mtp: bool) -> float:
+def model_flops_per_token(args, seq: int) -> float:
     from dsv4 import info
 
     f = info.model_info(args, contexts=[max(seq // 2, 1)])["flops_per_token"][str(max(seq // 2, 1))]
-    return 3 * (f["total"] + (f["mtp"] if with_mtp else 0))
+    return 3 * f["total"]
 
 
 # --- the child: one implementation, one mode, one shape ---
@@ -79,15 +82,17 @@ def child(opts) -> dict:
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=torch.float32)
         v4 = opts.mode == "v4"
         cfg = StageConfig(steps=10 ** 9, batch_size=B, seq_len=S, optimizer="adamw", lr=1e-4, warmup=1,
-                          mtp_weight=0.3 if v4 else 0.0, aux_alpha=1e-4 if v4 else 0.0,
+                          mtp_weight=0.0, aux_alpha=1e-4 if v4 else 0.0,
                           indexer_weight=1.0 if v4 else 0.0, indexer_warmup=0)
         ids = torch.randint(0, model.args.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0))
         batches = lambda start: iter(lambda: (ids[:, :-1], ids[:, 1:]), None)  # noqa: E731
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(model, cfg, run_dir, batches, [], dtype, progress=False)
+            if opts.mode != "plain":
+                model.compile_blocks()
             micro = batches(0)
             step = lambda: trainer.train_step(micro)  # noqa: E731
-            times = timed(step, opts.repeats)
+            times = timed(step, opts.repeats, warmup=1 if opts.mode == "plain" else 3)
     else:
         import transformers
 
@@ -110,8 +115,9 @@ def child(opts) -> dict:
     return {"tok_s": B * S / seconds, "seconds": times}
 
 
-def timed(step, repeats: int) -> list[float]:
-    step()  # warm-up
+def timed(step, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -142,7 +148,7 @@ def parent(opts) -> dict:
     dtype = resolve_dtype(opts.dtype)
     shapes = opts.shape or (QUICK_SHAPES if opts.quick else SHAPES)
     full = dsv4.ModelArgs.from_name(opts.preset)
-    # the checkpoint both load: no MTP module (transformers builds none); dsv4's "v4" mode adds a fresh one
+    # the checkpoint both load: no MTP module (transformers builds none)
     args = dsv4.ModelArgs.from_dict({**full.to_dict(), "n_mtp_layers": 0,
                                      "compress_ratios": full.compress_ratios[: full.n_layers]})
     peak = matmul_peak(dtype)
@@ -158,23 +164,23 @@ def parent(opts) -> dict:
         for shape in shapes:
             B, S = map(int, shape.split("x"))
             row = {"batch": B, "seq": S}
-            plan = [("ours", "plain"), ("ours", "v4")]
+            plan = [("ours", "plain"), ("ours", "compiled"), ("ours", "v4")]
             if not opts.ours_only:
                 plan += [("theirs", "autocast"), ("theirs", "bf16")] if dtype != torch.float32 else [("theirs", "fp32")]
             for impl, mode in plan:
                 r = run_child(impl, mode, shape, tmp, opts)
                 if "tok_s" in r:
-                    flops = model_flops_per_token(args if mode != "v4" else full, S, with_mtp=mode == "v4")
+                    flops = model_flops_per_token(args, S)
                     r["mfu"] = r["tok_s"] * flops / peak
                 row[f"{impl}_{mode}"] = r
                 print(f"{shape} {impl} {mode}: { {k: v for k, v in r.items() if k != 'stderr'} }", file=sys.stderr,
                       flush=True)
             theirs = [row[k]["tok_s"] for k in row if k.startswith("theirs_") and "tok_s" in row[k]]
-            if theirs and "tok_s" in row["ours_plain"]:
+            if theirs:
                 row["reference_tok_s"] = max(theirs)
-                row["speedup_plain"] = row["ours_plain"]["tok_s"] / max(theirs)
-                if "tok_s" in row["ours_v4"]:
-                    row["speedup_v4"] = row["ours_v4"]["tok_s"] / max(theirs)
+                for mode in ("plain", "compiled", "v4"):
+                    if "tok_s" in row[f"ours_{mode}"]:
+                        row[f"speedup_{mode}"] = row[f"ours_{mode}"]["tok_s"] / max(theirs)
             results["runs"].append(row)
     return results
 

@@ -95,7 +95,7 @@ class Attention(nn.Module):
             prepared = self.indexer.prepare(xi, qri, cos, sin)
 
         block = max(block // self.window, 1) * self.window
-        outputs, kl_sum, kl_count = [], x.new_zeros((), dtype=torch.float32), 0
+        outputs, kl_sum, kl_count = [], x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.long)
         for t0 in range(0, S, block):
             t1 = min(t0 + block, S)
             scores = idx = None
@@ -109,7 +109,7 @@ class Attention(nn.Module):
                 kl_sum, kl_count = kl_sum + kl, kl_count + n
             outputs.append(o)
         if self.indexer_train and prepared is not None:
-            self.indexer_kl = kl_sum / max(kl_count, 1)
+            self.indexer_kl = kl_sum / kl_count.clamp(min=1)
         o = apply_rope(torch.cat(outputs, dim=1), cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
         return self.project_out(o)
 

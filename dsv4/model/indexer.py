@@ -30,17 +30,22 @@ def topk_recent_fast(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Same set as `topk_recent` (order not guaranteed): torch.topk, then the rare rows whose k-th value is tied
     with an unselected entry are redone with an exact (score, index) key. -inf ties are left alone: the caller
     drops entries that are not visible."""
+    if torch.compiler.is_compiling():  # no data-dependent rows under compile: the exact key for every row
+        return _exact_key(scores).topk(k, dim=-1, sorted=False).indices
     vals, idx = scores.topk(k, dim=-1, sorted=False)
     kth = vals.min(-1, keepdim=True).values
     ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
     if scores.device.type != "meta" and ambiguous.any():
-        rows = scores[ambiguous].float()
-        bits = rows.view(torch.int32).long()
-        key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float value
-        T = rows.shape[-1]
-        key = key * T + torch.arange(T, device=rows.device)  # then the higher index wins
-        idx[ambiguous] = key.topk(k, dim=-1, sorted=False).indices
+        idx[ambiguous] = _exact_key(scores[ambiguous]).topk(k, dim=-1, sorted=False).indices
     return idx
+
+
+def _exact_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by (score, index): distinct, so top-k on them has no ties and the more recent entry wins."""
+    bits = scores.float().view(torch.int32).long()
+    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float value
+    T = scores.shape[-1]
+    return key * T + torch.arange(T, device=scores.device)  # then the higher index wins
 
 
 class Indexer(nn.Module):
@@ -88,12 +93,13 @@ class Indexer(nn.Module):
                           for t0 in range(0, S, self.block_size)], dim=1)
 
 
-def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(main attention || indexer) over the compressed entries, summed over queries (DeepSeek-V3.2's indexer loss).
     scores [B, s, T] (indexer, fp32, -inf = invisible); cmp_probs [B, s, H, k or T] the main attention's probabilities
     on those entries (detached here); idx [B, s, k] the selected entries (sparse stage) or None (dense warm-up: all
     visible entries). Target = head-summed main probabilities renormalised; rows with no visible entry are skipped.
-    Returns (sum of per-query KL, number of queries counted)."""
+    Returns (sum of per-query KL, number of queries counted as a tensor: no host sync, no graph break)."""
     target = cmp_probs.detach().float().sum(2)  # [B, s, n]
     if idx is not None:
         logits = scores.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
@@ -104,4 +110,4 @@ def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor 
     target = target / mass.clamp(min=1e-30)
     log_q = torch.log_softmax(logits.masked_fill(~valid[..., None], 0.0), dim=-1)
     terms = torch.xlogy(target, target) - torch.where(target > 0, target * log_q, torch.zeros_like(log_q))
-    return (terms.sum(-1) * valid).sum(), int(valid.sum())
+    return (terms.sum(-1) * valid).sum(), valid.sum()

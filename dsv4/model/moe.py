@@ -98,7 +98,9 @@ class Experts(nn.Module):
         # sort the N*K assignments by expert, run each expert once on its contiguous slice (grouped GEMM)
         order_A = idx_NK.flatten().argsort(stable=True)
         token_A = order_A // K
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.w13.shape[0])
+        flat = idx_NK.flatten()  # expert counts with a static shape (bincount's length depends on the data)
+        counts_E = torch.zeros(self.w13.shape[0], dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_AD = x_ND[token_A]
         h_A2I = F.grouped_mm(x_AD, self.w13.transpose(-1, -2), offs=offs_E)
