@@ -150,12 +150,13 @@ def test_docstring_pairs_on_synthetic_module(tmp_path):
 def test_docstring_pairs_from_stdlib_and_sft_dataset(tok):
     pairs = docstring_pairs(FEW)
     assert len(pairs) >= 5 and all('"""' not in code.split("\n", 1)[1][:8] for _, code in pairs)
-    T = 64
+    full, full_mask = tok.encode_chat([{"role": "user", "content": pairs[0][0]},
+                                       {"role": "assistant", "content": pairs[0][1]}])
+    T = full_mask.index(1) + 8  # the window cuts the first answer after a few tokens: truncated, not dropped
+    assert len(full) > T + 1
     ds = SFTDataset(pairs, tok, seq_len=T)
     ids, targets, mask = ds[0]
     assert ids.shape == targets.shape == mask.shape == (T,)
-    full, full_mask = tok.encode_chat([{"role": "user", "content": pairs[0][0]},
-                                       {"role": "assistant", "content": pairs[0][1]}])
     assert ids.tolist() == full[:T] and mask.tolist() == full_mask[1:T + 1]
     short = SFTDataset([("Write `f()`", "pass")], tok, seq_len=T)
     ids, targets, mask = short[0]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 COMPLETION_PROMPTS = (
     "def fibonacci(n):",
-    'def is_prime(n):\n    """Return True if n is a prime number."""\n',
+    'def is_prime(n):\n    """Return True if n is a prime number."""',
     "def reverse_words(sentence):",
 )
 CHAT_PROMPTS = (
@@ -101,7 +101,9 @@ def humaneval(model, tok, max_new_tokens: int = 128, limit: int | None = None, b
     from dsv4.eval.humaneval import STOP_SEQUENCES, evaluate, load_problems
     from dsv4.eval.sandbox import Limits
 
-    problems = load_problems()
+    # the prompt is right-stripped, as evaluation harnesses commonly do: it ends in a bare newline, a token boundary
+    # byte-level BPE almost never produced in training (it merges the newline with the next line's indentation)
+    problems = {tid: {**p, "prompt": p["prompt"].rstrip()} for tid, p in load_problems().items()}
     if limit:
         problems = dict(list(problems.items())[:limit])
     ids = list(problems)
