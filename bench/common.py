@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: RSS readings and a memory watchdog for child processes."""
 
+import argparse
 import json
 import os
 import threading
@@ -32,3 +33,13 @@ def watchdog(limit_kb: int):
             time.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def add_run_args(p: argparse.ArgumentParser):
+    """Options every side-by-side benchmark has: skipping the reference, the seed, and the parent -> child plumbing."""
+    p.add_argument("--ours-only", action="store_true", help="skip transformers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it counts as 'timeout'")
+    p.add_argument("--limit-kb", type=int, default=int(0.9 * available_kb()), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ours", "theirs"), dest="impl", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)

@@ -35,7 +35,7 @@ SEQS = (512, 2048, 8192)
 QUICK_SEQS = (128, 512)
 
 
-from common import available_kb, rss_kb, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, rss_kb, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 # --- the child: one implementation, one length ---
@@ -160,17 +160,12 @@ def main():
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 (both implementations use it)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per length (median reported)")
     p.add_argument("--quick", action="store_true", help="smoke run: short sequences, one timed repeat")
-    p.add_argument("--ours-only", action="store_true", help="skip transformers")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="dsv4 with compile_hot_paths() (torch.compile)")
     p.add_argument("--tune-allocator", choices=("ours", "both", "none"), default="ours",
                    help="which side gets dsv4.device.tune_cpu_allocator() (dsv4's entry points call it; "
                         "transformers does not) -- 'both' measures the reference with it too")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it counts as 'timeout'")
-    p.add_argument("--limit-kb", type=int, default=int(0.9 * available_kb()), help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=("ours", "theirs"), dest="impl", help=argparse.SUPPRESS)
-    p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--logits-out", help=argparse.SUPPRESS)
+    add_run_args(p)
     opts = p.parse_args()
     if opts.quick and opts.repeats == 3:
         opts.repeats = 1

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from common import available_kb, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SHAPES = ("8x512", "2x2048")
 QUICK_SHAPES = ("2x128",)
@@ -192,13 +192,8 @@ def main():
     p.add_argument("--dtype", default="auto", help="auto (bf16 where fast) | bf16 | fp32")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per run (median reported)")
     p.add_argument("--quick", action="store_true", help="smoke run: one small shape, one timed step")
-    p.add_argument("--ours-only", action="store_true", help="skip transformers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it counts as 'timeout'")
-    p.add_argument("--limit-kb", type=int, default=int(0.9 * available_kb()), help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=("ours", "theirs"), dest="impl", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    add_run_args(p)
     opts = p.parse_args()
     if opts.quick and opts.repeats == 3:
         opts.repeats = 1

@@ -85,3 +85,18 @@ def tune_cpu_allocator() -> bool:
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and mallopt(M_TRIM_THRESHOLD, 2**30)
                 and mallopt(M_TOP_PAD, 256 * 2**20))
+
+
+def has_fused_adamw(device: torch.device | str) -> bool:
+    """torch.optim.AdamW(fused=True) has kernels for this device kind."""
+    return torch.device(device).type in ("cpu", "cuda")
+
+
+def can_compile(device: torch.device | str) -> bool:
+    """torch.compile's default backend (inductor) can generate code here: Triton on CUDA, C++ on the CPU."""
+    import shutil
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    return kind == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))

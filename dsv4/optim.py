@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from dsv4.device import has_fused_adamw
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # leaf names of parameters trained without weight decay (AdamW): biases, sinks, compressor ape, mHC params
@@ -175,7 +177,7 @@ def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weig
     groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon", master=master)
     adamw_groups = [g for g in groups["adamw"] if g["params"]]
     # the fused kernel is several times faster than the per-tensor loop (one pass over params, grads and moments)
-    fused = all(p.device.type in ("cpu", "cuda") for g in adamw_groups for p in g["params"])
+    fused = all(has_fused_adamw(p.device) for g in adamw_groups for p in g["params"])
     adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     muon_groups = [g for g in groups["muon"] if g["params"]]
     muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype) if muon_groups else None

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dsv4.config import ModelArgs
-from dsv4.device import default_device, resolve_dtype
+from dsv4.device import can_compile, default_device, resolve_dtype
 from dsv4.loss import cross_entropy, training_loss
 from dsv4.model.attention import Attention
 from dsv4.model.moe import update_balance_bias
@@ -390,11 +390,7 @@ def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype) -> b
         raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    if dtype != torch.bfloat16:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return dtype == torch.bfloat16 and can_compile(device)
 
 
 def pretrain_source(token_file: Path, stage: StageConfig):
