@@ -35,7 +35,7 @@ SEQS = (512, 2048, 8192)
 QUICK_SEQS = (128, 512)
 
 
-from common import add_run_args, rss_kb, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, rss_kb, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 # --- the child: one implementation, one length ---
@@ -117,25 +117,16 @@ def parent(opts) -> dict:
 
     from safetensors.torch import load_file
 
-    import dsv4
     from dsv4.device import resolve_dtype
 
     seqs = opts.seq or (QUICK_SEQS if opts.quick else SEQS)
     impls = ("ours",) if opts.ours_only else ("ours", "theirs")
-    args = dsv4.ModelArgs.from_name(opts.preset)
-    # no MTP module: transformers has none, and both sides should hold the same weights
-    args = dsv4.ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
-                                     "compress_ratios": args.compress_ratios[: args.n_layers]})
     results = {"preset": opts.preset, "dtype": str(resolve_dtype(opts.dtype)).removeprefix("torch."),
                "batch": 1, "repeats": opts.repeats, "threads": torch.get_num_threads(),
                "tuned_allocator": opts.tune_allocator, "compiled": opts.compile,
                "memory_limit_mb": opts.limit_kb // 1024, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(opts.seed)
-        model = dsv4.Transformer(args)
-        model.init_weights(seed=opts.seed)
-        model.save_pretrained(tmp)
-        del model
+        save_shared_checkpoint(opts.preset, opts.seed, tmp)
         for seq in seqs:
             row = {"seq": seq}
             for impl in impls:

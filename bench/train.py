@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from common import add_run_args, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SHAPES = ("8x512", "2x2048")
 QUICK_SHAPES = ("2x128",)
@@ -142,25 +142,16 @@ def run_child(impl: str, mode: str, shape: str, ckpt: str, opts) -> dict:
 def parent(opts) -> dict:
     import torch
 
-    import dsv4
     from dsv4.device import resolve_dtype
 
     dtype = resolve_dtype(opts.dtype)
     shapes = opts.shape or (QUICK_SHAPES if opts.quick else SHAPES)
-    full = dsv4.ModelArgs.from_name(opts.preset)
-    # the checkpoint both load: no MTP module (transformers builds none)
-    args = dsv4.ModelArgs.from_dict({**full.to_dict(), "n_mtp_layers": 0,
-                                     "compress_ratios": full.compress_ratios[: full.n_layers]})
     peak = matmul_peak(dtype)
     results = {"preset": opts.preset, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                "repeats": opts.repeats, "matmul_peak_tflops": peak / 1e12, "runs": []}
     print(f"matmul peak ({results['dtype']}): {peak / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(opts.seed)
-        model = dsv4.Transformer(args)
-        model.init_weights(seed=opts.seed)
-        model.save_pretrained(tmp)
-        del model
+        args = save_shared_checkpoint(opts.preset, opts.seed, tmp)
         for shape in shapes:
             B, S = map(int, shape.split("x"))
             row = {"batch": B, "seq": S}
