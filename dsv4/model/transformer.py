@@ -133,26 +133,32 @@ class Transformer(nn.Module):
             h = layer(h, input_ids, ropes[layer.kind])
         return h, ropes
 
-    def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
+    def hidden(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Streams [B, S, n, D] -> the head's input [B, S, D] (collapsed, normalised, in the head's dtype)."""
         x = (norm or self.norm)((hc_head or self.hc_head)(h))
-        return self.head(x.to(self.head.weight.dtype))
+        return x.to(self.head.weight.dtype)
 
-    def forward(self, input_ids: torch.Tensor, mtp: bool = False):
+    def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
+        return self.head(self.hidden(h, hc_head, norm))
+
+    def forward(self, input_ids: torch.Tensor, mtp: bool = False, hidden: bool = False):
         """input_ids [B, S] -> logits [B, S, V] (in the head's dtype). With mtp=True also a list, one per MTP module j, of
-        logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j."""
+        logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j.
+        hidden=True returns the head's inputs [B, S, D] in place of logits (for a loss fused with the head)."""
         h, ropes = self.forward_streams(input_ids)
-        logits = self.logits(h)
+        out = self.hidden if hidden else self.logits
+        main = out(h)
         if not mtp:
-            return logits
-        mtp_logits = []
+            return main
+        outs = []
         for j, block in enumerate(self.mtp):
             n = input_ids.shape[1] - 1 - j
             if n <= 0:
-                mtp_logits.append(logits.new_zeros(input_ids.shape[0], 0, logits.shape[-1]))
+                outs.append(main.new_zeros(input_ids.shape[0], 0, main.shape[-1]))
                 continue
             h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind])
-            mtp_logits.append(self.logits(h, block.hc_head, block.norm))
-        return logits, mtp_logits
+            outs.append(out(h, block.hc_head, block.norm))
+        return main, outs
 
     def compile_hot_paths(self, **options) -> "Transformer":
         """Opt-in fast path: torch.compile the element-wise-heavy pieces (mHC mixing and Sinkhorn, the attention
