@@ -311,3 +311,30 @@ def test_indexer_training_stages(stage):
         assert attn.indexer.compressor.wkv.weight.grad.abs().sum() > 0
     else:  # dense warm-up attends to every visible entry: different logits once entries outnumber index_topk
         assert not torch.allclose(logits, ref)
+
+
+@pytest.mark.parametrize("stage", [None, "sparse"])
+def test_csa_dense_masked_path_equals_the_gather_path(stage, monkeypatch):
+    """With few compressed entries CSA scores all of them and masks the unselected; that must be the top-k gather's
+    attention exactly: same logits, same gradients, same indexer KL (entries: 24 per sequence, top-k 8 and 64 below
+    and above it, so some queries see fewer entries than k)."""
+    from dsv4.model.attention import Attention
+
+    results = []
+    for dense_select in (0, 10 ** 6):  # 0: always gather; huge: always dense
+        monkeypatch.setattr(Attention, "DENSE_SELECT", dense_select)
+        model = random_model(compress_ratios=[4, 4, 0, 4, 0], index_topk=8).train()
+        for layer in model.layers:
+            layer.attn.indexer_train = stage
+        ids = random_ids(model.args, 2, 97)
+        logits = model(ids)
+        kl = sum(layer.attn.indexer_kl for layer in model.layers if layer.attn.indexer is not None) if stage else 0
+        (logits.float().square().mean() + kl).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), float(kl.detach()) if stage else 0.0, grads))
+    (a, kl_a, ga), (b, kl_b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert abs(kl_a - kl_b) <= 1e-5 * max(1.0, abs(kl_a))
+    assert ga.keys() == gb.keys() and any("indexer" in n for n in ga) == (stage is not None)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -10,7 +10,8 @@
 
 Sliding-window-only layers use RoPE theta `rope_theta`; compressed layers use `compress_rope_theta` with YaRN.
 Queries are processed in blocks; the window W queries at a time ([W, 2W] scores, never [S, S]); CSA gathers
-only its top-k entries.
+only its top-k entries (or, while there are few entries, scores them all and masks the unselected: the same
+soft-max with dense matmuls).
 """
 
 import torch
@@ -48,6 +49,10 @@ def window_scores(q: torch.Tensor, kv: torch.Tensor, window: int, start: int = 0
 
 
 class Attention(nn.Module):
+    # CSA scores every compressed entry and masks the unselected ones when there are at most this many times top-k
+    # entries: a few dense matmuls beat a per-query gather of k keys (and its scatter in the backward) until then
+    DENSE_SELECT = 8
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.n_heads, self.head_dim, self.window = args.n_heads, args.head_dim, args.window_size
@@ -124,11 +129,18 @@ class Attention(nn.Module):
         parts = [logits]
         if entries is not None:
             T = entries.shape[1]
-            if idx is not None:  # CSA: gather each query's top-k entries
+            dense = idx is not None and T <= self.DENSE_SELECT * idx.shape[-1]
+            if idx is not None and not dense:  # CSA: gather each query's top-k entries
                 flat = (idx.clamp(min=0) + T * torch.arange(B, device=q.device)[:, None, None]).flatten()
                 cmp_keys = entries.flatten(0, 1).index_select(0, flat).view(*idx.shape, entries.shape[-1])
                 cmp_logits = torch.einsum("bshd,bskd->bshk", q, cmp_keys)
                 cmp_logits = cmp_logits.masked_fill_((idx < 0)[:, :, None, :], float("-inf"))
+            elif dense:  # CSA with few entries: score them all, keep the selected (same soft-max, no gather)
+                cmp_keys = entries
+                cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
+                chosen = torch.zeros(B, s, T + 1, dtype=torch.bool, device=q.device)
+                chosen = chosen.scatter_(-1, torch.where(idx < 0, T, idx), True)[..., :T]  # -1 -> a dropped slot
+                cmp_logits = cmp_logits.masked_fill_(~chosen[:, :, None, :], float("-inf"))
             else:  # HCA: every closed window
                 cmp_keys = entries
                 cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
@@ -144,9 +156,12 @@ class Attention(nn.Module):
         o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * W, H, -1)[:, :s]
         cmp_probs = None
         if entries is not None:
-            eq = "bshk,bskd->bshd" if idx is not None else "bsht,btd->bshd"
+            eq = "bshk,bskd->bshd" if idx is not None and not dense else "bsht,btd->bshd"
             cmp_probs = probs[..., 2 * W: -1]
             o = o + torch.einsum(eq, cmp_probs, cmp_keys)
+            if dense:  # report the selected entries' probabilities in idx order, as the gather path does
+                at = idx.clamp(min=0)[:, :, None, :].expand(-1, -1, H, -1)
+                cmp_probs = cmp_probs.detach().gather(-1, at).masked_fill_((idx < 0)[:, :, None, :], 0.0)
         return o, cmp_probs
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
