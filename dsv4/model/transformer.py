@@ -78,6 +78,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + j) for j in range(args.n_mtp_layers))
         self.rope_swa = Rotary(args, args.rope_theta, yarn=False)
         self.rope_compress = Rotary(args, args.compress_rope_theta, yarn=True)
+        self.blocks_compiled = False  # set by compile_blocks()
 
     # --- initialisation and dtype ---
     @torch.no_grad()
@@ -181,6 +182,8 @@ class Transformer(nn.Module):
         around the matmuls (hyper-connections, norms, RoPE, routing, attention core) fuses in the forward and the
         backward. The first step per block variant compiles (a minute or two for `small` on 2 CPU cores; cached on
         disk by inductor after that); layer kinds, hash routing and the indexer's training stage are the variants.
+        The head's input (`hidden`) compiles too, and `dsv4.loss.training_loss` compiles its fused head + soft-max
+        when `blocks_compiled` is set.
         Same code as eager (tests compare losses and gradients). Returns self."""
         import torch._dynamo.config as dynamo_config
 
@@ -189,6 +192,8 @@ class Transformer(nn.Module):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, variants)
         for block in [*self.layers, *self.mtp]:
             block.forward = torch.compile(block.forward, **options)
+        self.hidden = torch.compile(self.hidden, **options)  # the streams' collapse and final norm
+        self.blocks_compiled = True
         return self
 
     def save_pretrained(self, path, **kwargs):
