@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
-# the one-command CPU run: tokenizer, pretraining and fine-tuning of `small` (~20 min on 2 cores), then held-out
+# the one-command CPU run: tokenizer, pretraining and fine-tuning of `small` (~18 min on 2 cores, 3 of them compiling), then held-out
 # bits-per-byte and sample completions; a finished run in runs/small is reused, a killed one continues
 run: venv
 	$(VENV)/bin/dsv4 info --preset small
