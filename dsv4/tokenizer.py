@@ -11,6 +11,7 @@ with `<think>\\n` opening the generation prompt when thinking is on (R1), `</thi
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import re
@@ -140,6 +141,10 @@ class Tokenizer:
         out.append(buf.decode("utf-8", "surrogateescape"))
         return "".join(out)
 
+    def stream(self, errors: str = "surrogateescape") -> StreamDecoder:
+        """An incremental decoder for generated tokens: see `StreamDecoder`."""
+        return StreamDecoder(self, errors)
+
     def token_id(self, token: str) -> int:
         i = self.tok.token_to_id(token)
         if i is None:
@@ -179,3 +184,32 @@ class Tokenizer:
             ids += piece
             mask += [int(answer)] * len(piece)
         return ids, mask
+
+
+class StreamDecoder:
+    """Token ids in, text deltas out, never splitting a multi-byte character: the bytes of a character that is still
+    incomplete wait for the next tokens. Concatenated deltas + `flush()` equal `Tokenizer.decode` of all the ids
+    (errors="surrogateescape", the default); errors="replace" turns bytes that can never form a character into
+    U+FFFD instead, so every delta is valid UTF-8 (what a server streams)."""
+
+    def __init__(self, tokenizer: Tokenizer, errors: str = "surrogateescape"):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors)
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Feed the next token id(s); -> the text they complete (possibly empty)."""
+        tok = self.tokenizer
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        if tok._byte_ids is None:  # not byte-level: the Rust decoder per token is all there is
+            return tok.tok.decode(ids, skip_special_tokens=False)
+        out = []
+        for i in ids:
+            if i in tok._special_text:
+                out += [self._utf8.decode(b"", final=True), tok._special_text[i]]
+            else:
+                out.append(self._utf8.decode(tok._id_bytes.get(i, b"")))
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The end of the stream: bytes still waiting are decoded as they are."""
+        return self._utf8.decode(b"", final=True)

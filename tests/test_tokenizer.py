@@ -1,4 +1,4 @@
-"""Tokenizer: lossless round trip (property tests), special tokens never leak from plain text, chat mask."""
+"""Tokenizer: lossless round trip (property tests), special tokens never leak from plain text, chat mask, streaming."""
 
 import sysconfig
 from pathlib import Path
@@ -79,3 +79,37 @@ def test_chat_mask_covers_exactly_the_answers(tok):
     spans += [cur] if cur else []
     assert [tok.decode(s) for s in spans] == [f"def f():\n    pass{EOS}", f"x = 1{EOS}"]
     assert ids.count(tok.eos_id) == 2  # the eos spelled inside the user text stayed text
+
+
+@settings(max_examples=150)
+@given(st.binary(max_size=40), st.text(max_size=20), st.data())
+def test_stream_deltas_never_split_a_character(tok, raw, text, data):
+    """Any ids (including ones whose bytes are not UTF-8 and special tokens), fed in any grouping: the deltas add up
+    to decode(ids); with errors="replace" each delta is valid UTF-8 and holds no partial character."""
+    ids = tok.encode(raw.decode("utf-8", "surrogateescape")) + tok.encode(text)
+    ids = data.draw(st.permutations(ids)) + data.draw(st.lists(st.sampled_from(tok.special_ids), max_size=2))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=6)))
+    groups = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+    exact, safe = tok.stream(), tok.stream(errors="replace")
+    deltas = [exact.push(g) for g in groups] + [exact.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    safe_deltas = [safe.push(g) for g in groups] + [safe.flush()]
+    for d in safe_deltas:
+        d.encode("utf-8")  # raises on a lone surrogate, i.e. on half a character
+    want, run = [], []  # specials end a byte run: each run is decoded on its own
+    for i in [*ids, None]:
+        if i is None or i in tok.special_ids:
+            want.append(tok.decode(run).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+            want.append(tok.decode([i]) if i is not None else "")
+            run = []
+        else:
+            run.append(i)
+    assert "".join(safe_deltas) == "".join(want)
+
+
+def test_stream_holds_back_half_a_character(tok):
+    ids = tok.encode("日")
+    by_byte = [tok._byte_ids[b] for b in "日".encode()]
+    stream = tok.stream()
+    assert [stream.push(i) for i in by_byte] == ["", "", "日"] and stream.flush() == ""
+    assert tok.stream().push(ids) == "日"
