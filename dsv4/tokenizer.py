@@ -200,7 +200,7 @@ class StreamDecoder:
         """Feed the next token id(s); -> the text they complete (possibly empty)."""
         tok = self.tokenizer
         ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
-        if tok._byte_ids is None:  # not byte-level: the Rust decoder per token is all there is
+        if tok._byte_ids is None:  # not byte-level (no real V4 tokenizer): each push decoded on its own, no hold-back
             return tok.tok.decode(ids, skip_special_tokens=False)
         out = []
         for i in ids:

@@ -48,7 +48,7 @@ def test_greedy_rows_and_seeded_rows_are_independent_of_the_batch():
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=5), SamplingParams(top_k=1)]
 
     def run(rows):
-        gens = [torch.Generator().manual_seed(params[r].seed or 0) for r in rows]
+        gens = [params[r].generator() for r in rows]
         return sample(logits[rows], [params[r] for r in rows], gens).tolist()
     together = [run([0, 1, 2]) for _ in range(2)]
     assert together[0] == together[1]

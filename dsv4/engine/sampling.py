@@ -35,6 +35,10 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The request's own random stream: seeded if it has a seed, else None (torch's global generator)."""
+        return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
+
 
 def _column(params: list[SamplingParams], name: str, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([getattr(p, name) for p in params], dtype=like.dtype, device=like.device)[:, None]
