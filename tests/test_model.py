@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4 import ModelArgs, Transformer, PRESETS
-from dsv4.model.attention import window_scores
+from dsv4.model.attention import window_keys, window_scores
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import topk_recent
 from dsv4.model.moe import Experts
@@ -16,18 +16,26 @@ from tests.helpers import random_ids, random_model, tiny_args
 
 
 @pytest.mark.parametrize("S,W", [(1, 4), (5, 4), (8, 4), (37, 8), (130, 16)])
-def test_window_scores_match_dense_mask(S, W):
+@pytest.mark.parametrize("offset", ["zero", "int", "rows"])
+def test_window_scores_match_dense_mask(S, W, offset):
+    """Queries at positions start.. against keys start-W..; start 0, a later int, or different per row."""
     g = torch.Generator().manual_seed(S)
-    q, kv = torch.randn(2, S, 3, 8, generator=g), torch.randn(2, S, 8, generator=g)
-    logits, keys = window_scores(q, kv, W)
-    dense = torch.einsum("bshd,btd->bsht", q, kv)  # [B, S, H, S]
-    for t in range(S):
-        row = logits[:, t]  # [B, H, 2W]
-        key_pos = (t // W) * W - W + torch.arange(2 * W)  # positions of the 2W slots of t's block
-        finite = torch.isfinite(row[0, 0])
-        assert torch.isfinite(row).eq(finite).all()
-        assert sorted(key_pos[finite].tolist()) == list(range(max(0, t - W + 1), t + 1))
-        torch.testing.assert_close(row[..., finite], dense[:, t][..., key_pos[finite]])
+    starts = {"zero": [0, 0], "int": [W + 3, W + 3], "rows": [2, 2 * W + 1]}[offset]
+    total = max(starts) + S
+    q, kv = torch.randn(2, S, 3, 8, generator=g), torch.randn(2, total, 8, generator=g)
+    keys = torch.stack([window_keys(kv[b: b + 1], st, st + S, W)[0] for b, st in enumerate(starts)])
+    start = torch.tensor(starts) if offset == "rows" else starts[0]
+    logits, _ = window_scores(q, keys, W, start)
+    dense = torch.einsum("bshd,btd->bsht", q, kv)  # [B, S, H, total]
+    for b, st in enumerate(starts):
+        for i in range(S):
+            t = st + i
+            row = logits[b, i]  # [H, 2W]
+            key_pos = st + (i // W) * W - W + torch.arange(2 * W)  # positions of the 2W slots of i's block
+            finite = torch.isfinite(row[0])
+            assert torch.isfinite(row).eq(finite).all()
+            assert sorted(key_pos[finite].tolist()) == list(range(max(0, t - W + 1), t + 1))
+            torch.testing.assert_close(row[..., finite], dense[b, i][..., key_pos[finite]])
 
 
 def naive_compress(comp: Compressor, x, cos, sin):

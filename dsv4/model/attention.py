@@ -14,6 +14,8 @@ only its top-k entries (or, while there are few entries, scores them all and mas
 soft-max with dense matmuls).
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,28 +26,43 @@ from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
 
+if TYPE_CHECKING:
+    from dsv4.model.cache import LayerCache, Step
 
-def window_scores(q: torch.Tensor, kv: torch.Tensor, window: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of queries at positions start.. (start a multiple of W) against their sliding windows, W at a time.
-    q [B, s, H, d], kv [B, S, d] (all positions) -> (logits [B, s, H, 2W], keys [B, nb, 2W, d]), masked slots -inf.
-    Query block j (W queries from position p = start + jW) reads the 2W keys at p-W .. p+W-1; its query i may read
-    slot k iff i < k <= i + W (inside the window, causal) and the key position is >= 0."""
+
+def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int | torch.Tensor = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of queries at positions start.. against their sliding windows, W queries at a time.
+    q [B, s, H, d]; keys [B, W + s, d] the keys of positions start-W .. start+s-1 (those below 0 are masked);
+    start an int or a [B] tensor (rows at different positions) -> (logits [B, s, H, 2W], keys [B, nb, 2W, d]),
+    masked slots -inf. Query block j (queries jW .. jW+W-1) reads the key slots jW .. jW+2W-1; its query i may
+    read slot k iff i < k <= i + W (inside the window, causal) and the key's position is >= 0."""
     B, s, H, d = q.shape
     W = window
     nb = -(-s // W)
-    lo, hi = start - W, start + nb * W  # key positions the blocks need
     qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, d)
-    keys = F.pad(kv[:, max(lo, 0): hi], (0, 0, max(-lo, 0), max(hi - kv.shape[1], 0)))
-    blocks = keys.view(B, nb + 1, W, -1)  # block j's keys = key blocks j-1 and j (a copy, not an overlapping
-    keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)  # unfold view: compiled backward mis-sums those)
+    blocks = F.pad(keys, (0, 0, 0, (nb + 1) * W - keys.shape[1])).view(B, nb + 1, W, -1)
+    # block j's keys = key blocks j and j+1 (a copy, not an overlapping unfold view: compiled backward mis-sums those)
+    keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
     logits = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys)
     i = torch.arange(W, device=q.device)[:, None]
     k = torch.arange(2 * W, device=q.device)[None, :]
-    mask = ((k > i) & (k <= i + W)).expand(nb, W, 2 * W).clone()  # [nb, W, 2W]
-    if start == 0:
-        mask[0] &= k >= W  # the first block of the sequence has no previous block
-    logits = logits.masked_fill_(~mask[None, :, :, None, :], float("-inf"))
+    mask = (k > i) & (k <= i + W)  # [W, 2W]
+    key_pos = torch.arange(nb, device=q.device)[:, None] * W + k - W  # [nb, 2W], relative to start
+    if isinstance(start, torch.Tensor):  # [B, nb, W, 2W]
+        mask = mask & (key_pos[None, :, None, :] + start[:, None, None, None] >= 0)
+    elif start < W:
+        mask = (mask & (key_pos[:, None, :] + start >= 0))[None]
+    else:
+        mask = mask[None, None]
+    logits = logits.masked_fill_(~mask[..., None, :], float("-inf"))
     return logits.reshape(B, nb * W, H, 2 * W)[:, :s], keys
+
+
+def window_keys(kv: torch.Tensor, t0: int, t1: int, window: int) -> torch.Tensor:
+    """The keys `window_scores` needs for queries t0..t1-1 of a whole sequence kv [B, S, d]: [B, W + t1 - t0, d]."""
+    lo = t0 - window
+    return F.pad(kv[:, max(lo, 0): t1], (0, 0, max(-lo, 0), 0))
 
 
 class Attention(nn.Module):
@@ -105,10 +122,12 @@ class Attention(nn.Module):
             t1 = min(t0 + block, S)
             scores = idx = None
             if prepared is not None:
-                scores = self.indexer.scores(prepared, t0, t1)  # [B, s, T]
+                iq, ikeys, iw = prepared
+                positions = torch.arange(t0, t1, device=x.device)
+                scores = self.indexer.scores(iq[:, t0:t1], ikeys, iw[:, t0:t1], positions)  # [B, s, T]
                 if self.indexer_train != "dense":  # the dense warm-up attends to every visible entry
-                    idx = self.indexer.select(scores.detach(), t0)
-            o, cmp_probs = self.attend(q[:, t0:t1], kv, entries, idx, t0)
+                    idx = self.indexer.select(scores.detach(), positions)
+            o, cmp_probs = self.attend(q[:, t0:t1], window_keys(kv, t0, t1, self.window), entries, idx, t0)
             if self.indexer_train and scores is not None:
                 kl, n = indexer_kl(scores, cmp_probs, idx)
                 kl_sum, kl_count = kl_sum + kl, kl_count + n
@@ -118,14 +137,15 @@ class Attention(nn.Module):
         o = apply_rope(torch.cat(outputs, dim=1), cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
         return self.project_out(o)
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
-               start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of the (scaled) queries at positions start..start+s-1 -> (output [B, s, H, d], the attention
-        probabilities on the compressed entries [B, s, H, k or T] or None). idx: each query's selected entries
-        (CSA), or None to read every visible entry (HCA, and CSA's dense indexer warm-up)."""
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
+               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the (scaled) queries at positions start..start+s-1 (start an int, or [B] per row) ->
+        (output [B, s, H, d], the attention probabilities on the compressed entries [B, s, H, k or T] or None).
+        keys: the window keys of positions start-W .. start+s-1 (see `window_scores`); entries [B, T, d];
+        idx: each query's selected entries (CSA), or None to read every visible entry (HCA, CSA's dense warm-up)."""
         B, s, H, _ = q.shape
         W = self.window
-        logits, win_keys = window_scores(q, kv, W, start)  # [B, s, H, 2W]
+        logits, win_keys = window_scores(q, keys, W, start)  # [B, s, H, 2W]
         parts = [logits]
         if entries is not None:
             T = entries.shape[1]
@@ -144,9 +164,12 @@ class Attention(nn.Module):
             else:  # HCA: every closed window
                 cmp_keys = entries
                 cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
-                visible = (torch.arange(start, start + s, device=q.device) + 1) // self.ratio  # [s]
-                future = torch.arange(T, device=q.device) >= visible[:, None]  # [s, T]
-                cmp_logits = cmp_logits.masked_fill_(future[None, :, None, :], float("-inf"))
+                if isinstance(start, torch.Tensor):
+                    positions = start[:, None] + torch.arange(s, device=q.device)  # [B, s]
+                else:
+                    positions = torch.arange(start, start + s, device=q.device)  # [s]
+                future = torch.arange(T, device=q.device) >= ((positions + 1) // self.ratio)[..., None]
+                cmp_logits = cmp_logits.masked_fill_(future.unsqueeze(-2), float("-inf"))
             parts.append(cmp_logits)
         sink = self.attn_sink.view(1, 1, -1, 1).expand(B, s, -1, 1)  # fp32: the cat promotes the logits too
         probs = torch.cat(parts + [sink], dim=-1).softmax(-1).to(q.dtype)
@@ -163,6 +186,27 @@ class Attention(nn.Module):
                 at = idx.clamp(min=0)[:, :, None, :].expand(-1, -1, H, -1)
                 cmp_probs = cmp_probs.detach().gather(-1, at).masked_fill_((idx < 0)[:, :, None, :], 0.0)
         return o, cmp_probs
+
+    def step(self, x: torch.Tensor, cache: "LayerCache", step: "Step") -> torch.Tensor:
+        """Incremental twin of `forward`: x [B, width, D] at the step's positions, reading and committing `cache`
+        (see dsv4.model.cache). A decode step costs O(W + top-k) attention (+ the O(L/m) indexer scan) for CSA
+        and O(W + L/m) for HCA."""
+        B, s, _ = x.shape
+        cos, sin = step.rope(self.kind)
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), self.norm_eps)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None]) * self.softmax_scale
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, s, d]
+        keys = torch.cat([step.read_ring(cache.window), kv], dim=1)  # positions start-W .. start+s-1
+        step.write_ring(cache.window, kv)
+        entries = idx = None
+        if self.compressor is not None:
+            self.compressor.step(x, cache.compressed, step)
+            entries = cache.compressed.entries[step.slots, : step.end // self.ratio]  # [B, T, d]
+        if self.indexer is not None:
+            idx = self.indexer.step(x, qr, cache.index, step)
+        o, _ = self.attend(q, keys, entries, idx, step.start)
+        return self.project_out(apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True))
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, H, d] -> [B, S, D] through the grouped low-rank projection."""

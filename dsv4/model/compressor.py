@@ -7,7 +7,10 @@
                                     are empty (gate -inf)
     then weighted RMSNorm and RoPE (compress theta + YaRN) at position i*m.
 Query t may read entry i only once its window is closed: i < (t+1) // m.
+`step` is the incremental twin: it continues from the rows a cache keeps and closes the windows a step completes.
 """
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,9 @@ from torch import nn
 
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from dsv4.model.cache import CompressedState, Step
 
 
 class Compressor(nn.Module):
@@ -51,3 +57,35 @@ class Compressor(nn.Module):
         entries = self.norm(entries)
         pos = torch.arange(n, device=x.device) * m
         return apply_rope(entries, cos[pos], sin[pos]).to(x.dtype)
+
+    def step(self, x: torch.Tensor, state: "CompressedState", step: "Step"):
+        """Continue the compression by `step`'s positions: x [B, width, D]. Commits the rows and every window the
+        committed positions close into `state` (the entries are then read from there)."""
+        B, s, _ = x.shape
+        m, d = self.ratio, self.head_dim
+        R, width = state.kv.shape[1], self.ape.shape[-1]
+        kv_new = F.linear(x, self.wkv.weight).float()
+        gate_new = F.linear(x, self.wgate.weight).float()
+        # rows of positions start-R .. start+s-1: enough for the window holding `start` (and the one before)
+        src_kv = torch.cat([step.read_ring(state.kv), kv_new], dim=1)
+        src_gate = torch.cat([step.read_ring(state.gate), gate_new], dim=1)
+        step.write_ring(state.kv, kv_new)
+        step.write_ring(state.gate, gate_new)
+
+        ov = 1 if self.overlap else 0
+        K = (m - 1 + s) // m  # the most windows one step can close
+        first = step.start // m  # the first window that can close (the one holding `start`)
+        # positions (first - ov) * m + r sit at src index m - start % m + r (beyond the source: never closes)
+        at = ((m - step.start % m)[:, None] + torch.arange((K + ov) * m, device=x.device)).clamp(max=R + s - 1)
+        at = at[..., None].expand(-1, -1, width)
+        kv = src_kv.gather(1, at).view(B, K + ov, m, width)
+        gate = src_gate.gather(1, at).view(B, K + ov, m, width) + self.ape
+        if self.overlap:  # window first-1 lends its first-half channels; before position 0 it is empty
+            prev_gate = gate[:, :-1, :, :d]
+            before_start = (first[:, None] + torch.arange(K, device=x.device) - 1) < 0  # [B, K]
+            prev_gate = prev_gate.masked_fill(before_start[:, :, None, None], float("-inf"))
+            kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)  # [B, K, 2m, d]
+            gate = torch.cat([prev_gate, gate[:, 1:, :, d:]], dim=2)
+        entries = self.norm((kv * gate.softmax(dim=2)).sum(dim=2))  # [B, K, d]
+        cos, sin = step.rotary["csa"]((first[:, None] + torch.arange(K, device=x.device)) * m)
+        step.write_entries(state.entries, apply_rope(entries, cos, sin), first, m)

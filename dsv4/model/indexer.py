@@ -11,12 +11,17 @@ scores exact ties happen when every head's dot product is <= 0; then recency is 
 Queries are processed in blocks so the [S, T] score matrix never exists whole.
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
 from dsv4.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from dsv4.model.cache import CompressedState, Step
 
 
 def topk_recent(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -66,31 +71,46 @@ class Indexer(nn.Module):
         w = self.weights_proj(x) * (self.head_dim * self.n_heads) ** -0.5
         return q, keys, w
 
-    def scores(self, prepared, t0: int, t1: int) -> torch.Tensor:
-        """I[t, s] for queries t0..t1-1: [B, t1-t0, T] fp32, -inf on entries not yet visible to the query."""
-        q, keys, w = prepared
-        scores = torch.einsum("bshc,btc->bsht", q[:, t0:t1], keys).relu_()
-        scores = torch.einsum("bsht,bsh->bst", scores, w[:, t0:t1].to(scores.dtype)).float()
-        visible = (torch.arange(t0, t1, device=q.device) + 1) // self.ratio
-        return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[:, None], float("-inf"))
+    def scores(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """I[t, s] for queries q [B, s, H, c] (weights w [B, s, H]) at `positions` ([s], or [B, s] when rows
+        differ) against keys [B, T, c]: [B, s, T] fp32, -inf on entries not yet visible to the query."""
+        scores = torch.einsum("bshc,btc->bsht", q, keys).relu_()
+        scores = torch.einsum("bsht,bsh->bst", scores, w.to(scores.dtype)).float()
+        visible = (positions + 1) // self.ratio
+        return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[..., None], float("-inf"))
 
-    def select(self, scores: torch.Tensor, t0: int) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Top-k visible entries per query: [B, s, min(topk, T)], -1 where fewer entries are visible."""
         k = min(self.topk, scores.shape[-1])
         if k == 0:
             return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device)
-        visible = (torch.arange(t0, t0 + scores.shape[1], device=scores.device) + 1) // self.ratio
+        visible = (positions + 1) // self.ratio
         idx = topk_recent_fast(scores, k)
-        return torch.where(idx < visible[:, None], idx, -1)
+        return torch.where(idx < visible[..., None], idx, -1)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], qr [B, S, q_lora] (normed query latent), cos/sin [S, R/2] (compress rope)
         -> selected entry indices [B, S, min(topk, S // m)], -1 where fewer entries are visible.
         Queries go `block_size` at a time, so the [block, H, T] scores never exist for all S at once."""
-        prepared = self.prepare(x, qr, cos, sin)
+        q, keys, w = self.prepare(x, qr, cos, sin)
         S = x.shape[1]
-        return torch.cat([self.select(self.scores(prepared, t0, min(t0 + self.block_size, S)), t0)
-                          for t0 in range(0, S, self.block_size)], dim=1)
+        out = []
+        for t0 in range(0, S, self.block_size):
+            t1 = min(t0 + self.block_size, S)
+            positions = torch.arange(t0, t1, device=x.device)
+            out.append(self.select(self.scores(q[:, t0:t1], keys, w[:, t0:t1], positions), positions))
+        return torch.cat(out, dim=1)
+
+    def step(self, x: torch.Tensor, qr: torch.Tensor, state: "CompressedState", step: "Step") -> torch.Tensor:
+        """Incremental twin of `forward` over a cache: commits the step's compressed keys, then selects for each
+        of the step's queries among the entries it can see. -> [B, width, min(topk, T)]."""
+        B, s, _ = x.shape
+        self.compressor.step(x, state, step)
+        keys = state.entries[step.slots, : step.end // self.ratio]  # [B, T, c]
+        cos, sin = step.rope("csa")
+        q = apply_rope(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
+        w = self.weights_proj(x) * (self.head_dim * self.n_heads) ** -0.5
+        return self.select(self.scores(q, keys, w, step.positions), step.positions)
 
 
 def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor | None

@@ -6,7 +6,9 @@
     logits = head(norm(hc_head(h)))
     MTP j:  h' = block(e_proj(enorm(embed(t_{i+1+j}))) + h_proj(hnorm(h_i)))  -> its own hc_head + norm -> shared head
 
-The model is pure and single-device: caching, sampling, sharding and quantization act on it from outside.
+The model is pure and single-device: `forward` reads whole sequences; `step` continues sequences from a
+`dsv4.model.cache.KVCache` it is handed (the engine owns the cache, the scheduling and the sampling); sharding and
+quantization act on it from outside.
 References: DeepSeek-V4 release; `transformers.DeepseekV4ForCausalLM` is the numerical reference.
 """
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
+from dsv4.model.cache import KVCache, LayerCache, Step
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import Experts, Gate, MoE
 from dsv4.model.norm import RMSNorm
@@ -37,10 +40,14 @@ class Block(nn.Module):
         self.hc_attn = HyperConnection(*hc)
         self.hc_ffn = HyperConnection(*hc)
 
-    def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerCache | None = None, step: Step | None = None):
+        """Whole sequences (rope = this kind's (cos, sin)), or with `cache` and `step` one incremental step."""
         dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
         x, post, comb = self.hc_attn(h)
-        h = self.hc_attn.post(self.attn(self.attn_norm(x).to(dtype), rope), h, post, comb)
+        a = self.attn_norm(x).to(dtype)
+        a = self.attn(a, rope) if cache is None else self.attn.step(a, cache, step)
+        h = self.hc_attn.post(a, h, post, comb)
         x, post, comb = self.hc_ffn(h)
         return self.hc_ffn.post(self.ffn(self.ffn_norm(x).to(dtype), ids), h, post, comb)
 
@@ -57,11 +64,12 @@ class MTPBlock(Block):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerCache | None = None, step: Step | None = None) -> torch.Tensor:
         """h [B, S, n, D] streams at position i, emb [B, S, D] embedding of token i+1 -> new streams."""
         dtype = self.e_proj.weight.dtype
         x = self.e_proj(self.enorm(emb).to(dtype)).unsqueeze(2) + self.h_proj(self.hnorm(h).to(dtype))
-        return super().forward(x.float(), None, rope)
+        return super().forward(x.float(), None, rope, cache, step)
 
 
 class Transformer(nn.Module):
@@ -160,6 +168,35 @@ class Transformer(nn.Module):
             h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind])
             outs.append(out(h, block.hc_head, block.norm))
         return main, outs
+
+    # --- incremental inference ---
+    def make_step(self, cache: KVCache, slots: torch.Tensor, start: torch.Tensor, width: int,
+                  length: torch.Tensor | None = None) -> Step:
+        """Describe one step: rows = cache `slots` [B], continuing at positions `start` [B] with `width` input
+        columns of which the first `length` [B] (default all) are committed."""
+        start = start.long()
+        if length is None:
+            length = torch.full_like(start, width)
+        end = int(start.max()) + width if start.numel() else width
+        if end > cache.max_len:
+            raise ValueError(f"position {end - 1} is beyond the cache's max_len {cache.max_len}")
+        rotary = {"swa": self.rope_swa, "csa": self.rope_compress, "hca": self.rope_compress}
+        return Step(slots.long(), start, length.long(), width, end, cache.trash, rotary)
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """input_ids [B, width] at `step`'s positions -> final streams [B, width, n, D] (before hc_head); reads and
+        commits `cache`. Chunked prefill and decoding are both steps; `logits(h)` gives the next-token logits."""
+        self.check_ids(input_ids)
+        h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for layer, layer_cache in zip(self.layers, cache.main):
+            h = layer(h, input_ids, None, layer_cache, step)
+        return h
+
+    def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """The first MTP module over a step: main streams h [B, width, n, D] at the step's positions and the tokens
+        that follow them [B, width] -> the module's streams (its logits predict the token after `next_ids`)."""
+        block = self.mtp[0]
+        return block(h, self.embed(next_ids), None, cache.mtp[0], step)
 
     def compile_hot_paths(self, **options) -> "Transformer":
         """Opt-in fast path: torch.compile the element-wise-heavy pieces (mHC mixing and Sinkhorn, the attention
