@@ -79,3 +79,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = scaled.softmax(-1)
     drawn = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
     return torch.where(temperature[:, 0] == 0, greedy, drawn)
+
+
+def speculative_verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                       generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) for one drafted token per
+    row: p [B, V] the target distribution, q [B, V] the one the draft [B] was drawn from. Accept with probability
+    min(1, p(d) / q(d)); otherwise draw from max(0, p - q) renormalised. The kept token is then distributed exactly
+    as p. -> (accepted [B] bool, token [B]: the draft where accepted, the replacement elsewhere)."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    u = torch.stack([torch.rand((), generator=g, device=p.device) for g in generators])
+    accepted = u * q[rows, drafts] <= p[rows, drafts]
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
+    replaced = torch.stack([torch.multinomial(r, 1, generator=g)[0] for r, g in zip(residual, generators)])
+    return accepted, torch.where(accepted, drafts, replaced)

@@ -1,0 +1,412 @@
+"""The inference engine: requests in, streamed text out, many sequences decoding together over one cache.
+
+    submit(prompt, ...) -> Request        queued; joins the batch at the next step that has a free cache slot
+    step() -> [Delta]                      one scheduling round: a chunk of prefill for new requests (rows of
+                                           different lengths in one padded step), then one decode token for every
+                                           running request (or draft + verify with MTP speculation)
+    cancel(id)                             leaves at the next step; its slot is free at once
+    generate(prompts) / stream(prompt)     drive `step` until done
+
+Every running request owns one slot of a preallocated `KVCache`; a finished or cancelled request gives its slot back
+immediately and the next waiting request takes it (continuous batching). Each request samples with its own settings
+and random stream (dsv4.engine.sampling), stops on its own stop tokens / strings (dsv4.engine.stops) and streams UTF-8
+-safe text deltas (dsv4.tokenizer.StreamDecoder). Penalties count the generated tokens (not the prompt).
+
+MTP speculation (speculative=True, a model with an MTP module): each step the MTP module drafts one token from the
+last position's streams, the main model runs the pending token and the draft in one step of width 2, and the draft
+is kept iff the main model would have produced it (greedy: the argmax; sampling: the standard rule, accept with
+probability min(1, p/q), else draw from max(0, p - q)), so the output distribution is the plain one's.
+A rejected draft's cache rows are never committed (see dsv4.model.cache).
+"""
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv4.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, speculative_verify
+from dsv4.engine.stops import StopMatcher
+from dsv4.model.cache import KVCache
+
+
+@dataclass
+class Delta:
+    """What one request produced in one engine step."""
+    request_id: int
+    text: str  # new text (valid UTF-8; stop strings and stop tokens excluded)
+    token_ids: list[int]
+    logprobs: list[dict] | None = None  # per token: {"token": id, "logprob": float, "top": [(id, logprob), ...]}
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the request's last delta
+
+
+@dataclass
+class Completion:
+    request_id: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[dict] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    logprobs: int | None
+    callback: Callable[[Delta], None] | None
+    matcher: StopMatcher
+    decoder: object
+    generator: torch.Generator | None
+    slot: int | None = None
+    pos: int = 0  # tokens committed to the cache
+    pending: int | None = None  # the last sampled token, not yet run through the model
+    output: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # [V] generated-token counts (only when a penalty is set)
+    finish_reason: str | None = None
+    # speculation: main streams of positions the MTP module has not seen yet (their next tokens are known)
+    mtp_rows: list[torch.Tensor] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pos < len(self.prompt)
+
+    def uses_penalties(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
+                 speculative: bool = False, cache_dtype: torch.dtype | None = None):
+        if speculative and not model.mtp:
+            raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.args = model.args
+        self.device = next(model.parameters()).device
+        self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
+        self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
+        dtype = cache_dtype or model.layers[0].attn.wkv.weight.dtype  # what the attention computes in
+        # a speculative step runs one column (the draft) past the last token that can still be generated
+        self.cache = KVCache(self.args, max_batch, self.max_len + speculative, self.device, dtype)
+        self.free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # submit / cancel may come from other threads; step runs in one
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
+
+    # --- requests ---
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, max_new_tokens: int = 256,
+               stop: Iterable[str] = (), stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
+               ignore_eos: bool = False, callback: Callable[[Delta], None] | None = None) -> Request:
+        """Queue a request. A str prompt is encoded as plain text; token ids (e.g. an encoded chat) go in as they are.
+        logprobs: None = off, n >= 0 = the chosen token's log-probability plus the n most likely alternatives."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_len} "
+                             f"(prompt + generated tokens), so at most {self.max_len - 1} prompt tokens")
+        V = self.args.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
+        params = params or SamplingParams()
+        stops = frozenset(int(t) for t in stop_token_ids) | (
+            frozenset() if ignore_eos or self.tokenizer.eos_id is None else {self.tokenizer.eos_id})
+        req = Request(next(self._ids), ids, params, max_new_tokens, stops, logprobs, callback,
+                      StopMatcher(tuple(stop)), self.tokenizer.stream(errors="replace"),
+                      params.generator(self.device))
+        with self._lock:
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, request_id: int):
+        """Stop a request (waiting or running); its slot frees at the next step, which reports it as cancelled."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- scheduling ---
+    @torch.no_grad()
+    def step(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            for req in [r for r in self.waiting if r.id in cancelled]:
+                self.waiting.remove(req)
+                deltas.append(self._finish(req, "cancelled"))
+        for req in [r for r in self.running if r.id in cancelled]:
+            deltas.append(self._finish(req, "cancelled"))
+        with self._lock:
+            while self.waiting and self.free:
+                req = self.waiting.popleft()
+                req.slot = self.free.pop()
+                self.running.append(req)
+        prefill = [r for r in self.running if r.prefilling]
+        if prefill:
+            deltas += self._prefill(prefill)
+        decode = [r for r in self.running if not r.prefilling and r.finish_reason is None and r not in prefill]
+        if decode:
+            deltas += self._speculate(decode) if self.speculative else self._decode(decode)
+        self.stats["steps"] += 1
+        return deltas
+
+    def _rows(self, reqs: list[Request], columns: list[list[int]], commit: list[int], width: int | None = None,
+              start: list[int] | None = None):
+        """One step's input: row i = request i's `columns` (right-padded to `width`) at positions from `start`
+        (default: each request's next position), of which the first commit[i] are committed."""
+        width = width or max(len(c) for c in columns)
+        ids = torch.tensor([c + [0] * (width - len(c)) for c in columns], dtype=torch.long, device=self.device)
+        start = [r.pos for r in reqs] if start is None else start
+        step = self.model.make_step(self.cache, torch.tensor([r.slot for r in reqs], device=self.device),
+                                    torch.tensor(start, device=self.device), width,
+                                    torch.tensor(commit, device=self.device))
+        return ids, step
+
+    def _prefill(self, reqs: list[Request]) -> list[Delta]:
+        chunks = [r.prompt[r.pos: r.pos + self.prefill_chunk] for r in reqs]
+        width = max(len(c) for c in chunks)
+        ids, step = self._rows(reqs, chunks, [len(c) for c in chunks])
+        h = self.model.step(ids, self.cache, step)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+        rows = torch.arange(len(reqs), device=self.device)
+        if self.speculative:  # the MTP module runs position t once token t+1 is known: all but a prompt's last
+            nxt = [r.prompt[r.pos + 1: r.pos + len(c) + 1] for r, c in zip(reqs, chunks)]
+            ids_next, mstep = self._rows(reqs, nxt, [len(n) for n in nxt], width)
+            self.model.mtp_step(h, ids_next, self.cache, mstep)
+            for i, (r, n) in enumerate(zip(reqs, nxt)):
+                if len(n) < len(chunks[i]):
+                    r.mtp_rows = [h[i, len(n)]]
+        done = []
+        for i, (r, c) in enumerate(zip(reqs, chunks)):
+            r.pos += len(c)
+            self.stats["prefill_tokens"] += len(c)
+            if not r.prefilling:
+                done.append(i)
+        if not done:
+            return []
+        sel = torch.tensor(done, device=self.device)
+        logits = self.model.logits(h[rows[sel], last[sel]][:, None])[:, 0]
+        finished = [reqs[i] for i in done]
+        return self._emit(finished, [[t] for t in self._sample(finished, logits)], logits[:, None])
+
+    def _decode(self, reqs: list[Request]) -> list[Delta]:
+        ids, step = self._rows(reqs, [[r.pending] for r in reqs], [1] * len(reqs))
+        logits = self.model.logits(self.model.step(ids, self.cache, step))[:, 0]
+        for r in reqs:
+            r.pos += 1
+        self.stats["decode_tokens"] += len(reqs)
+        return self._emit(reqs, [[t] for t in self._sample(reqs, logits)], logits[:, None])
+
+    # --- speculation ---
+    def _speculate(self, reqs: list[Request]) -> list[Delta]:
+        model = self.model
+        # 1. MTP over the positions it has not seen (1 or 2 per row; their next tokens are known) -> a draft
+        width = max(len(r.mtp_rows) for r in reqs)
+        nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
+        h_in = torch.stack([torch.stack(r.mtp_rows + [r.mtp_rows[-1]] * (width - len(r.mtp_rows))) for r in reqs])
+        ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
+        hm = model.mtp_step(h_in, ids, self.cache, step)
+        last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
+        hm = hm[torch.arange(len(reqs), device=self.device), last][:, None]
+        draft_logits = model.logits(hm, model.mtp[0].hc_head, model.mtp[0].norm)[:, 0].float()
+        drafts, q = self._draft(reqs, draft_logits)
+        # 2. the main model runs pending + draft
+        ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
+        # both columns are committed: a rejected draft's position is simply run again by the next step, which
+        # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
+        h = model.step(ids, self.cache, step)
+        logits = model.logits(h).float()  # [B, 2, V]
+        accept, first = self._verify(reqs, logits[:, 0], drafts, q)
+        bonus = [None] * len(reqs)
+        ok = [i for i, a in enumerate(accept) if a]
+        if ok:  # the accepted rows' next token, sampled as the plain decode would (the draft now counts as seen)
+            for i, t in zip(ok, self._sample([reqs[i] for i in ok], logits[ok, 1], extra=[drafts[i] for i in ok])):
+                bonus[i] = t
+        tokens, kept = [], []
+        for i, r in enumerate(reqs):
+            r.drafted += 1
+            self.stats["drafted"] += 1
+            if accept[i]:
+                r.accepted += 1
+                self.stats["accepted"] += 1
+                tokens.append([drafts[i], bonus[i]])
+                r.mtp_rows = [h[i, 0], h[i, 1]]
+            else:
+                tokens.append([first[i]])
+                r.mtp_rows = [h[i, 0]]
+            kept.append(2 if accept[i] else 1)
+        for r, k in zip(reqs, kept):
+            r.pos += k
+        self.stats["decode_tokens"] += sum(kept)
+        return self._emit(reqs, tokens, logits)
+
+    def _next_tokens(self, r: Request, n: int) -> list[int]:
+        """The n tokens that follow the positions in r.mtp_rows (the last of them is the pending token)."""
+        known = r.prompt + r.output
+        return known[r.pos - n + 1: r.pos + 1]
+
+    def _draft(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """Draft tokens from the MTP logits [B, V]; for sampled rows also their (filtered) distribution q."""
+        params = [r.params for r in reqs]
+        logits = self._penalised(reqs, logits)
+        if all(p.temperature == 0 for p in params):
+            return logits.argmax(-1).tolist(), None
+        q = self._probs(params, logits)
+        greedy = logits.argmax(-1)
+        drawn = torch.stack([torch.multinomial(row, 1, generator=r.generator)[0] for row, r in zip(q, reqs)])
+        temp0 = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+        return torch.where(temp0, greedy, drawn).tolist(), q
+
+    def _verify(self, reqs, logits, drafts, q):
+        """Accept each row's draft or replace it: -> (accepted flags, the token to emit at the draft's place)."""
+        logits = self._penalised(reqs, logits.float())
+        greedy = logits.argmax(-1)
+        if q is None:  # every row greedy
+            return (greedy == torch.tensor(drafts, device=greedy.device)).tolist(), greedy.tolist()
+        p = self._probs([r.params for r in reqs], logits)
+        d = torch.tensor(drafts, device=logits.device)
+        accepted, token = speculative_verify(p, q, d, [r.generator for r in reqs])
+        temp0 = torch.tensor([r.params.temperature == 0 for r in reqs], device=logits.device)
+        token = torch.where(temp0, greedy, token)
+        return torch.where(temp0, greedy == d, accepted).tolist(), token.tolist()
+
+    def _probs(self, params: list[SamplingParams], logits: torch.Tensor) -> torch.Tensor:
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+        return filter_logits(logits / temperature.clamp(min=1e-6), params).softmax(-1)
+
+    def _penalised(self, reqs: list[Request], logits: torch.Tensor, extra: list[int] | None = None) -> torch.Tensor:
+        counts = self._counts(reqs, extra)
+        return logits if counts is None else apply_penalties(logits, counts, [r.params for r in reqs])
+
+    def _counts(self, reqs: list[Request], extra: list[int] | None = None) -> torch.Tensor | None:
+        if not any(r.uses_penalties() for r in reqs):
+            return None
+        V = self.args.vocab_size
+        counts = torch.stack([r.counts if r.counts is not None else torch.zeros(V, device=self.device)
+                              for r in reqs])
+        if extra is not None:  # tokens about to be appended (an accepted draft)
+            counts = counts.clone()
+            counts[torch.arange(len(reqs)), torch.tensor(extra)] += 1
+        return counts
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, extra: list[int] | None = None) -> list[int]:
+        return sample(logits.float(), [r.params for r in reqs], [r.generator for r in reqs],
+                      self._counts(reqs, extra)).tolist()
+
+    # --- output ---
+    def _emit(self, reqs: list[Request], tokens: list[list[int]], logits: torch.Tensor) -> list[Delta]:
+        """Append each row's new tokens (logits [B, k, V] produced them), check stops, stream text."""
+        logp = None
+        if any(r.logprobs is not None for r in reqs):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+        deltas = []
+        for i, (r, toks) in enumerate(zip(reqs, tokens)):
+            text, emitted, lps, reason = [], [], [], None
+            for j, t in enumerate(toks):
+                if t in r.stop_token_ids:
+                    reason = "stop"
+                    break
+                r.output.append(t)
+                emitted.append(t)
+                if r.counts is None and r.uses_penalties():
+                    r.counts = torch.zeros(self.args.vocab_size, device=self.device)
+                if r.counts is not None:
+                    r.counts[t] += 1
+                if r.logprobs is not None:
+                    row = logp[i, j]
+                    top = row.topk(r.logprobs) if r.logprobs else None
+                    lps.append({"token": t, "logprob": float(row[t]),
+                                "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
+                text.append(r.matcher.push(r.decoder.push(t)))
+                if r.matcher.stopped:
+                    reason = "stop"
+                    break
+                if len(r.output) >= r.max_new_tokens or len(r.prompt) + len(r.output) >= self.max_len:
+                    reason = "length"
+                    break
+            r.pending = emitted[-1] if emitted and reason is None else r.pending
+            delta = Delta(r.id, "".join(text), emitted, lps if r.logprobs is not None else None)
+            if reason is not None:
+                delta.text += "" if r.matcher.stopped else r.matcher.push(r.decoder.flush()) + r.matcher.flush()
+                self._release(r, reason)
+                delta.finish_reason = reason
+            self._deliver(r, delta)
+            deltas.append(delta)
+        return deltas
+
+    def _finish(self, r: Request, reason: str) -> Delta:
+        delta = Delta(r.id, "", [], [] if r.logprobs is not None else None, reason)
+        self._release(r, reason)
+        self._deliver(r, delta)
+        return delta
+
+    def _release(self, r: Request, reason: str):
+        r.finish_reason = reason
+        if r in self.running:
+            self.running.remove(r)
+        if r.slot is not None:
+            self.free.append(r.slot)
+            r.slot = None
+        r.mtp_rows = []
+
+    def _deliver(self, r: Request, delta: Delta):
+        if r.callback is not None:
+            r.callback(delta)
+
+    # --- drivers ---
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None
+                 = None, progress: Callable[[int], None] | None = None, **kwargs) -> list[Completion]:
+        """Run every prompt to completion (batched, continuously) -> one Completion per prompt, in order.
+        `params` is one SamplingParams for all or one per prompt; other keywords go to `submit`."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        reqs = [self.submit(p, sp, **kwargs) for p, sp in zip(prompts, params)]
+        texts: dict[int, list[str]] = {r.id: [] for r in reqs}
+        logprobs: dict[int, list] = {r.id: [] for r in reqs}
+        left = set(texts)
+        while left:
+            for d in self.step():
+                if d.request_id in texts:
+                    texts[d.request_id].append(d.text)
+                    logprobs[d.request_id] += d.logprobs or []
+                    if d.finish_reason is not None:
+                        left.discard(d.request_id)
+                        if progress is not None:
+                            progress(1)
+        return [Completion(r.id, "".join(texts[r.id]), r.output, r.finish_reason, len(r.prompt),
+                           logprobs[r.id] if r.logprobs is not None else None) for r in reqs]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> Iterator[Delta]:
+        """One request's deltas as they come (other queued requests progress too). Closing the iterator early
+        (break, KeyboardInterrupt, a dropped client) cancels the request and frees its slot."""
+        req = self.submit(prompt, params, **kwargs)
+        try:
+            while True:
+                for d in self.step():
+                    if d.request_id == req.id:
+                        yield d
+                        if d.finish_reason is not None:
+                            return
+        finally:
+            if req.finish_reason is None:
+                self.cancel(req.id)
+                self.step()

@@ -1,0 +1,170 @@
+"""The inference engine: batched, continuous, speculative generation equals plain generation; per-request sampling,
+stops, logprobs, streaming and cancellation behave."""
+
+import pytest
+import torch
+
+from dsv4.engine.engine import Engine
+from dsv4.engine.sampling import SamplingParams, speculative_verify
+from dsv4.tokenizer import Tokenizer
+from tests.helpers import random_model
+from tests.test_data import FEW
+
+PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n    def __init__(self):\n        self.x = 1\n" * 3,
+           "x", "for i in range(10):\n    print(i)\n" * 4]
+GREEDY = SamplingParams(temperature=0)
+
+
+def shown(text: str) -> str:
+    """Tokenizer.decode's text as a client sees it: bytes that never form a character become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(0)
+
+
+@pytest.fixture(scope="module")
+def alone(model, tok):
+    """Greedy 24-token continuations, each prompt on its own (batch 1, odd prefill chunks)."""
+    return [Engine(model, tok, max_batch=1, prefill_chunk=7).generate([p], GREEDY, max_new_tokens=24,
+                                                                       ignore_eos=True)[0] for p in PROMPTS]
+
+
+@torch.no_grad()
+def test_greedy_equals_full_forward(model, tok, alone):
+    for p, out in zip(PROMPTS[:2], alone[:2]):
+        ids = torch.tensor([tok.encode(p)])
+        for _ in range(24):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert out.token_ids == ids[0, -24:].tolist()
+        assert out.text == shown(tok.decode(out.token_ids)) and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_batched_greedy_equals_alone(model, tok, alone, speculative):
+    """5 requests through 3 slots: requests join as others leave; MTP speculation changes nothing either."""
+    engine = Engine(model, tok, max_batch=3, prefill_chunk=16, speculative=speculative)
+    budgets = [24, 5, 24, 11, 24]  # early finishers free their slots for the waiting ones
+    reqs = [engine.submit(p, GREEDY, max_new_tokens=n, ignore_eos=True) for p, n in zip(PROMPTS, budgets)]
+    seen_running = 0
+    while engine.has_work():
+        engine.step()
+        seen_running = max(seen_running, len(engine.running))
+        assert len(engine.running) + len(engine.free) == 3
+    assert seen_running == 3
+    for r, a, n in zip(reqs, alone, budgets):
+        assert r.output == a.token_ids[:n]
+    if speculative:  # drafts were both rejected (a random MTP module) and run again correctly
+        assert engine.stats["drafted"] > engine.stats["accepted"]
+
+
+def test_speculative_rule_keeps_the_distribution():
+    """Whatever q the draft came from, accept-or-replace yields tokens distributed as p."""
+    g = torch.Generator().manual_seed(0)
+    V, N = 6, 30000
+    p = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+    drafts = torch.multinomial(q, N, replacement=True, generator=g)
+    gens = [torch.Generator().manual_seed(i) for i in range(N)]
+    accepted, tokens = speculative_verify(p.expand(N, V), q.expand(N, V), drafts, gens)
+    freq = torch.bincount(tokens, minlength=V).float() / N
+    assert (freq - p).abs().max() < 0.012
+    assert abs(accepted.float().mean() - torch.minimum(p, q).sum()) < 0.012  # acceptance rate = sum min(p, q)
+    # the plain rule's failure (always keep the draft) would be distributed as q instead
+    assert (p - q).abs().max() > 0.05
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model, tok):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=7, presence_penalty=0.5)
+    one = Engine(model, tok, max_batch=1).generate([PROMPTS[0]], params, max_new_tokens=20, ignore_eos=True)[0]
+    others = [SamplingParams(temperature=1.0, seed=i) for i in range(3)]
+    many = Engine(model, tok, max_batch=4).generate(PROMPTS[1:3] + [PROMPTS[0]] + PROMPTS[3:4],
+                                                    others[:2] + [params] + others[2:], max_new_tokens=20,
+                                                    ignore_eos=True)
+    assert many[2].token_ids == one.token_ids
+    different = Engine(model, tok, max_batch=1).generate([PROMPTS[0]], SamplingParams(temperature=0.9, seed=8),
+                                                         max_new_tokens=20, ignore_eos=True)[0]
+    assert different.token_ids != one.token_ids
+
+
+@torch.no_grad()
+def test_logprobs_are_the_models(model, tok):
+    out = Engine(model, tok).generate([PROMPTS[1]], GREEDY, max_new_tokens=6, logprobs=3, ignore_eos=True)[0]
+    ids = torch.tensor([tok.encode(PROMPTS[1]) + out.token_ids])
+    ref = torch.log_softmax(model(ids)[0, -7:-1].float(), -1)
+    for row, lp, t in zip(ref, out.logprobs, out.token_ids):
+        assert lp["token"] == t and abs(lp["logprob"] - row[t].item()) < 1e-4
+        assert [i for i, _ in lp["top"]] == row.topk(3).indices.tolist()
+        assert lp["top"][0][0] == t  # greedy: the chosen token is the most likely
+
+
+def test_stop_strings_tokens_and_limits(model, tok, alone):
+    full = alone[0]
+    text = full.text
+    stop = text[5:8]
+    first = text.find(stop)
+    out = Engine(model, tok).generate([PROMPTS[0]], GREEDY, max_new_tokens=24, stop=[stop], ignore_eos=True)[0]
+    assert out.text == text[:first] and out.finish_reason == "stop"
+    stop_tok = full.token_ids[4]
+    out = Engine(model, tok).generate([PROMPTS[0]], GREEDY, max_new_tokens=24, stop_token_ids=[stop_tok],
+                                      ignore_eos=True)[0]
+    k = full.token_ids.index(stop_tok)
+    assert out.token_ids == full.token_ids[:k] and out.finish_reason == "stop"
+    n = len(tok.encode(PROMPTS[0]))
+    out = Engine(model, tok, max_len=n + 3).generate([PROMPTS[0]], GREEDY, max_new_tokens=24, ignore_eos=True)[0]
+    assert out.token_ids == full.token_ids[:3] and out.finish_reason == "length"  # the context is full
+
+
+def test_stream_deltas_are_utf8_and_add_up(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    params = SamplingParams(temperature=1.0, seed=3)
+    deltas = list(engine.stream(PROMPTS[3], params, max_new_tokens=40, ignore_eos=True))
+    for d in deltas:
+        d.text.encode("utf-8")  # raises on a lone surrogate (a split multi-byte character)
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+    ref = Engine(model, tok).generate([PROMPTS[3]], params, max_new_tokens=40, ignore_eos=True)[0]
+    assert "".join(d.text for d in deltas) == ref.text == shown(tok.decode(ref.token_ids))
+    assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+
+
+def test_cancel_frees_the_slot(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    got = []
+    a = engine.submit(PROMPTS[0], GREEDY, max_new_tokens=50, ignore_eos=True, callback=got.append)
+    b = engine.submit(PROMPTS[1], GREEDY, max_new_tokens=50, ignore_eos=True)
+    c = engine.submit(PROMPTS[2], GREEDY, max_new_tokens=3, ignore_eos=True)
+    engine.step()
+    engine.step()
+    assert c in engine.waiting and not engine.free
+    engine.cancel(a.id)
+    deltas = engine.step()
+    assert a.finish_reason == "cancelled" and got[-1].finish_reason == "cancelled"
+    assert any(d.request_id == a.id and d.finish_reason == "cancelled" for d in deltas)
+    assert c in engine.running  # took a's slot in the same step
+    stream = engine.stream(PROMPTS[3], GREEDY, max_new_tokens=50, ignore_eos=True)
+    next(stream)
+    stream.close()  # a client that goes away
+    while engine.has_work():
+        engine.step()
+    assert sorted(engine.free) == [0, 1] and b.finish_reason == "length" and c.finish_reason == "length"
+
+
+def test_bad_requests_say_why(model, tok):
+    engine = Engine(model, tok, max_len=64)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.submit("")
+    with pytest.raises(ValueError, match="the context holds 64 .* at most 63 prompt tokens"):
+        engine.submit([1] * 64)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.submit("x", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        engine.submit([5, 512])
+    with pytest.raises(ValueError, match="needs a model with an MTP module"):
+        Engine(random_model(0, n_mtp_layers=0, compress_ratios=[0, 4, 16, 4]), tok, speculative=True)
