@@ -5,6 +5,8 @@ options and sets `run`, so a new command is one function plus one entry in COMMA
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
     dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (see dsv4.train)
     dsv4 eval --ckpt DIR [--humaneval]          held-out bits-per-byte vs a bigram, sample completions, HumanEval
+    dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine)
+    dsv4 chat --ckpt DIR                        terminal chat: history, chat template, streaming, /reset
 """
 
 import argparse
@@ -189,7 +191,154 @@ def run_eval(opts) -> int:
     return 0
 
 
-COMMANDS = (add_info, add_train, add_eval)
+def add_sampling(p, temperature: float):
+    """Options shared by generate and chat: the model, the sampling settings and the engine."""
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint directory (config.json, *.safetensors, "
+                   "tokenizer.json): ours, one written by transformers, or the released V4 layout")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
+                   help="MTP speculative decoding when the model has an MTP module")
+    p.add_argument("--max-len", type=int, default=None, help="context length to allocate the cache for "
+                   "(default: prompt + max new tokens for generate, 8192 for chat)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="compute dtype (auto: the fastest this device has)")
+
+
+def sampling_params(opts):
+    from dsv4.engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p,
+                          repetition_penalty=opts.repetition_penalty, seed=opts.seed)
+
+
+def load_engine(opts, max_len=lambda tok: 8192):
+    """The checkpoint's model and tokenizer in an engine whose cache holds --max-len tokens, or max_len(tokenizer)."""
+    import torch
+
+    from dsv4.device import default_device, resolve_dtype
+    from dsv4.engine.engine import Engine
+    from dsv4.eval.run import load
+
+    device = torch.device(opts.device) if opts.device else default_device()
+    model, tok, _ = load(opts.ckpt, device, resolve_dtype(opts.dtype, device))
+    max_len = min(opts.max_len or max_len(tok), model.args.max_seq_len - 1)
+    return Engine(model, tok, max_batch=1, max_len=max_len, speculative=opts.speculative and bool(model.mtp))
+
+
+def add_generate(subparsers):
+    p = subparsers.add_parser("generate", help="stream a continuation of a prompt to stdout",
+                              description="Continue a prompt (the text as given, no chat template) with the "
+                              "inference engine and stream the text to stdout as it is generated; a summary "
+                              "(tokens, speed, MTP acceptance) goes to stderr.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (for long prompts)")
+    add_sampling(p, temperature=0.0)
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(opts) -> int:
+    from pathlib import Path
+
+    if (opts.prompt is None) == (opts.prompt_file is None):
+        raise ValueError("give a prompt or --prompt-file (one of them)")
+    prompt = opts.prompt if opts.prompt is not None else Path(opts.prompt_file).read_text()
+    engine = load_engine(opts, lambda tok: len(tok.encode(prompt)) + opts.max_new_tokens)
+    t0 = time.perf_counter()
+    first = None
+    out = None
+    for out in engine.stream(prompt, sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop):
+        if first is None:
+            first = time.perf_counter()
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    report_speed(engine, t0, first, out)
+    return 0
+
+
+def report_speed(engine, t0: float, first: float | None, last) -> None:
+    elapsed = time.perf_counter() - t0
+    s = engine.stats
+    n = s["decode_tokens"] + (1 if first else 0)
+    decode_s = max(elapsed - ((first or t0) - t0), 1e-9)
+    line = (f"[{n} tokens in {elapsed:.2f} s: prefill {s['prefill_tokens']} tokens {(first or t0) - t0:.2f} s, "
+            f"decode {s['decode_tokens'] / decode_s:.1f} tokens/s")
+    if s["drafted"]:
+        line += f", MTP acceptance {s['accepted'] / s['drafted']:.0%}"
+    print(line + (f"; stopped: {last.finish_reason}]" if last is not None else "]"), file=sys.stderr)
+
+
+def add_chat(subparsers):
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal",
+                              description="A terminal chat: each turn is rendered with the chat template together "
+                              "with the history, and the answer streams as it is generated. /reset clears the "
+                              "history, /exit (or Ctrl-D) quits; Ctrl-C stops an answer without quitting.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--thinking", action="store_true", help="open the answer with the thinking marker")
+    add_sampling(p, temperature=0.7)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(opts, read=input) -> int:
+    engine = load_engine(opts)
+    tok = engine.tokenizer
+    start = [{"role": "system", "content": opts.system}] if opts.system else []
+    history = list(start)
+    print(f"dsv4 chat: {opts.ckpt} (/reset clears the history, /exit quits, Ctrl-C stops an answer)", file=sys.stderr)
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode_chat(history, add_generation_prompt=True, thinking=opts.thinking)[0]
+        budget = engine.max_len - opts.max_new_tokens
+        while len(ids) > budget and len(history) > len(start) + 1:  # forget the oldest turns that do not fit
+            del history[len(start): len(start) + 2]
+            ids = tok.encode_chat(history, add_generation_prompt=True, thinking=opts.thinking)[0]
+            print("(the oldest turn no longer fits the context and was dropped)", file=sys.stderr)
+        if len(ids) >= engine.max_len:
+            print(f"(that message is too long: {len(ids)} tokens, the context holds {engine.max_len})",
+                  file=sys.stderr)
+            history.pop()
+            continue
+        answer = []
+        stream = engine.stream(ids, sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop)
+        sys.stdout.write("dsv4> ")
+        try:
+            for delta in stream:
+                answer.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()  # cancels the request and frees its cache slot
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ Cache bytes at context L, per layer, in `dtype` (bf16 unless given):
                 (2*head_dim with CSA's overlap, plus the previous window's first half: 6*m*head_dim; HCA 2*m*head_dim),
                 and the same for the indexer's compressor at index_head_dim
 bytes per token = total / L. MTP layers keep their own cache; reported apart.
+"engine" is what the inference engine's preallocated `KVCache` really holds for one sequence slot of L tokens (main
+and MTP layers; the compressors' open rows in fp32), sized on the meta device, and the bytes that grow per token.
 """
 
 import json
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dsv4.model.cache import bytes_per_token
 
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
@@ -147,6 +151,14 @@ def cache_bytes(args: ModelArgs, layer_ids: range, context: int, dtype: torch.dt
     return parts
 
 
+def engine_cache_bytes(args: ModelArgs, context: int, dtype: torch.dtype) -> int:
+    """Bytes the engine's KVCache allocates per sequence slot of `context` tokens (built on meta: nothing real)."""
+    from dsv4.model.cache import KVCache
+
+    cache = KVCache(args, slots=1, max_len=min(context, args.max_seq_len), device="meta", dtype=dtype)
+    return cache.nbytes() // (cache.slots + 1)  # one slot (the engine also keeps one spare)
+
+
 def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Everything `dsv4 info` reports, as plain JSON-able data."""
     parts = count_params(meta_model(args))
@@ -162,7 +174,8 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
         flops[str(L)] = {"matmul": totals["main"].flops, **main, "total": main_total,
                          "mtp": mtp_total, "total_with_mtp": main_total + mtp_total}
         cache[str(L)] = {**cache_bytes(args, main_layers, L, cache_dtype),
-                         "mtp": cache_bytes(args, mtp_layers, L, cache_dtype)["total"]}
+                         "mtp": cache_bytes(args, mtp_layers, L, cache_dtype)["total"],
+                         "engine": engine_cache_bytes(args, L, cache_dtype)}
     kinds = [args.layer_kind(i) for i in main_layers]
     return {
         "config": {"dim": args.dim, "n_layers": args.n_layers, "layers": {k: kinds.count(k) for k in
@@ -178,6 +191,7 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
         "flops_per_token": flops,
         "cache_dtype": str(cache_dtype).removeprefix("torch."),
         "cache_bytes": cache,
+        "engine_cache_bytes_per_token": bytes_per_token(args, cache_dtype),
     }
 
 
@@ -254,6 +268,10 @@ def format_table(info: dict, title: str = "") -> str:
                                                        for v in info["cache_bytes"].values()))
     lines.append(f"(cache in {info['cache_dtype']}, main layers; MTP adds " +
                  ", ".join(human_bytes(v["mtp"]) for v in info["cache_bytes"].values()) + ")")
+    lines.append(f"{'engine cache / seq':<22}" + "".join(f"{human_bytes(v['engine']):>14}"
+                                                        for v in info["cache_bytes"].values()))
+    lines.append(f"(the inference engine's allocation, MTP included; it grows by "
+                 f"{human_bytes(info['engine_cache_bytes_per_token'])} per token)")
     if "checkpoint" in info:
         ck = info["checkpoint"]
         lines += ["", f"checkpoint {ck['path']}: {ck['files']} files, {ck['tensors']} tensors, "

@@ -168,3 +168,92 @@ def test_bad_requests_say_why(model, tok):
         engine.submit([5, 512])
     with pytest.raises(ValueError, match="needs a model with an MTP module"):
         Engine(random_model(0, n_mtp_layers=0, compress_ratios=[0, 4, 16, 4]), tok, speculative=True)
+
+
+# --- the CLI on a saved checkpoint ---
+@pytest.fixture(scope="module")
+def ckpt(model, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path)
+    tok.save(path / "tokenizer.json")
+    return path
+
+
+def test_cli_generate_streams_the_engines_greedy_text(ckpt, alone, capsys, tmp_path):
+    from dsv4.cli import main
+
+    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "24", "--dtype", "fp32", "--stop", "\x00never"]
+    assert main(argv + [PROMPTS[0]]) == 0
+    out = capsys.readouterr()
+    # greedy, MTP speculation on by default: the text equals the plain engine's (eos may end it earlier)
+    assert out.out[:-1] == alone[0].text[: len(out.out) - 1] and out.out.endswith("\n")
+    assert "tokens/s" in out.err and "MTP acceptance" in out.err
+    (tmp_path / "p.txt").write_text(PROMPTS[0])
+    assert main(argv + ["--prompt-file", str(tmp_path / "p.txt"), "--no-speculative"]) == 0
+    again = capsys.readouterr()
+    assert again.out == out.out and "MTP" not in again.err
+    assert main(argv) == 2 and "give a prompt or --prompt-file" in capsys.readouterr().err
+    assert main(argv + ["x" * 5000, "--max-len", "100"]) == 2
+    assert "the context holds 100" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_history_and_resets(ckpt, tok, model, capsys, monkeypatch):
+    from dsv4 import cli
+
+    lines = iter(["hello", "and more", "/reset", "again", None])
+    prompts = []
+    real_stream = Engine.stream
+
+    def spy(self, prompt, *a, **k):
+        prompts.append(list(prompt))
+        return real_stream(self, prompt, *a, **k)
+
+    def read(_):
+        line = next(lines)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr(Engine, "stream", spy)
+    opts = cli.main.__globals__["argparse"].Namespace(
+        ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+        seed=None, stop=[], speculative=True, max_len=None, device=None, dtype="fp32", system=None, thinking=False)
+    assert cli.run_chat(opts, read=read) == 0
+    out = capsys.readouterr().out
+    assert out.count("dsv4> ") == 3
+    first, second, third = prompts
+    assert first == tok.encode_chat([{"role": "user", "content": "hello"}], add_generation_prompt=True)[0]
+    assert second[: len(first)] == first and len(second) > len(first) + 3  # the history came along
+    assert third == tok.encode_chat([{"role": "user", "content": "again"}], add_generation_prompt=True)[0]
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch):
+    from dsv4 import cli
+
+    lines = iter(["hello", "second", "/exit"])
+    engines, real_stream = [], Engine.stream
+
+    def interrupted(self, prompt, *a, **k):
+        engines.append(self)
+        inner = real_stream(self, prompt, *a, **k)
+
+        class Stream:  # the user presses Ctrl-C after the first delta of the first answer
+            def __iter__(self):
+                yield next(inner)
+                if len(engines) == 1:
+                    raise KeyboardInterrupt
+                yield from inner
+
+            def close(self):
+                inner.close()
+        return Stream()
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    opts = cli.main.__globals__["argparse"].Namespace(
+        ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+        seed=None, stop=[], speculative=False, max_len=None, device=None, dtype="fp32", system=None, thinking=False)
+    assert cli.run_chat(opts, read=lambda _: next(lines)) == 0
+    out = capsys.readouterr().out
+    assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question
+    engine = engines[0]
+    assert not engine.has_work() and len(engine.free) == engine.max_batch

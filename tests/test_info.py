@@ -110,3 +110,15 @@ def test_checkpoint_tensors(tmp_path):
     t = checkpoint_tensors(tmp_path)
     assert (t["files"], t["tensors"], t["elements"], t["bytes"]) == (2, 3, 19, 24 + 20 + 2)
     assert t["dtypes"] == {"BF16": 24, "F32": 20, "I8": 2}
+
+
+def test_engine_cache_bytes_are_the_real_allocation():
+    from dsv4.info import engine_cache_bytes
+    from dsv4.model.cache import KVCache
+
+    args = ModelArgs.from_name("tiny")
+    real = KVCache(args, slots=2, max_len=1000, dtype=torch.bfloat16)
+    assert engine_cache_bytes(args, 1000, torch.bfloat16) * 3 == real.nbytes()
+    info = model_info(args, contexts=[1000, 2000])
+    assert info["cache_bytes"]["2000"]["engine"] - info["cache_bytes"]["1000"]["engine"] == pytest.approx(
+        1000 * info["engine_cache_bytes_per_token"], rel=0.01)
