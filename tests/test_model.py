@@ -31,7 +31,10 @@ def test_window_scores_match_dense_mask(S, W, offset):
         for i in range(S):
             t = st + i
             row = logits[b, i]  # [H, 2W]
-            key_pos = st + (i // W) * W - W + torch.arange(2 * W)  # positions of the 2W slots of i's block
+            if S <= W:  # one block: the W + S keys of positions st-W ..
+                key_pos = st - W + torch.arange(W + S)
+            else:  # positions of the 2W slots of i's block
+                key_pos = st + (i // W) * W - W + torch.arange(2 * W)
             finite = torch.isfinite(row[0])
             assert torch.isfinite(row).eq(finite).all()
             assert sorted(key_pos[finite].tolist()) == list(range(max(0, t - W + 1), t + 1))
@@ -97,8 +100,8 @@ def test_grouped_experts_match_dense_twin(dtype, tol):
     ex = Experts(args)
     ex.reset_parameters(0.1)
     ex.to(dtype)
-    for trial in range(5):
-        N = [1, 5, 64, 257, 0][trial]
+    for trial in range(6):
+        N = [1, 5, 64, 257, 0, 2][trial]  # 1 token (3 of 8 experts) is gathered, the others grouped
         x = torch.randn(N, 64).to(dtype)
         idx = torch.rand(N, 8).argsort(-1)[:, :3]
         w = torch.rand(N, 3)

@@ -63,3 +63,24 @@ def test_parity_check_catches_a_transposed_comb(monkeypatch, tmp_path):
     monkeypatch.setattr("dsv4.model.hyper.hc_post", untransposed)
     a, b = logits_pair(ours, theirs, ids)
     assert (a - b).abs().max() > 100 * TOL
+
+
+def test_engine_decodes_what_transformers_generates(tmp_path):
+    """Our cached, chunked decoding on a checkpoint written by transformers = transformers' own cached `generate`."""
+    from dsv4.engine import Engine, SamplingParams
+    from dsv4.tokenizer import Tokenizer
+    from tests.test_data import FEW
+
+    donor = random_model(seed=4, **PARITY_CONFIGS["mixed"])
+    donor.save_pretrained(tmp_path / "donor")
+    theirs = hf_from_dir(tmp_path / "donor")
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = dsv4.from_pretrained(tmp_path / "theirs", dtype=torch.float32).eval()
+    ids = random_ids(ours.args, 1, 37, seed=5)  # 37 + 30 crosses the window (16) and both compression ratios
+    with torch.no_grad():
+        want = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
+                               do_sample=False, pad_token_id=0)[0, 37:].tolist()
+    tok = Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
+    engine = Engine(ours, tok, max_batch=2, prefill_chunk=10)
+    got = engine.generate([ids[0].tolist()], SamplingParams(temperature=0), max_new_tokens=30, ignore_eos=True)
+    assert got[0].token_ids == want

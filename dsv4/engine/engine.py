@@ -86,7 +86,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
-                 speculative: bool = False, cache_dtype: torch.dtype | None = None):
+                 speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool = False):
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
         if max_batch < 1 or prefill_chunk < 1:
@@ -105,6 +105,15 @@ class Engine:
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
         self._lock = threading.Lock()  # submit / cancel may come from other threads; step runs in one
+        # decode steps (width 1, or 2 when verifying a draft) run the same code compiled when asked: the many small
+        # per-token ops fuse and Python leaves the loop; the first steps compile (a minute or two; cached on disk)
+        self._decode_step, self._draft_step = model.step_unchecked, model.mtp_step
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+            self._decode_step = torch.compile(model.step_unchecked, dynamic=None)
+            self._draft_step = torch.compile(model.mtp_step, dynamic=None)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
 
     # --- requests ---
@@ -210,7 +219,7 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> list[Delta]:
         ids, step = self._rows(reqs, [[r.pending] for r in reqs], [1] * len(reqs))
-        logits = self.model.logits(self.model.step(ids, self.cache, step))[:, 0]
+        logits = self.model.logits(self._decode_step(ids, self.cache, step))[:, 0]
         for r in reqs:
             r.pos += 1
         self.stats["decode_tokens"] += len(reqs)
@@ -224,7 +233,7 @@ class Engine:
         nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
         h_in = torch.stack([torch.stack(r.mtp_rows + [r.mtp_rows[-1]] * (width - len(r.mtp_rows))) for r in reqs])
         ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
-        hm = model.mtp_step(h_in, ids, self.cache, step)
+        hm = self._draft_step(h_in, ids, self.cache, step)
         last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
         hm = hm[torch.arange(len(reqs), device=self.device), last][:, None]
         draft_logits = model.logits(hm, model.mtp[0].hc_head, model.mtp[0].norm)[:, 0].float()
@@ -233,7 +242,7 @@ class Engine:
         ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
         # both columns are committed: a rejected draft's position is simply run again by the next step, which
         # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
-        h = model.step(ids, self.cache, step)
+        h = self._decode_step(ids, self.cache, step)
         logits = model.logits(h).float()  # [B, 2, V]
         accept, first = self._verify(reqs, logits[:, 0], drafts, q)
         bonus = [None] * len(reqs)

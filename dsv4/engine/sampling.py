@@ -74,6 +74,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
     greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):  # nothing to draw: skip the sort of the filters
+        return greedy
     temperature = _column(params, "temperature", logits)
     scaled = filter_logits(logits / temperature.clamp(min=1e-6), params)
     probs = scaled.softmax(-1)

@@ -36,19 +36,25 @@ def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int |
     q [B, s, H, d]; keys [B, W + s, d] the keys of positions start-W .. start+s-1 (those below 0 are masked);
     start an int or a [B] tensor (rows at different positions) -> (logits [B, s, H, 2W], keys [B, nb, 2W, d]),
     masked slots -inf. Query block j (queries jW .. jW+W-1) reads the key slots jW .. jW+2W-1; its query i may
-    read slot k iff i < k <= i + W (inside the window, causal) and the key's position is >= 0."""
+    read slot k iff i < k <= i + W (inside the window, causal) and the key's position is >= 0.
+    With s <= W (decoding) there is one block of s queries reading all W + s keys: [B, s, H, W+s], [B, 1, W+s, d]."""
     B, s, H, d = q.shape
     W = window
-    nb = -(-s // W)
-    qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, d)
-    blocks = F.pad(keys, (0, 0, 0, (nb + 1) * W - keys.shape[1])).view(B, nb + 1, W, -1)
-    # block j's keys = key blocks j and j+1 (a copy, not an overlapping unfold view: compiled backward mis-sums those)
-    keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
+    if s <= W:  # one block of the s queries against all W + s keys (a decode step: no padding to W queries)
+        nb, rows, width = 1, s, W + s
+        qb, keys = q[:, None], keys[:, None]
+    else:
+        nb, rows, width = -(-s // W), W, 2 * W
+        qb = F.pad(q, (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, d)
+        blocks = F.pad(keys, (0, 0, 0, (nb + 1) * W - keys.shape[1])).view(B, nb + 1, W, -1)
+        # block j's keys = key blocks j and j+1 (a copy, not an overlapping unfold view: compiled backward
+        # mis-sums those)
+        keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
     logits = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys)
-    i = torch.arange(W, device=q.device)[:, None]
-    k = torch.arange(2 * W, device=q.device)[None, :]
-    mask = (k > i) & (k <= i + W)  # [W, 2W]
-    key_pos = torch.arange(nb, device=q.device)[:, None] * W + k - W  # [nb, 2W], relative to start
+    i = torch.arange(rows, device=q.device)[:, None]
+    k = torch.arange(width, device=q.device)[None, :]
+    mask = (k > i) & (k <= i + W)  # [rows, width]
+    key_pos = torch.arange(nb, device=q.device)[:, None] * W + k - W  # [nb, width], relative to start
     if isinstance(start, torch.Tensor):  # [B, nb, W, 2W]
         mask = mask & (key_pos[None, :, None, :] + start[:, None, None, None] >= 0)
     elif start < W:
@@ -56,7 +62,7 @@ def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int |
     else:
         mask = mask[None, None]
     logits = logits.masked_fill_(~mask[..., None, :], float("-inf"))
-    return logits.reshape(B, nb * W, H, 2 * W)[:, :s], keys
+    return logits.reshape(B, nb * rows, H, width)[:, :s], keys
 
 
 def window_keys(kv: torch.Tensor, t0: int, t1: int, window: int) -> torch.Tensor:
@@ -174,13 +180,14 @@ class Attention(nn.Module):
         sink = self.attn_sink.view(1, 1, -1, 1).expand(B, s, -1, 1)  # fp32: the cat promotes the logits too
         probs = torch.cat(parts + [sink], dim=-1).softmax(-1).to(q.dtype)
 
-        nb = win_keys.shape[1]
-        p_win = F.pad(probs[..., : 2 * W], (0, 0, 0, 0, 0, nb * W - s)).view(B, nb, W, H, 2 * W)
-        o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * W, H, -1)[:, :s]
+        nb, width = win_keys.shape[1], win_keys.shape[2]
+        rows = W if nb > 1 else s  # queries per block
+        p_win = F.pad(probs[..., :width], (0, 0, 0, 0, 0, nb * rows - s)).view(B, nb, rows, H, width)
+        o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * rows, H, -1)[:, :s]
         cmp_probs = None
         if entries is not None:
             eq = "bshk,bskd->bshd" if idx is not None and not dense else "bsht,btd->bshd"
-            cmp_probs = probs[..., 2 * W: -1]
+            cmp_probs = probs[..., width: -1]
             o = o + torch.einsum(eq, cmp_probs, cmp_keys)
             if dense:  # report the selected entries' probabilities in idx order, as the gather path does
                 at = idx.clamp(min=0)[:, :, None, :].expand(-1, -1, H, -1)

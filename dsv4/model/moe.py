@@ -92,6 +92,8 @@ class Experts(nn.Module):
         return swiglu(gate, up, self.limit)
 
     def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        if 0 < 2 * idx_NK.numel() <= self.w13.shape[0]:  # decoding a few tokens: fewer assignments than experts
+            return self.forward_gathered(x_ND, w_NK, idx_NK)
         if not self.grouped_ok(x_ND):
             return self.forward_dense(x_ND, w_NK, idx_NK)
         N, K = idx_NK.shape
@@ -107,6 +109,16 @@ class Experts(nn.Module):
         y_AD = F.grouped_mm(self.act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
         y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+    def forward_gathered(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Few assignments (a decode step): gather just the chosen experts' weights and run them as one batched
+        matmul, instead of a grouped GEMM that visits every expert."""
+        N, K = idx_NK.shape
+        flat = idx_NK.flatten()
+        x_A1D = x_ND.repeat_interleave(K, dim=0)[:, None]
+        h_A1F = torch.bmm(x_A1D, self.w13[flat].transpose(1, 2))
+        y_A1D = torch.bmm(self.act(h_A1F), self.w2[flat].transpose(1, 2))
+        return (y_A1D.view(N, K, -1) * w_NK[..., None].to(y_A1D.dtype)).sum(1)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         """F.grouped_mm needs 16-byte aligned rows and matching dtypes; under torch.compile its meta kernel accepts

@@ -170,6 +170,7 @@ class Transformer(nn.Module):
         return main, outs
 
     # --- incremental inference ---
+    STEP_BUCKET = 256
     def make_step(self, cache: KVCache, slots: torch.Tensor, start: torch.Tensor, width: int,
                   length: torch.Tensor | None = None) -> Step:
         """Describe one step: rows = cache `slots` [B], continuing at positions `start` [B] with `width` input
@@ -180,6 +181,9 @@ class Transformer(nn.Module):
         end = int(start.max()) + width if start.numel() else width
         if end > cache.max_len:
             raise ValueError(f"position {end - 1} is beyond the cache's max_len {cache.max_len}")
+        # queries read the compressed entries of positions < end, rounded up to whole buckets: entries past a
+        # query's own are masked anyway, and a few shapes (not one per token) keep a compiled step from recompiling
+        end = min(-(-end // self.STEP_BUCKET) * self.STEP_BUCKET, cache.max_len)
         rotary = {"swa": self.rope_swa, "csa": self.rope_compress, "hca": self.rope_compress}
         return Step(slots.long(), start, length.long(), width, end, cache.trash, rotary)
 
@@ -187,6 +191,10 @@ class Transformer(nn.Module):
         """input_ids [B, width] at `step`'s positions -> final streams [B, width, n, D] (before hc_head); reads and
         commits `cache`. Chunked prefill and decoding are both steps; `logits(h)` gives the next-token logits."""
         self.check_ids(input_ids)
+        return self.step_unchecked(input_ids, cache, step)
+
+    def step_unchecked(self, input_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """`step` without the input checks (they read the ids on the host): what a compiled decode step runs."""
         h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for layer, layer_cache in zip(self.layers, cache.main):
             h = layer(h, input_ids, None, layer_cache, step)
