@@ -217,7 +217,8 @@ def test_cli_chat_keeps_history_and_resets(ckpt, tok, model, capsys, monkeypatch
     monkeypatch.setattr(Engine, "stream", spy)
     opts = cli.main.__globals__["argparse"].Namespace(
         ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        seed=None, stop=[], speculative=True, max_len=None, device=None, dtype="fp32", system=None, thinking=False)
+        seed=None, stop=[], speculative=True, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
+        compile=False)
     assert cli.run_chat(opts, read=read) == 0
     out = capsys.readouterr().out
     assert out.count("dsv4> ") == 3
@@ -251,7 +252,8 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch
     monkeypatch.setattr(Engine, "stream", interrupted)
     opts = cli.main.__globals__["argparse"].Namespace(
         ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        seed=None, stop=[], speculative=False, max_len=None, device=None, dtype="fp32", system=None, thinking=False)
+        seed=None, stop=[], speculative=False, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
+        compile=False)
     assert cli.run_chat(opts, read=lambda _: next(lines)) == 0
     out = capsys.readouterr().out
     assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question
