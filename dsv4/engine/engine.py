@@ -16,7 +16,7 @@ MTP speculation (speculative=True, a model with an MTP module): each step the MT
 last position's streams, the main model runs the pending token and the draft in one step of width 2, and the draft
 is kept iff the main model would have produced it (greedy: the argmax; sampling: the standard rule, accept with
 probability min(1, p/q), else draw from max(0, p - q)), so the output distribution is the plain one's.
-A rejected draft's cache rows are never committed (see dsv4.model.cache).
+A rejected draft's position is run again by the next step (see dsv4.model.cache on why its writes are harmless).
 """
 
 import itertools

@@ -13,6 +13,11 @@ may be rejected (speculative decoding) share one code path. Writes that must not
 rows, windows not closed) go to one spare `trash` slot instead of being masked out: no data-dependent shapes.
 Nothing grows with the sequence except the entries' fill level; a slot is reusable at once (reads are masked by
 position, so a new sequence never sees its predecessor's rows).
+
+A step may also commit one position too many, provided the next step runs that position again (a rejected
+speculative draft): position q's writes land in ring rows of position q - W (window) or q - R (compressor rows),
+which no query at q or later reads, and in the entry of the window q closes, which the re-run recomputes and
+rewrites before anything reads it.
 """
 
 from dataclasses import dataclass, field
