@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -60,3 +62,21 @@ def save_shared_checkpoint(preset: str, seed: int, path: str):
     model.init_weights(seed=seed)
     model.save_pretrained(path)
     return args
+
+
+def run_script_child(script: str, args: list[str], timeout: float) -> dict:
+    """Run `python script --child ... args` and return the last JSON line it printed: its result, or the error it
+    reported ("oom" from the watchdog), or {"error": "timeout" | "oom" | "exit N", "stderr": ...}."""
+    cmd = [sys.executable, os.path.abspath(script), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        result = json.loads(lines[-1])
+        if proc.returncode == 0 or "error" in result:
+            return result
+    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr:
+        return {"error": "oom"}
+    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-1500:]}

@@ -23,12 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import add_run_args, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path as a script)
+from common import add_run_args, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path as a script)
 
 
 def read_bandwidth() -> float:
@@ -164,17 +163,10 @@ def text_prompts(tok, batch: int, length: int) -> list[list[int]]:
 
 
 def run_child(impl: str, ckpt: str, batch: int, opts, mtp: bool = False) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--ckpt", ckpt, "--batch", str(batch),
-           "--prompt", str(opts.prompt), "--new-tokens", str(opts.new_tokens), "--dtype", opts.dtype,
-           "--seed", str(opts.seed), "--limit-kb", str(opts.limit_kb)] + ([] if opts.compile else ["--no-compile"]) + (["--mtp-child"] if mtp else [])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines and (proc.returncode == 0 or "error" in json.loads(lines[-1])):
-        return json.loads(lines[-1])
-    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-1500:]}
+    args = ["--child", impl, "--ckpt", ckpt, "--batch", str(batch), "--prompt", str(opts.prompt),
+            "--new-tokens", str(opts.new_tokens), "--dtype", opts.dtype, "--seed", str(opts.seed),
+            "--limit-kb", str(opts.limit_kb)] + ([] if opts.compile else ["--no-compile"]) + ["--mtp-child"] * mtp
+    return run_script_child(__file__, args, opts.timeout)
 
 
 def parent(opts) -> dict:

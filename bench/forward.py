@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ SEQS = (512, 2048, 8192)
 QUICK_SEQS = (128, 512)
 
 
-from common import add_run_args, rss_kb, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, rss_kb, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 # --- the child: one implementation, one length ---
@@ -95,21 +94,10 @@ def child(opts) -> dict:
 
 
 def run_child(impl: str, seq: int, ckpt: str, opts, logits_out: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--ckpt", ckpt, "--seq", str(seq),
-           "--dtype", opts.dtype, "--repeats", str(opts.repeats), "--limit-kb", str(opts.limit_kb),
-           "--logits-out", logits_out, "--tune-allocator", opts.tune_allocator] + ["--compile"] * opts.compile
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        result = json.loads(lines[-1])
-        if proc.returncode == 0 or "error" in result:
-            return result
-    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr:
-        return {"error": "oom"}
-    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-1000:]}
+    args = ["--child", impl, "--ckpt", ckpt, "--seq", str(seq), "--dtype", opts.dtype, "--repeats", str(opts.repeats),
+            "--limit-kb", str(opts.limit_kb), "--logits-out", logits_out, "--tune-allocator", opts.tune_allocator
+            ] + ["--compile"] * opts.compile
+    return run_script_child(__file__, args, opts.timeout)
 
 
 def parent(opts) -> dict:

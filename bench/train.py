@@ -30,12 +30,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import add_run_args, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import add_run_args, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 SHAPES = ("8x512", "2x2048")
 QUICK_SHAPES = ("2x128",)
@@ -127,16 +126,9 @@ def timed(step, repeats: int, warmup: int = 1) -> list[float]:
 
 
 def run_child(impl: str, mode: str, shape: str, ckpt: str, opts) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--mode", mode, "--ckpt", ckpt,
-           "--shape", shape, "--dtype", opts.dtype, "--repeats", str(opts.repeats), "--limit-kb", str(opts.limit_kb)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if lines and (proc.returncode == 0 or "error" in json.loads(lines[-1])):
-        return json.loads(lines[-1])
-    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-1500:]}
+    args = ["--child", impl, "--mode", mode, "--ckpt", ckpt, "--shape", shape, "--dtype", opts.dtype,
+            "--repeats", str(opts.repeats), "--limit-kb", str(opts.limit_kb)]
+    return run_script_child(__file__, args, opts.timeout)
 
 
 def parent(opts) -> dict:
