@@ -124,3 +124,21 @@ def test_step_checks_its_bounds():
         model.make_step(cache, torch.tensor([0]), torch.tensor([6]), 3)
     with pytest.raises(ValueError, match="at least one slot"):
         KVCache(model.args, slots=0, max_len=8)
+
+
+@torch.no_grad()
+def test_fused_projections_change_nothing_but_the_products():
+    import copy
+
+    model = copy.deepcopy(model_for("mixed"))
+    ids = random_ids(model.args, 1, 45, seed=4)
+    want = model(ids).float()
+    model.fuse_projections()
+    attn = model.layers[1].attn  # a CSA layer: 7 projections of x in one block
+    block = attn.x_group.block
+    assert block is not None and block.shape[0] == sum(m.out_features for m in attn.x_group.linears)
+    assert attn.wq_a.weight.data_ptr() == block.data_ptr()  # a view of the block, not a copy
+    assert attn.indexer.weights_proj.weight.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+    cache = KVCache(model.args, slots=1, max_len=45)
+    torch.testing.assert_close(run_steps(model, cache, ids, [20, 1, 1, 23]), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model(ids).float(), want, atol=1e-5, rtol=0)  # the shared expert runs fused too

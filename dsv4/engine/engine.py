@@ -7,7 +7,8 @@
     cancel(id)                             leaves at the next step; its slot is free at once
     generate(prompts) / stream(prompt)     drive `step` until done
 
-Every running request owns one slot of a preallocated `KVCache`; a finished or cancelled request gives its slot back
+The engine fuses the model's projections that share an input (`Transformer.fuse_projections`: the weights become
+views of one block per group, nothing is copied). Every running request owns one slot of a preallocated `KVCache`; a finished or cancelled request gives its slot back
 immediately and the next waiting request takes it (continuous batching). Each request samples with its own settings
 and random stream (dsv4.engine.sampling), stops on its own stop tokens / strings (dsv4.engine.stops) and streams UTF-8
 -safe text deltas (dsv4.tokenizer.StreamDecoder). Penalties count the generated tokens (not the prompt).
@@ -91,7 +92,7 @@ class Engine:
             raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
         self.args = model.args
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)

@@ -22,6 +22,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
+from dsv4.model.fused import LinearGroup
 from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
@@ -98,6 +99,14 @@ class Attention(nn.Module):
         self.compressor = (Compressor(args.dim, args.head_dim, self.ratio, overlap=self.kind == "csa", eps=eps)
                            if self.ratio else None)
         self.indexer = Indexer(args) if self.kind == "csa" else None
+        # what the incremental step runs as one product each (see dsv4.model.fused): the projections of x, of qr
+        inputs = [self.wq_a, self.wkv]
+        if self.compressor is not None:
+            inputs += [self.compressor.wkv, self.compressor.wgate]
+        if self.indexer is not None:
+            inputs += [self.indexer.compressor.wkv, self.indexer.compressor.wgate, self.indexer.weights_proj]
+        self.x_group = LinearGroup(*inputs)
+        self.qr_group = LinearGroup(self.wq_b, *([self.indexer.wq_b] if self.indexer is not None else []))
         # training only: None (inference), "dense" (warm-up: attend to all visible entries, record the indexer's
         # KL to the main attention) or "sparse" (top-k attention, KL on the selected entries); in both the
         # indexer's input is detached, so it learns from the KL alone and the LM loss never reaches it
@@ -200,18 +209,20 @@ class Attention(nn.Module):
         and O(W + L/m) for HCA."""
         B, s, _ = x.shape
         cos, sin = step.rope(self.kind)
-        qr = self.q_norm(self.wq_a(x))
-        q = rms_norm(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), self.norm_eps)
+        qa, kv, *rest = self.x_group(x)
+        qr = self.q_norm(qa)
+        qb, *index_q = self.qr_group(qr)
+        q = rms_norm(qb.view(B, s, self.n_heads, self.head_dim), self.norm_eps)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None]) * self.softmax_scale
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, s, d]
+        kv = apply_rope(self.kv_norm(kv), cos, sin)  # [B, s, d]
         keys = torch.cat([step.read_ring(cache.window), kv], dim=1)  # positions start-W .. start+s-1
         step.write_ring(cache.window, kv)
         entries = idx = None
         if self.compressor is not None:
-            self.compressor.step(x, cache.compressed, step)
+            self.compressor.step(rest[0], rest[1], cache.compressed, step)
             entries = cache.compressed.entries[step.slots, : step.end // self.ratio]  # [B, T, d]
         if self.indexer is not None:
-            idx = self.indexer.step(x, qr, cache.index, step)
+            idx = self.indexer.step(index_q[0], *rest[2:], cache.index, step)
         o, _ = self.attend(q, keys, entries, idx, step.start)
         return self.project_out(apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True))
 

@@ -58,14 +58,14 @@ class Compressor(nn.Module):
         pos = torch.arange(n, device=x.device) * m
         return apply_rope(entries, cos[pos], sin[pos]).to(x.dtype)
 
-    def step(self, x: torch.Tensor, state: "CompressedState", step: "Step"):
-        """Continue the compression by `step`'s positions: x [B, width, D]. Commits the rows and every window the
-        committed positions close into `state` (the entries are then read from there)."""
-        B, s, _ = x.shape
+    def step(self, kv_new: torch.Tensor, gate_new: torch.Tensor, state: "CompressedState", step: "Step"):
+        """Continue the compression by `step`'s positions, given their projections wkv(x), wgate(x) [B, width, w].
+        Commits the rows and every window the committed positions close into `state` (entries are read from there)."""
+        B, s, _ = kv_new.shape
         m, d = self.ratio, self.head_dim
         R, width = state.kv.shape[1], self.ape.shape[-1]
-        kv_new = F.linear(x, self.wkv.weight).float()
-        gate_new = F.linear(x, self.wgate.weight).float()
+        kv_new, gate_new = kv_new.float(), gate_new.float()
+        device = kv_new.device
         # rows of positions start-R .. start+s-1: enough for the window holding `start` (and the one before)
         src_kv = torch.cat([step.read_ring(state.kv), kv_new], dim=1)
         src_gate = torch.cat([step.read_ring(state.gate), gate_new], dim=1)
@@ -76,16 +76,16 @@ class Compressor(nn.Module):
         K = (m - 1 + s) // m  # the most windows one step can close
         first = step.start // m  # the first window that can close (the one holding `start`)
         # positions (first - ov) * m + r sit at src index m - start % m + r (beyond the source: never closes)
-        at = ((m - step.start % m)[:, None] + torch.arange((K + ov) * m, device=x.device)).clamp(max=R + s - 1)
+        at = ((m - step.start % m)[:, None] + torch.arange((K + ov) * m, device=device)).clamp(max=R + s - 1)
         at = at[..., None].expand(-1, -1, width)
         kv = src_kv.gather(1, at).view(B, K + ov, m, width)
         gate = src_gate.gather(1, at).view(B, K + ov, m, width) + self.ape
         if self.overlap:  # window first-1 lends its first-half channels; before position 0 it is empty
             prev_gate = gate[:, :-1, :, :d]
-            before_start = (first[:, None] + torch.arange(K, device=x.device) - 1) < 0  # [B, K]
+            before_start = (first[:, None] + torch.arange(K, device=device) - 1) < 0  # [B, K]
             prev_gate = prev_gate.masked_fill(before_start[:, :, None, None], float("-inf"))
             kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)  # [B, K, 2m, d]
             gate = torch.cat([prev_gate, gate[:, 1:, :, d:]], dim=2)
         entries = self.norm((kv * gate.softmax(dim=2)).sum(dim=2))  # [B, K, d]
-        cos, sin = step.rotary["csa"]((first[:, None] + torch.arange(K, device=x.device)) * m)
+        cos, sin = step.rotary["csa"]((first[:, None] + torch.arange(K, device=device)) * m)
         step.write_entries(state.entries, apply_rope(entries, cos, sin), first, m)

@@ -101,15 +101,17 @@ class Indexer(nn.Module):
             out.append(self.select(self.scores(q[:, t0:t1], keys, w[:, t0:t1], positions), positions))
         return torch.cat(out, dim=1)
 
-    def step(self, x: torch.Tensor, qr: torch.Tensor, state: "CompressedState", step: "Step") -> torch.Tensor:
-        """Incremental twin of `forward` over a cache: commits the step's compressed keys, then selects for each
-        of the step's queries among the entries it can see. -> [B, width, min(topk, T)]."""
-        B, s, _ = x.shape
-        self.compressor.step(x, state, step)
+    def step(self, q: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor, w: torch.Tensor, state: "CompressedState",
+             step: "Step") -> torch.Tensor:
+        """Incremental twin of `forward` over a cache, given the step's projections: q = wq_b(qr), the compressor's
+        kv = wkv(x) and gate = wgate(x), w = weights_proj(x). Commits the step's compressed keys, then selects for each
+        query among the entries it can see. -> [B, width, min(topk, T)]."""
+        B, s, _ = q.shape
+        self.compressor.step(kv, gate, state, step)
         keys = state.entries[step.slots, : step.end // self.ratio]  # [B, T, c]
         cos, sin = step.rope("csa")
-        q = apply_rope(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
-        w = self.weights_proj(x) * (self.head_dim * self.n_heads) ** -0.5
+        q = apply_rope(q.view(B, s, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
+        w = w * (self.head_dim * self.n_heads) ** -0.5
         return self.select(self.scores(q, keys, w, step.positions), step.positions)
 
 
