@@ -81,6 +81,23 @@ def test_speculative_rule_keeps_the_distribution():
     assert (p - q).abs().max() > 0.05
 
 
+def test_sampled_speculation_runs_the_acceptance_rule(model, tok, alone):
+    """Sampling with top-k 1 is greedy in distribution: the draft path with its q and p must then reproduce plain
+    greedy output exactly (a one-hot p accepts a draft iff it is the argmax, and its residual is the argmax)."""
+    engine = Engine(model, tok, max_batch=3, speculative=True)
+    params = [SamplingParams(temperature=0.8, top_k=1, seed=i) for i in range(3)]
+    out = engine.generate(PROMPTS[:3], params, max_new_tokens=24, ignore_eos=True)
+    assert [o.token_ids for o in out] == [a.token_ids for a in alone[:3]]
+    assert engine.stats["drafted"] > engine.stats["accepted"]  # replacements drawn from the residual
+    runs = []
+    for _ in range(2):  # at temperature 1 the random model's p and q overlap: drafts get accepted too
+        spec = Engine(model, tok, max_batch=3, speculative=True)
+        runs.append(spec.generate(PROMPTS[:3], [SamplingParams(temperature=1.0, seed=i) for i in range(3)],
+                                  max_new_tokens=16, ignore_eos=True))
+        assert spec.stats["accepted"] > 0
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]  # seeded speculation is reproducible
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(model, tok):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=7, presence_penalty=0.5)
     one = Engine(model, tok, max_batch=1).generate([PROMPTS[0]], params, max_new_tokens=20, ignore_eos=True)[0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, speculative_verify
+from dsv4.engine.sampling import SamplingParams, apply_penalties, probabilities, sample, speculative_verify
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache
 
@@ -73,8 +73,6 @@ class Request:
     finish_reason: str | None = None
     # speculation: main streams of positions the MTP module has not seen yet (their next tokens are known)
     mtp_rows: list[torch.Tensor] = field(default_factory=list)
-    drafted: int = 0
-    accepted: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -176,7 +174,7 @@ class Engine:
         prefill = [r for r in self.running if r.prefilling]
         if prefill:
             deltas += self._prefill(prefill)
-        decode = [r for r in self.running if not r.prefilling and r.finish_reason is None and r not in prefill]
+        decode = [r for r in self.running if not r.prefilling and r not in prefill]  # new ones wait a step
         if decode:
             deltas += self._speculate(decode) if self.speculative else self._decode(decode)
         self.stats["steps"] += 1
@@ -255,12 +253,10 @@ class Engine:
             for i, t in zip(ok, self._sample([reqs[i] for i in ok], logits[ok, 1], extra=[drafts[i] for i in ok])):
                 bonus[i] = t
         tokens, kept = [], []
+        self.stats["drafted"] += len(reqs)
+        self.stats["accepted"] += sum(accept)
         for i, r in enumerate(reqs):
-            r.drafted += 1
-            self.stats["drafted"] += 1
             if accept[i]:
-                r.accepted += 1
-                self.stats["accepted"] += 1
                 tokens.append([drafts[i], bonus[i]])
                 r.mtp_rows = [h[i, 0], h[i, 1]]
             else:
@@ -283,7 +279,7 @@ class Engine:
         logits = self._penalised(reqs, logits)
         if all(p.temperature == 0 for p in params):
             return logits.argmax(-1).tolist(), None
-        q = self._probs(params, logits)
+        q = probabilities(logits, params)
         greedy = logits.argmax(-1)
         drawn = torch.stack([torch.multinomial(row, 1, generator=r.generator)[0] for row, r in zip(q, reqs)])
         temp0 = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
@@ -295,16 +291,12 @@ class Engine:
         greedy = logits.argmax(-1)
         if q is None:  # every row greedy
             return (greedy == torch.tensor(drafts, device=greedy.device)).tolist(), greedy.tolist()
-        p = self._probs([r.params for r in reqs], logits)
+        p = probabilities(logits, [r.params for r in reqs])
         d = torch.tensor(drafts, device=logits.device)
         accepted, token = speculative_verify(p, q, d, [r.generator for r in reqs])
         temp0 = torch.tensor([r.params.temperature == 0 for r in reqs], device=logits.device)
         token = torch.where(temp0, greedy, token)
         return torch.where(temp0, greedy == d, accepted).tolist(), token.tolist()
-
-    def _probs(self, params: list[SamplingParams], logits: torch.Tensor) -> torch.Tensor:
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-        return filter_logits(logits / temperature.clamp(min=1e-6), params).softmax(-1)
 
     def _penalised(self, reqs: list[Request], logits: torch.Tensor, extra: list[int] | None = None) -> torch.Tensor:
         counts = self._counts(reqs, extra)

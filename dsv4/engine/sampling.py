@@ -76,11 +76,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     greedy = logits.argmax(-1)
     if all(p.temperature == 0 for p in params):  # nothing to draw: skip the sort of the filters
         return greedy
-    temperature = _column(params, "temperature", logits)
-    scaled = filter_logits(logits / temperature.clamp(min=1e-6), params)
-    probs = scaled.softmax(-1)
+    probs = probabilities(logits, params)
     drawn = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
-    return torch.where(temperature[:, 0] == 0, greedy, drawn)
+    return torch.where(_column(params, "temperature", logits)[:, 0] == 0, greedy, drawn)
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row draws from: soft-max of the temperature-scaled, filtered logits [B, V]."""
+    temperature = _column(params, "temperature", logits)
+    return filter_logits(logits / temperature.clamp(min=1e-6), params).softmax(-1)
 
 
 def speculative_verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
