@@ -65,6 +65,22 @@ def test_batched_greedy_equals_alone(model, tok, alone, speculative):
         assert engine.stats["drafted"] > engine.stats["accepted"]
 
 
+@pytest.mark.slow
+def test_compiled_engine_equals_eager(model, tok):
+    """compile=True runs different products (one-row loops, fused contractions, experts read in place: see
+    dsv4.model.fused): plain decoding (width 1) and speculation (width-2 verify steps, MTP drafts) give the eager
+    engine's tokens and log-probabilities. (Batch 1 only: each batch size is another compile, ~30 s cold.)"""
+    def run(compile, speculative, prompts):
+        engine = Engine(model, tok, max_batch=1, prefill_chunk=16, speculative=speculative, compile=compile)
+        return engine.generate(prompts, GREEDY, max_new_tokens=10, logprobs=0, ignore_eos=True)
+
+    for speculative, prompts in ((False, PROMPTS[:1]), (True, PROMPTS[1:2])):
+        for fast, ref in zip(run(True, speculative, prompts), run(False, speculative, prompts)):
+            assert fast.token_ids == ref.token_ids
+            for a, b in zip(fast.logprobs, ref.logprobs):
+                assert abs(a["logprob"] - b["logprob"]) < 1e-4
+
+
 def test_speculative_rule_keeps_the_distribution():
     """Whatever q the draft came from, accept-or-replace yields tokens distributed as p."""
     g = torch.Generator().manual_seed(0)

@@ -30,7 +30,7 @@ import torch
 
 from dsv4.engine.sampling import SamplingParams, apply_penalties, probabilities, sample, speculative_verify
 from dsv4.engine.stops import StopMatcher
-from dsv4.model.cache import KVCache
+from dsv4.model.cache import KVCache, Step
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Engine:
         self._lock = threading.Lock()  # submit / cancel may come from other threads; step runs in one
         # decode steps (width 1, or 2 when verifying a draft) run the same code compiled when asked: the many small
         # per-token ops fuse and Python leaves the loop; the first steps compile (a minute or two; cached on disk)
-        self._decode_step, self._draft_step = model.step_unchecked, model.mtp_step
+        self._decode_step, self._draft_step = self._decode_logits, self._draft_logits
         if compile:
             import torch._dynamo.config as dynamo_config
 
@@ -114,8 +114,8 @@ class Engine:
             # the model's attributes and weights do not change while it serves: skipping the guards on its modules
             # saves most of the per-step guard checks (the cache and step inputs keep theirs)
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._decode_step = torch.compile(model.step_unchecked, dynamic=None, options=options)
-            self._draft_step = torch.compile(model.mtp_step, dynamic=None, options=options)
+            self._decode_step = torch.compile(self._decode_logits, dynamic=None, options=options)
+            self._draft_step = torch.compile(self._draft_logits, dynamic=None, options=options)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
 
     # --- requests ---
@@ -219,9 +219,22 @@ class Engine:
         finished = [reqs[i] for i in done]
         return self._emit(finished, [[t] for t in self._sample(finished, logits)], logits[:, None])
 
+    # the decode and draft steps, head included (what compile=True compiles)
+    def _decode_logits(self, ids: torch.Tensor, cache: KVCache, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.model.step_unchecked(ids, cache, step)
+        return h, self.model.logits(h)
+
+    def _draft_logits(self, h: torch.Tensor, ids: torch.Tensor, cache: KVCache, step: Step,
+                      last: torch.Tensor) -> torch.Tensor:
+        """The MTP module over a step -> its logits [B, V] at each row's column `last`."""
+        model = self.model
+        hm = model.mtp_step(h, ids, cache, step)
+        hm = hm[torch.arange(hm.shape[0], device=hm.device), last][:, None]
+        return model.logits(hm, model.mtp[0].hc_head, model.mtp[0].norm)[:, 0]
+
     def _decode(self, reqs: list[Request]) -> list[Delta]:
         ids, step = self._rows(reqs, [[r.pending] for r in reqs], [1] * len(reqs))
-        logits = self.model.logits(self._decode_step(ids, self.cache, step))[:, 0]
+        logits = self._decode_step(ids, self.cache, step)[1][:, 0]
         for r in reqs:
             r.pos += 1
         self.stats["decode_tokens"] += len(reqs)
@@ -235,17 +248,15 @@ class Engine:
         nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
         h_in = torch.stack([torch.stack(r.mtp_rows + [r.mtp_rows[-1]] * (width - len(r.mtp_rows))) for r in reqs])
         ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
-        hm = self._draft_step(h_in, ids, self.cache, step)
         last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
-        hm = hm[torch.arange(len(reqs), device=self.device), last][:, None]
-        draft_logits = model.logits(hm, model.mtp[0].hc_head, model.mtp[0].norm)[:, 0].float()
+        draft_logits = self._draft_step(h_in, ids, self.cache, step, last).float()
         drafts, q = self._draft(reqs, draft_logits)
         # 2. the main model runs pending + draft
         ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
         # both columns are committed: a rejected draft's position is simply run again by the next step, which
         # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
-        h = self._decode_step(ids, self.cache, step)
-        logits = model.logits(h).float()  # [B, 2, V]
+        h, logits = self._decode_step(ids, self.cache, step)
+        logits = logits.float()  # [B, 2, V]
         accept, first = self._verify(reqs, logits[:, 0], drafts, q)
         bonus = [None] * len(reqs)
         ok = [i for i, a in enumerate(accept) if a]

@@ -22,7 +22,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
-from dsv4.model.fused import LinearGroup
+from dsv4.model.fused import Linear, LinearGroup, compiled_on_cpu, contract, decoding
 from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
@@ -51,7 +51,7 @@ def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int |
         # block j's keys = key blocks j and j+1 (a copy, not an overlapping unfold view: compiled backward
         # mis-sums those)
         keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
-    logits = torch.einsum("bnwhd,bnkd->bnwhk", qb, keys)
+    logits = contract("bnwhd,bnkd->bnwhk", qb, keys, decoding(q, B * s))
     i = torch.arange(rows, device=q.device)[:, None]
     k = torch.arange(width, device=q.device)[None, :]
     mask = (k > i) & (k <= i + W)  # [rows, width]
@@ -86,15 +86,15 @@ class Attention(nn.Module):
         self.softmax_scale = args.head_dim ** -0.5
         eps = args.norm_eps
         self.norm_eps = eps
-        self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+        self.wq_a = Linear(args.dim, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, eps)
-        self.wq_b = nn.Linear(args.q_lora_rank, args.n_heads * args.head_dim, bias=False)
-        self.wkv = nn.Linear(args.dim, args.head_dim, bias=False)
+        self.wq_b = Linear(args.q_lora_rank, args.n_heads * args.head_dim, bias=False)
+        self.wkv = Linear(args.dim, args.head_dim, bias=False)
         self.kv_norm = RMSNorm(args.head_dim, eps)
         # block-diagonal: group g maps its heads' (H/G)*d outputs to o_lora_rank
-        self.wo_a = nn.Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank,
+        self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank,
                               bias=False)
-        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.dim, bias=False)
+        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(args.n_heads, dtype=torch.float32))
         self.compressor = (Compressor(args.dim, args.head_dim, self.ratio, overlap=self.kind == "csa", eps=eps)
                            if self.ratio else None)
@@ -160,6 +160,7 @@ class Attention(nn.Module):
         idx: each query's selected entries (CSA), or None to read every visible entry (HCA, CSA's dense warm-up)."""
         B, s, H, _ = q.shape
         W = self.window
+        fuse = decoding(q, B * s)
         logits, win_keys = window_scores(q, keys, W, start)  # [B, s, H, 2W]
         parts = [logits]
         if entries is not None:
@@ -168,17 +169,17 @@ class Attention(nn.Module):
             if idx is not None and not dense:  # CSA: gather each query's top-k entries
                 flat = (idx.clamp(min=0) + T * torch.arange(B, device=q.device)[:, None, None]).flatten()
                 cmp_keys = entries.flatten(0, 1).index_select(0, flat).view(*idx.shape, entries.shape[-1])
-                cmp_logits = torch.einsum("bshd,bskd->bshk", q, cmp_keys)
+                cmp_logits = contract("bshd,bskd->bshk", q, cmp_keys, fuse)
                 cmp_logits = cmp_logits.masked_fill_((idx < 0)[:, :, None, :], float("-inf"))
             elif dense:  # CSA with few entries: score them all, keep the selected (same soft-max, no gather)
                 cmp_keys = entries
-                cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
+                cmp_logits = contract("bshd,btd->bsht", q, entries, fuse)
                 chosen = torch.zeros(B, s, T + 1, dtype=torch.bool, device=q.device)
                 chosen = chosen.scatter_(-1, torch.where(idx < 0, T, idx), True)[..., :T]  # -1 -> a dropped slot
                 cmp_logits = cmp_logits.masked_fill_(~chosen[:, :, None, :], float("-inf"))
             else:  # HCA: every closed window
                 cmp_keys = entries
-                cmp_logits = torch.einsum("bshd,btd->bsht", q, entries)
+                cmp_logits = contract("bshd,btd->bsht", q, entries, fuse)
                 if isinstance(start, torch.Tensor):
                     positions = start[:, None] + torch.arange(s, device=q.device)  # [B, s]
                 else:
@@ -192,12 +193,12 @@ class Attention(nn.Module):
         nb, width = win_keys.shape[1], win_keys.shape[2]
         rows = W if nb > 1 else s  # queries per block
         p_win = F.pad(probs[..., :width], (0, 0, 0, 0, 0, nb * rows - s)).view(B, nb, rows, H, width)
-        o = torch.einsum("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * rows, H, -1)[:, :s]
+        o = contract("bnwhk,bnkd->bnwhd", p_win, win_keys, fuse).reshape(B, nb * rows, H, -1)[:, :s]
         cmp_probs = None
         if entries is not None:
             eq = "bshk,bskd->bshd" if idx is not None and not dense else "bsht,btd->bshd"
             cmp_probs = probs[..., width: -1]
-            o = o + torch.einsum(eq, cmp_probs, cmp_keys)
+            o = o + contract(eq, cmp_probs, cmp_keys, fuse)
             if dense:  # report the selected entries' probabilities in idx order, as the gather path does
                 at = idx.clamp(min=0)[:, :, None, :].expand(-1, -1, H, -1)
                 cmp_probs = cmp_probs.detach().gather(-1, at).masked_fill_((idx < 0)[:, :, None, :], 0.0)
@@ -232,5 +233,5 @@ class Attention(nn.Module):
         G = self.o_groups
         o = o.reshape(B, S, G, -1)
         wo_a = self.wo_a.weight.view(G, self.o_lora_rank, -1)  # [G, R, (H/G) d]
-        o = torch.einsum("bsgi,gri->bsgr", o, wo_a)
+        o = contract("bsgi,gri->bsgr", o, wo_a, compiled_on_cpu(o) and B * S == 1)  # as `linear` does
         return self.wo_b(o.flatten(2))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.model.fused import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import apply_rope
 
@@ -28,8 +29,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
         width = (2 if overlap else 1) * head_dim
-        self.wkv = nn.Linear(dim, width, bias=False)
-        self.wgate = nn.Linear(dim, width, bias=False)
+        self.wkv = Linear(dim, width, bias=False)
+        self.wgate = Linear(dim, width, bias=False)
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))  # absolute position in the window
         self.norm = RMSNorm(head_dim, eps)
 

@@ -16,16 +16,20 @@ small model, so each step below writes at most one of them.
 import torch
 from torch import nn
 
+from dsv4.model.fused import contract, decoding, linear
+
 
 def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """[B, S, n, D] fp32 -> [B, S, rows of fn]: rmsnorm(flatten(h)) @ fn^T."""
     x = h.flatten(-2)
     rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
-    return (x @ fn.t()) * torch.rsqrt(rms.square() + eps)
+    return linear(x, fn) * torch.rsqrt(rms.square() + eps)
 
 
 def _collapse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """sum_j w_j h_j:  w [B, S, n], h [B, S, n, D] -> [B, S, D]"""
+    if decoding(h, h.shape[:2].numel()):  # compiled for a decode step: one fused loop (see dsv4.model.fused)
+        return contract("bsn,bsnd->bsd", w, h, fuse=True)
     return (w.unsqueeze(-2) @ h).squeeze(-2)
 
 
@@ -64,7 +68,10 @@ class HyperConnection(nn.Module):
 
 def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """New fp32 streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""
-    out = comb.transpose(-1, -2) @ h
+    if decoding(h, h.shape[:2].numel()):
+        out = contract("bsjk,bsjd->bskd", comb, h, fuse=True)
+    else:
+        out = comb.transpose(-1, -2) @ h
     return out.addcmul_(post.unsqueeze(-1), y.float().unsqueeze(-2))
 
 

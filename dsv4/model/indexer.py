@@ -18,6 +18,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
+from dsv4.model.fused import Linear, contract, decoding
 from dsv4.model.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -58,8 +59,8 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.ratio, self.block_size = args.csa_ratio, block_size
-        self.wq_b = nn.Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
-        self.weights_proj = nn.Linear(args.dim, args.index_n_heads, bias=False)
+        self.wq_b = Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
+        self.weights_proj = Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
 
     def prepare(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -74,8 +75,9 @@ class Indexer(nn.Module):
     def scores(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """I[t, s] for queries q [B, s, H, c] (weights w [B, s, H]) at `positions` ([s], or [B, s] when rows
         differ) against keys [B, T, c]: [B, s, T] fp32, -inf on entries not yet visible to the query."""
-        scores = torch.einsum("bshc,btc->bsht", q, keys).relu_()
-        scores = torch.einsum("bsht,bsh->bst", scores, w.to(scores.dtype)).float()
+        fuse = decoding(q, q.shape[:2].numel())
+        scores = contract("bshc,btc->bsht", q, keys, fuse).relu_()
+        scores = contract("bsht,bsh->bst", scores, w.to(scores.dtype), fuse).float()
         visible = (positions + 1) // self.ratio
         return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[..., None], float("-inf"))
 

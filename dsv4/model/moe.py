@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
-from dsv4.model.fused import LinearGroup
+from dsv4.model.fused import Linear, LinearGroup, compiled_on_cpu, linear, matvec
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -26,9 +26,9 @@ class Expert(nn.Module):
     def __init__(self, dim: int, inter_dim: int, limit: float):
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, bias=False)
+        self.w2 = Linear(inter_dim, dim, bias=False)
+        self.w3 = Linear(dim, inter_dim, bias=False)
         self.w13 = LinearGroup(self.w1, self.w3)  # one product once fused (dsv4.model.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class Gate(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights [N, K] fp32, expert indices [N, K], scores [N, E] fp32)"""
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        logits_NE = linear(x_ND.float(), self.weight.float())
         if self.score_func == "sqrtsoftplus":
             scores_NE = F.softplus(logits_NE).sqrt()
         elif self.score_func == "sigmoid":
@@ -113,14 +113,18 @@ class Experts(nn.Module):
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
     def forward_gathered(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Few assignments (a decode step): gather just the chosen experts' weights and run them as one batched
-        matmul, instead of a grouped GEMM that visits every expert."""
+        """Few assignments (a decode step): run just the chosen experts, each on its token, instead of a grouped GEMM
+        that visits every expert. Compiled on CPU, `matvec` reads the chosen weights in place (no gathered copy);
+        otherwise they are gathered and run as one batched matmul."""
         N, K = idx_NK.shape
         flat = idx_NK.flatten()
-        x_A1D = x_ND.repeat_interleave(K, dim=0)[:, None]
-        h_A1F = torch.bmm(x_A1D, self.w13[flat].transpose(1, 2))
-        y_A1D = torch.bmm(self.act(h_A1F), self.w2[flat].transpose(1, 2))
-        return (y_A1D.view(N, K, -1) * w_NK[..., None].to(y_A1D.dtype)).sum(1)
+        x_AD = x_ND.repeat_interleave(K, dim=0)
+        if compiled_on_cpu(x_AD):
+            y_AD = matvec(self.act(matvec(x_AD, self.w13[flat])), self.w2[flat])
+        else:
+            h_A1F = torch.bmm(x_AD[:, None], self.w13[flat].transpose(1, 2))
+            y_AD = torch.bmm(self.act(h_A1F), self.w2[flat].transpose(1, 2))[:, 0]
+        return (y_AD.view(N, K, -1) * w_NK[..., None].to(y_AD.dtype)).sum(1)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
         """F.grouped_mm needs 16-byte aligned rows and matching dtypes; under torch.compile its meta kernel accepts

@@ -18,7 +18,7 @@ from torch import nn
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache, LayerCache, Step
-from dsv4.model.fused import fuse_linear_groups
+from dsv4.model.fused import Linear, fuse_linear_groups
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import Experts, Gate, MoE
 from dsv4.model.norm import RMSNorm
@@ -60,8 +60,8 @@ class MTPBlock(Block):
         super().__init__(args, layer_id)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
-        self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
-        self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.e_proj = Linear(args.dim, args.dim, bias=False)
+        self.h_proj = Linear(args.dim, args.dim, bias=False)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
 
@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + j) for j in range(args.n_mtp_layers))
