@@ -4,6 +4,7 @@ the engine's cache size against the theory; memory-bandwidth utilisation at batc
     python bench/decode.py                                   # small preset, batch 1 and 16 after a 2048-token prompt
     python bench/decode.py --batch 1 --new-tokens 16 --quick --ours-only
     python bench/decode.py --mtp-ckpt runs/small/final       # + MTP acceptance / speed-up on a trained model
+    python bench/decode.py --batch --mtp-ckpt runs/small/final   # only that
 
 Both sides greedy-decode `new_tokens` tokens for `batch` random prompts of `prompt` tokens in the compute dtype
 (bf16 where fast), each in its own subprocess:
@@ -215,7 +216,7 @@ def parent(opts) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 16], help="batch sizes (none: only the MTP run)")
     p.add_argument("--prompt", type=int, default=2048, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where fast) | bf16 | fp32")

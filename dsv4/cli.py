@@ -204,8 +204,9 @@ def add_sampling(p, temperature: float):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
-                   help="MTP speculative decoding when the model has an MTP module")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="MTP speculative decoding when the model has an MTP module (default: on unless --compile; "
+                        "compiled plain steps are so cheap that a draft + verify round costs about two of them)")
     p.add_argument("--max-len", type=int, default=None, help="context length to allocate the cache for "
                    "(default: prompt + max new tokens for generate, 8192 for chat)")
     p.add_argument("--compile", action="store_true", help="decode steps through torch.compile: faster tokens "
@@ -232,7 +233,8 @@ def load_engine(opts, max_len=lambda tok: 8192):
     device = torch.device(opts.device) if opts.device else default_device()
     model, tok, _ = load(opts.ckpt, device, resolve_dtype(opts.dtype, device))
     max_len = min(opts.max_len or max_len(tok), model.args.max_seq_len - 1)
-    return Engine(model, tok, max_batch=1, max_len=max_len, speculative=opts.speculative and bool(model.mtp),
+    speculative = not opts.compile if opts.speculative is None else opts.speculative
+    return Engine(model, tok, max_batch=1, max_len=max_len, speculative=speculative and bool(model.mtp),
                   compile=opts.compile)
 
 

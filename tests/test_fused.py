@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.profiler import profile
 
-from dsv4.model.fused import contract, linear, matvec
+from dsv4.model.fused import contract, grouped_linear, linear, matvec
 
 
 @st.composite
@@ -60,13 +60,17 @@ def blas_calls(fn, *args) -> int:
 
 
 @torch.no_grad()
-def test_compiled_linear_takes_the_matvec_path_for_one_row_only():
+def test_compiled_linear_takes_the_matvec_path_for_a_few_rows_only():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 64, generator=g).bfloat16()
+    w, wg = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(4, 24, 16, generator=g).bfloat16()
     fn = torch.compile(lambda x: linear(x, w), dynamic=False)
-    for rows in (1, 3):
+    grouped = torch.compile(lambda x: grouped_linear(x, wg), dynamic=False)
+    for rows in (1, 3, 5):
         x = torch.randn(1, rows, 64, generator=g).bfloat16()
-        out = fn(x)
-        torch.testing.assert_close(out.float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
-        assert (blas_calls(fn, x) == 0) == (rows == 1)
+        torch.testing.assert_close(fn(x).float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
+        assert (blas_calls(fn, x) == 0) == (rows <= 4)
+        xg = x.view(1, rows, 4, 16)
+        ref = torch.einsum("bsgi,goi->bsgo", xg.float(), wg.float())
+        torch.testing.assert_close(grouped(xg).float(), ref, atol=0.05, rtol=0.02)
+        assert (blas_calls(grouped, xg) == 0) == (rows <= 4)
     assert blas_calls(lambda x: linear(x, w), x[:, :1]) == 1  # eager: always BLAS

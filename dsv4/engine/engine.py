@@ -106,10 +106,13 @@ class Engine:
         self._lock = threading.Lock()  # submit / cancel may come from other threads; step runs in one
         # decode steps (width 1, or 2 when verifying a draft) run the same code compiled when asked: the many small
         # per-token ops fuse and Python leaves the loop; the first steps compile (a minute or two; cached on disk)
+        self.compile = compile
         self._decode_step, self._draft_step = self._decode_logits, self._draft_logits
         if compile:
             import torch._dynamo.config as dynamo_config
 
+            # graphs: one per batch size up to 4 (see _compiled) for the decode, verify and draft steps, plus one with
+            # a dynamic batch; the length of the compressed entries read becomes dynamic after its first change
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
             # the model's attributes and weights do not change while it serves: skipping the guards on its modules
             # saves most of the per-step guard checks (the cache and step inputs keep theirs)
@@ -219,6 +222,16 @@ class Engine:
         finished = [reqs[i] for i in done]
         return self._emit(finished, [[t] for t in self._sample(finished, logits)], logits[:, None])
 
+    def _compiled(self, fn, *args):
+        """Call a (compiled) step. Up to 4 rows the compiled products work row by row (dsv4.model.fused), so there the
+        batch size stays static: each gets its own graph instead of sharing a dynamic one."""
+        if self.compile and args[0].shape[0] <= 4:
+            step = next(a for a in args if isinstance(a, Step))
+            for t in (*[a for a in args if isinstance(a, torch.Tensor)], step.slots, step.start, step.length,
+                      step.positions, step.valid):
+                torch._dynamo.mark_static(t, 0)
+        return fn(*args)
+
     # the decode and draft steps, head included (what compile=True compiles)
     def _decode_logits(self, ids: torch.Tensor, cache: KVCache, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.model.step_unchecked(ids, cache, step)
@@ -234,7 +247,7 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> list[Delta]:
         ids, step = self._rows(reqs, [[r.pending] for r in reqs], [1] * len(reqs))
-        logits = self._decode_step(ids, self.cache, step)[1][:, 0]
+        logits = self._compiled(self._decode_step, ids, self.cache, step)[1][:, 0]
         for r in reqs:
             r.pos += 1
         self.stats["decode_tokens"] += len(reqs)
@@ -244,18 +257,18 @@ class Engine:
     def _speculate(self, reqs: list[Request]) -> list[Delta]:
         model = self.model
         # 1. MTP over the positions it has not seen (1 or 2 per row; their next tokens are known) -> a draft
-        width = max(len(r.mtp_rows) for r in reqs)
+        width = 2 if self.compile else max(len(r.mtp_rows) for r in reqs)  # compiled: one shape
         nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
         h_in = torch.stack([torch.stack(r.mtp_rows + [r.mtp_rows[-1]] * (width - len(r.mtp_rows))) for r in reqs])
         ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
         last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
-        draft_logits = self._draft_step(h_in, ids, self.cache, step, last).float()
+        draft_logits = self._compiled(self._draft_step, h_in, ids, self.cache, step, last).float()
         drafts, q = self._draft(reqs, draft_logits)
         # 2. the main model runs pending + draft
         ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
         # both columns are committed: a rejected draft's position is simply run again by the next step, which
         # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
-        h, logits = self._decode_step(ids, self.cache, step)
+        h, logits = self._compiled(self._decode_step, ids, self.cache, step)
         logits = logits.float()  # [B, 2, V]
         accept, first = self._verify(reqs, logits[:, 0], drafts, q)
         bonus = [None] * len(reqs)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
-from dsv4.model.fused import Linear, LinearGroup, compiled_on_cpu, contract, decoding
+from dsv4.model.fused import Linear, LinearGroup, contract, decoding, grouped_linear
 from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
@@ -233,5 +233,4 @@ class Attention(nn.Module):
         G = self.o_groups
         o = o.reshape(B, S, G, -1)
         wo_a = self.wo_a.weight.view(G, self.o_lora_rank, -1)  # [G, R, (H/G) d]
-        o = contract("bsgi,gri->bsgr", o, wo_a, compiled_on_cpu(o) and B * S == 1)  # as `linear` does
-        return self.wo_b(o.flatten(2))
+        return self.wo_b(grouped_linear(o, wo_a).flatten(2))

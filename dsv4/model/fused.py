@@ -27,7 +27,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def compiled_on_cpu(x: torch.Tensor) -> bool:
-    """Is `x` being traced by torch.compile for a CPU (where `matvec` beats BLAS for one row)?"""
+    """Is `x` being traced by torch.compile for a CPU (where `matvec` beats BLAS for a few rows)?"""
     return x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
@@ -37,10 +37,25 @@ def decoding(x: torch.Tensor, rows: int) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), as `matvec` when compiled for one row on CPU."""
-    if compiled_on_cpu(x) and x.shape[:-1].numel() == 1:
-        return matvec(x, weight)
-    return F.linear(x, weight)
+    """F.linear(x, weight); compiled on CPU for a few rows, one `matvec` per row. Inductor fuses those into one loop
+    that reads each weight row once for all of them (a broadcast [rows, out, in] product would re-read the weight per
+    row), so 2-4 rows cost about what one does: the width-2 verify step of speculation, small batches."""
+    return _per_row(x, weight, 1, F.linear)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., G, in] through one weight per group, weight [G, out, in] -> [..., G, out]; per row as `linear`."""
+    return _per_row(x, weight, 2, lambda x, w: torch.einsum("...gi,goi->...go", x, w))
+
+
+def _per_row(x: torch.Tensor, weight: torch.Tensor, row_dims: int, plain) -> torch.Tensor:
+    lead = x.shape[:-row_dims]
+    rows = lead.numel()
+    if not decoding(x, rows):
+        return plain(x, weight)
+    # a Python loop over at most 4 rows, unrolled when traced: the compiled graph has one fused loop for all
+    out = torch.stack([matvec(row, weight) for row in x.reshape(rows, *x.shape[-row_dims:]).unbind(0)])
+    return out.view(*lead, *out.shape[1:])
 
 
 def contract(eq: str, a: torch.Tensor, b: torch.Tensor, fuse: bool = False) -> torch.Tensor:
