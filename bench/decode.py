@@ -14,9 +14,11 @@ Both sides greedy-decode `new_tokens` tokens for `batch` random prompts of `prom
     transformers   `DeepseekV4ForCausalLM.generate(do_sample=False, min_new_tokens=max_new_tokens)` after a warm-up
                    call; a LogitsProcessor stamps the time each token's logits are ready, decode tokens/s =
                    batch * (n-1) / (last stamp - first stamp)
-Bandwidth utilisation at batch 1 = (bytes of the weights one token reads: every non-expert matrix, the shared expert,
-the K routed experts chosen, the head; + bytes of cache it reads: window, compressed entries, indexer keys) / the
-median decode step time, against this machine's read bandwidth (a large tensor sum, best of 5).
+Bandwidth utilisation = (bytes of the weights one decode step reads: every non-expert matrix, the shared expert, the
+routed experts its tokens choose (K at batch 1, the expected number under uniform routing at batch B), the head; +
+bytes of cache it reads: window, compressed entries, indexer keys) / the median decode step time, against this
+machine's read bandwidth (a large tensor sum, best of 5). step_floor_s = those bytes / that bandwidth: no
+implementation's step can be faster, so speedup_ceiling = transformers' step / floor bounds any speed-up here.
 Prints one JSON document.
 """
 
@@ -44,13 +46,18 @@ def read_bandwidth() -> float:
     return x.numel() * 2 / best
 
 
-def bytes_per_decode_token(args, dtype_size: int, context: int) -> dict:
-    """Weights and cache one decode token at `context` reads (batch 1), from the meta model's parameter shapes."""
+def bytes_per_decode_step(args, dtype_size: int, context: int, batch: int = 1) -> dict:
+    """Weights and cache one decode step of `batch` sequences at `context` reads, from the meta model's parameter
+    shapes. Each sequence picks K of E routed experts per layer; with uniform routing a step touches
+    E (1 - (1 - K/E)^batch) of them (K at batch 1, nearly all at batch 16)."""
     from dsv4.info import count_params, meta_model
 
     parts = count_params(meta_model(args))
-    active = sum(v.active for v in parts["main"].values()) - parts["main"]["embedding"].active
-    weights = (active + args.dim) * dtype_size  # + one embedding row
+    main = parts["main"]
+    routed = main["routed_experts"]
+    touched = 1 - (1 - args.n_activated_experts / args.n_routed_experts) ** batch
+    active = sum(v.active for v in main.values()) - main["embedding"].active - routed.active
+    weights = (active + routed.total * touched + batch * args.dim) * dtype_size  # + the embedding rows
     cache = 0
     for i in range(args.n_layers):
         kind, m = args.layer_kind(i), args.compress_ratios[i]
@@ -59,7 +66,7 @@ def bytes_per_decode_token(args, dtype_size: int, context: int) -> dict:
             cache += context // m * args.head_dim
         elif kind == "csa":
             cache += context // m * args.index_head_dim + min(args.index_topk, context // m) * args.head_dim
-    return {"weights": weights, "cache": cache * dtype_size}
+    return {"weights": round(weights), "cache": batch * cache * dtype_size}
 
 
 def child(opts) -> dict:
@@ -86,7 +93,7 @@ def child(opts) -> dict:
         results = {}
         for spec in ([False, True] if opts.mtp_child else [False]):
             engine = Engine(model, tok, max_batch=B, max_len=P + N + 1, prefill_chunk=P, speculative=spec,
-                            compile=opts.compile)
+                            compile={"off": False, "on": True, "max": "max"}[opts.compile])
             for _ in range(2):  # the first round compiles and warms up allocator and kernels; the second is timed
                 engine.stats.update(drafted=0, accepted=0)
                 for p in prompts:
@@ -166,7 +173,7 @@ def text_prompts(tok, batch: int, length: int) -> list[list[int]]:
 def run_child(impl: str, ckpt: str, batch: int, opts, mtp: bool = False) -> dict:
     args = ["--child", impl, "--ckpt", ckpt, "--batch", str(batch), "--prompt", str(opts.prompt),
             "--new-tokens", str(opts.new_tokens), "--dtype", opts.dtype, "--seed", str(opts.seed),
-            "--limit-kb", str(opts.limit_kb)] + ([] if opts.compile else ["--no-compile"]) + ["--mtp-child"] * mtp
+            "--limit-kb", str(opts.limit_kb), "--compile", opts.compile] + ["--mtp-child"] * mtp
     return run_script_child(__file__, args, opts.timeout)
 
 
@@ -198,10 +205,15 @@ def parent(opts) -> dict:
             if "cache_bytes_per_token" in ours:
                 row["cache_bytes_per_token"] = {"engine": ours["cache_bytes_per_token"], "theory": theory,
                                                 "ratio": ours["cache_bytes_per_token"] / theory}
-            if batch == 1 and "median_step_s" in ours:
-                read = bytes_per_decode_token(args, size, opts.prompt + opts.new_tokens // 2)
-                row["bytes_read_per_token"] = read
+            if "median_step_s" in ours:
+                read = bytes_per_decode_step(args, size, opts.prompt + opts.new_tokens // 2, batch)
+                row["bytes_read_per_step"] = read
                 row["bandwidth_utilisation"] = sum(read.values()) / ours["median_step_s"] / bandwidth
+                # no step can beat reading its bytes once at the measured bandwidth: the best any speed-up could be
+                floor = sum(read.values()) / bandwidth
+                row["step_floor_s"] = floor
+                if "median_step_s" in row.get("transformers", {}):
+                    row["speedup_ceiling"] = row["transformers"]["median_step_s"] / floor
             results["runs"].append(row)
     if opts.mtp_ckpt:  # at the length the model was trained at, continuing real code
         r = run_child("ours", opts.mtp_ckpt, 1, argparse.Namespace(**{**vars(opts), "prompt": opts.mtp_prompt,
@@ -220,8 +232,8 @@ def main():
     p.add_argument("--prompt", type=int, default=2048, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where fast) | bf16 | fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="dsv4 decode steps through torch.compile (Engine(compile=True))")
+    p.add_argument("--compile", default="on", choices=("off", "on", "max"),
+                   help="dsv4 decode steps through torch.compile: Engine(compile=False | True | 'max')")
     p.add_argument("--mtp-ckpt", help="a trained checkpoint with an MTP module: report acceptance and speed-up")
     p.add_argument("--mtp-prompt", type=int, default=256, help="prompt tokens for the MTP run")
     p.add_argument("--mtp-new-tokens", type=int, default=128, help="tokens generated in the MTP run")

@@ -201,6 +201,8 @@ def test_bad_requests_say_why(model, tok):
         engine.submit([5, 512])
     with pytest.raises(ValueError, match="needs a model with an MTP module"):
         Engine(random_model(0, n_mtp_layers=0, compress_ratios=[0, 4, 16, 4]), tok, speculative=True)
+    with pytest.raises(ValueError, match="compile must be False, True or 'max', got 'on'"):
+        Engine(model, tok, compile="on")
 
 
 # --- the CLI on a saved checkpoint ---

@@ -85,7 +85,12 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
-                 speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool = False):
+                 speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool | str = False):
+        """compile: False; True (decode, verify and draft steps through torch.compile: the first steps of each batch
+        size compile, cached on disk); or "max" (also inductor's C++ wrapper, which launches the step's kernels
+        without Python: ~10% faster steps for about twice the compile time; for long-lived engines)."""
+        if compile not in (False, True, "max"):
+            raise ValueError(f"compile must be False, True or 'max', got {compile!r}")
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
         if max_batch < 1 or prefill_chunk < 1:
@@ -106,7 +111,7 @@ class Engine:
         self._lock = threading.Lock()  # submit / cancel may come from other threads; step runs in one
         # decode steps (width 1, or 2 when verifying a draft) run the same code compiled when asked: the many small
         # per-token ops fuse and Python leaves the loop; the first steps compile (a minute or two; cached on disk)
-        self.compile = compile
+        self.compile = bool(compile)
         self._decode_step, self._draft_step = self._decode_logits, self._draft_logits
         if compile:
             import torch._dynamo.config as dynamo_config
@@ -116,7 +121,8 @@ class Engine:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
             # the model's attributes and weights do not change while it serves: skipping the guards on its modules
             # saves most of the per-step guard checks (the cache and step inputs keep theirs)
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                       "cpp_wrapper": compile == "max"}
             self._decode_step = torch.compile(self._decode_logits, dynamic=None, options=options)
             self._draft_step = torch.compile(self._draft_logits, dynamic=None, options=options)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
