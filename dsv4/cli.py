@@ -11,6 +11,7 @@ options and sets `run`, so a new command is one function plus one entry in COMMA
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -192,10 +193,26 @@ def run_eval(opts) -> int:
     return 0
 
 
-def add_sampling(p, temperature: float):
-    """Options shared by generate and chat: the model, the sampling settings and the engine."""
+def add_engine_args(p, max_len_help: str):
+    """Options shared by generate, chat and serve: the checkpoint and the engine."""
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint directory (config.json, *.safetensors, "
                    "tokenizer.json): ours, one written by transformers, or the released V4 layout")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="MTP speculative decoding when the model has an MTP module (default: on unless --compile; "
+                        "compiled plain steps are so cheap that a draft + verify round costs about two of them)")
+    p.add_argument("--max-len", type=int, default=None, help=max_len_help)
+    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile: ~5x faster tokens "
+                   "after a first-use compile of a minute or two (cached on disk)")
+    p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: also inductor's C++ wrapper "
+                   "(~10%% faster steps for about twice the compile time)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="compute dtype (auto: the fastest this device has)")
+
+
+def add_sampling(p, temperature: float):
+    """Options shared by generate and chat: the engine and the sampling settings."""
+    add_engine_args(p, "context length to allocate the cache for (default: prompt + max new tokens for generate, "
+                       "8192 for chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -204,17 +221,6 @@ def add_sampling(p, temperature: float):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
-                   help="MTP speculative decoding when the model has an MTP module (default: on unless --compile; "
-                        "compiled plain steps are so cheap that a draft + verify round costs about two of them)")
-    p.add_argument("--max-len", type=int, default=None, help="context length to allocate the cache for "
-                   "(default: prompt + max new tokens for generate, 8192 for chat)")
-    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile: ~5x faster tokens "
-                   "after a first-use compile of a minute or two (cached on disk)")
-    p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: also inductor's C++ wrapper "
-                   "(~10%% faster steps for about twice the compile time)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", help="compute dtype (auto: the fastest this device has)")
 
 
 def sampling_params(opts):
@@ -224,8 +230,9 @@ def sampling_params(opts):
                           repetition_penalty=opts.repetition_penalty, seed=opts.seed)
 
 
-def load_engine(opts, max_len=lambda tok: 8192):
-    """The checkpoint's model and tokenizer in an engine whose cache holds --max-len tokens, or max_len(tokenizer)."""
+def load_engine(opts, max_len=lambda tok: 8192, max_batch: int = 1):
+    """The checkpoint's model and tokenizer in an engine whose cache holds --max-len tokens, or max_len(tokenizer),
+    for max_batch sequences at once."""
     import torch
 
     from dsv4.device import default_device, resolve_dtype
@@ -237,7 +244,7 @@ def load_engine(opts, max_len=lambda tok: 8192):
     max_len = min(opts.max_len or max_len(tok), model.args.max_seq_len - 1)
     compile = "max" if opts.compile and opts.cpp_wrapper else opts.compile
     speculative = not compile if opts.speculative is None else opts.speculative
-    return Engine(model, tok, max_batch=1, max_len=max_len, speculative=speculative and bool(model.mtp),
+    return Engine(model, tok, max_batch=max_batch, max_len=max_len, speculative=speculative and bool(model.mtp),
                   compile=compile)
 
 
@@ -347,7 +354,44 @@ def run_chat(opts, read=input) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
-COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat)
+def add_serve(subparsers):
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible API and the web chat page",
+                              description="Serve a checkpoint over HTTP: the OpenAI API (/v1/models, /v1/completions, "
+                              "/v1/chat/completions with streaming, tools and thinking), /health, /metrics "
+                              "(Prometheus) and a web chat page at /. Binds 127.0.0.1 unless --host says otherwise.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_args(p, "context length per sequence (prompt + completion) the cache is allocated for "
+                       "(default: 8192, at most the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $DSV4_API_KEY, unset = "
+                        "no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint "
+                   "directory's name)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(opts) -> int:
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from dsv4.serve.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = load_engine(opts, max_batch=opts.max_batch)
+    name = opts.model_name or Path(opts.ckpt).resolve().name
+    app = create_app(engine, name, api_key=opts.api_key)
+    print(f"dsv4 serve: {name} on http://{opts.host}:{opts.port}  (context {engine.max_len} tokens, "
+          f"{opts.max_batch} sequences at once{', API key required' if opts.api_key else ''})", file=sys.stderr)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
+
+
+COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,16 @@ class Engine:
         with self._lock:
             self._cancelled.add(request_id)
 
+    def abort_all(self) -> list[Request]:
+        """Drop every waiting and running request without a final delta (after a failed step, whose state is
+        unknown), freeing their slots. -> the dropped requests."""
+        with self._lock:
+            dropped = list(self.running) + list(self.waiting)
+            self.waiting.clear()
+        for r in dropped:
+            self._release(r, "error")
+        return dropped
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -1,0 +1,99 @@
+"""The engine on its own thread, fed by asyncio handlers.
+
+One thread owns the engine and calls `step()` while there is work (continuous batching: requests join and leave
+between steps). Handlers submit from the event loop; each request's deltas come back through an asyncio queue.
+A handler that stops listening (a client that disconnected) cancels its requests, which frees their cache slots at
+the next step. A failing step fails the requests it ran, not the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dsv4.engine.engine import Engine
+
+log = logging.getLogger("dsv4.serve")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        # each live request's (event loop, queue, index), to fail it if a step raises
+        self._live: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self.step_seconds = 0.0  # time spent in engine steps (for /metrics)
+
+    def start(self) -> "EngineRunner":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        """Let running requests finish (up to `timeout` seconds), then cancel what is left and stop the thread."""
+        deadline = time.monotonic() + timeout
+        while self.engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for r in list(self.engine.running) + list(self.engine.waiting):
+            self.engine.cancel(r.id)
+        self._wake.set()
+        time.sleep(0.05)
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    def _loop(self):
+        engine = self.engine
+        while not self._stopping:
+            if not engine.has_work():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            t = time.perf_counter()
+            try:
+                engine.step()
+            except Exception as e:  # noqa: BLE001  (a bad step must not take the server down)
+                log.exception("engine step failed")
+                self._fail_all(e)
+            self.step_seconds += time.perf_counter() - t
+
+    def _fail_all(self, error: Exception):
+        for r in self.engine.abort_all():
+            live = self._live.pop(r.id, None)
+            if live is not None:
+                loop, queue, index = live
+                loop.call_soon_threadsafe(queue.put_nowait, (index, EngineError(f"the engine failed: {error}")))
+
+    def submit(self, prompt: list[int], queue: asyncio.Queue, index: int, **submit) -> int:
+        """Submit one request (keywords as `Engine.submit`; ValueError if it is refused) -> its id. Its deltas arrive
+        in `queue` as (index, Delta) from the event loop running this call; a failed step sends (index, EngineError).
+        Whoever submits must `cancel` what has not finished when it stops listening."""
+        loop = asyncio.get_running_loop()
+        req = self.engine.submit(prompt, callback=lambda d: loop.call_soon_threadsafe(queue.put_nowait, (index, d)),
+                                 **submit)
+        self._live[req.id] = (loop, queue, index)
+        self._wake.set()
+        return req.id
+
+    def finished(self, request_id: int):
+        self._live.pop(request_id, None)
+
+    def cancel(self, request_id: int):
+        """Cancel a request (a no-op once it finished); its slot frees at the next step."""
+        if self._live.pop(request_id, None) is not None:
+            self.engine.cancel(request_id)
+            self._wake.set()
