@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pip runs again only when pyproject.toml changes (the stamp lives inside the ignored venv)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test run
+.PHONY: venv browser test run
 
 venv: $(STAMP)
 
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: venv
+# the web page test drives Debian's chromium through playwright (playwright's own browser downloads are not used)
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: venv browser
 	$(PY) -m pytest -q
 
 # the one-command CPU run: tokenizer, pretraining and fine-tuning of `small` (~18 min on 2 cores, 3 of them compiling), then held-out
