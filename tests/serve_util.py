@@ -82,3 +82,37 @@ def live_server(server_ckpt):
     server = Server(server_ckpt, "--max-batch", "8")
     yield server.url
     server.stop()
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER_CALL = ("get_weather", '{"city": "Paris"}')
+
+
+def tool_calling_checkpoint(path: Path, steps: int = 120) -> Path:
+    """A tiny model taught (by overfitting, a few seconds) to answer WEATHER_QUESTION, asked with WEATHER_TOOL, by
+    calling the tool in DeepSeek's markup: a real model whose output the server must parse into tool_calls."""
+    import torch
+
+    from dsv4.serve.app import chat_prompt
+    from dsv4.serve.protocol import ChatCompletionRequest
+    from dsv4.serve.tools import render_calls
+
+    tiny_checkpoint(path)
+    tok = Tokenizer.from_file(path / "tokenizer.json")
+    model = random_model(0).train()
+    request = ChatCompletionRequest(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL])
+    prompt = chat_prompt(tok, request)
+    ids = torch.tensor([prompt + tok.encode(render_calls([WEATHER_CALL])) + [tok.eos_id]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits[0, len(prompt) - 1:], ids[0, len(prompt):])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    return path

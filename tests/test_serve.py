@@ -16,7 +16,8 @@ from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.serve.tools import CALLS_BEGIN, CALLS_END, OutputParser, render_call
 from dsv4.tokenizer import END_THINK, Tokenizer
-from tests.serve_util import API_KEY, MODEL, Server, live_server, server_ckpt  # noqa: F401  (fixtures)
+from tests.serve_util import (API_KEY, MODEL, WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOL, Server, live_server,  # noqa: F401
+                              server_ckpt, tool_calling_checkpoint)
 
 PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n", "x = [", "for i in range(10):\n"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -114,6 +115,41 @@ def test_tools_request_is_accepted_and_rendered(client):
         r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
                                            max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    server = Server(tool_calling_checkpoint(tmp_path_factory.mktemp("tools")))
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_models_tool_call_becomes_tool_calls_streaming_or_not(tool_server):
+    """A model that answers in DeepSeek's tool-call markup: the client gets OpenAI tool_calls, the same whether
+    streamed (the engine's deltas split the markup anywhere; the parser holds partial markers back) or not."""
+    ask = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], max_tokens=300, temperature=0)
+    r = tool_server.chat.completions.create(**ask)
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == WEATHER_CALL and call.type == "function"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    calls, reason, content = {}, None, ""
+    for chunk in tool_server.chat.completions.create(**ask, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for c in delta.tool_calls or []:
+            calls.setdefault(c.index, [c.id, c.function.name, ""])[2] += c.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    assert [(name, args) for _, name, args in calls.values()] == [WEATHER_CALL] and reason == "tool_calls"
+    assert content == ""
+    # the call fed back with its result renders into the next prompt (a well-formed request, whatever comes next)
+    follow = WEATHER_QUESTION + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                          "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r = tool_server.chat.completions.create(**{**ask, "messages": follow, "max_tokens": 8})
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
 
 
 @st.composite
