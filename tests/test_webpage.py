@@ -10,17 +10,19 @@ import pytest
 
 from tests.serve_util import API_KEY, MODEL, live_server, server_ckpt  # noqa: F401  (fixtures)
 
-sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: make browser")]
+from playwright import sync_api
+
+pytestmark = pytest.mark.slow
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
 def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "these tests need Debian's chromium: `make browser` (part of `make test`) installs it"
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield browser
         browser.close()
 
