@@ -383,6 +383,8 @@ def run_serve(opts) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = load_engine(opts, max_batch=opts.max_batch)
+    if engine.compile:  # compile now, not while the first clients wait (minutes the first time, then cached on disk)
+        engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
     name = opts.model_name or Path(opts.ckpt).resolve().name
     app = create_app(engine, name, api_key=opts.api_key)
     print(f"dsv4 serve: {name} on http://{opts.host}:{opts.port}  (context {engine.max_len} tokens, "

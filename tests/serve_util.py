@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Server:
         env = {**os.environ, "DSV4_API_KEY": api_key or ""}
         if api_key is None:
             env.pop("DSV4_API_KEY")
-        self.log = open(ckpt / f"serve-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -81,6 +81,24 @@ def test_compiled_engine_equals_eager(model, tok):
                 assert abs(a["logprob"] - b["logprob"]) < 1e-4
 
 
+@torch.no_grad()
+def test_warm_up_steps_commit_nothing(model, tok):
+    """warm_up's dummy steps (every batch size, two entry-length buckets, drafts) write only to the spare slot: a
+    running request's cache is untouched and its output unchanged."""
+    engine = Engine(model, tok, max_batch=6, max_len=300, speculative=True)
+    req = engine.submit(PROMPTS[2], GREEDY, max_new_tokens=6, ignore_eos=True)
+    engine.step()  # prefilled: its slot holds state now
+    before = [t[:6].clone() for layer in engine.cache.layers for t in layer.tensors()]
+    engine._dummy_steps()
+    after = [t[:6] for layer in engine.cache.layers for t in layer.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    while engine.has_work():
+        engine.step()
+    alone = Engine(model, tok, max_batch=1, speculative=True).generate([PROMPTS[2]], GREEDY, max_new_tokens=6,
+                                                                        ignore_eos=True)[0]
+    assert req.output == alone.token_ids
+
+
 def test_speculative_rule_keeps_the_distribution():
     """Whatever q the draft came from, accept-or-replace yields tokens distributed as p."""
     g = torch.Generator().manual_seed(0)

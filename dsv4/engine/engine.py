@@ -127,6 +127,33 @@ class Engine:
             self._draft_step = torch.compile(self._draft_logits, dynamic=None, options=options)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
 
+    @torch.no_grad()
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> "Engine":
+        """With compile=True, compile every step graph serving can need now (each batch size up to 4, one dynamic
+        batch beyond, compressed-entry lengths made dynamic; verify and draft steps when speculating) instead of
+        stalling the first requests that hit each shape. Runs on dummy rows whose writes all go to the spare slot.
+        Returns self."""
+        if self.compile:
+            self._dummy_steps(progress)
+        return self
+
+    def _dummy_steps(self, progress: Callable[[str], None] | None = None):
+        """One uncommitted step (and draft) of every batch size and entry-length bucket warm_up compiles."""
+        width = 2 if self.speculative else 1
+        sizes = sorted({*range(1, min(4, self.max_batch) + 1)} | ({5, self.max_batch} if self.max_batch > 4 else set()))
+        starts = sorted({0, max(min(self.model.STEP_BUCKET, self.max_len - width - 1), 0)})
+        for B in sizes:
+            for start in starts:
+                if progress is not None:
+                    progress(f"compiling the decode step for {B} sequence(s) at position {start}")
+                slots = torch.arange(B, device=self.device)
+                step = self.model.make_step(self.cache, slots, torch.full((B,), start, device=self.device), width,
+                                            torch.zeros(B, dtype=torch.long, device=self.device))
+                ids = torch.zeros(B, width, dtype=torch.long, device=self.device)
+                h, _ = self._compiled(self._decode_step, ids, self.cache, step)
+                if self.speculative:
+                    self._compiled(self._draft_step, h, ids, self.cache, step, torch.zeros_like(slots))
+
     # --- requests ---
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, max_new_tokens: int = 256,
                stop: Iterable[str] = (), stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
