@@ -88,7 +88,7 @@ def main():
     args = ["--max-batch", str(most), "--model-name", "bench", "--dtype", "auto", "--max-len", "1024"] + \
         ["--compile"] * opts.compile + ([] if opts.speculative is None else
                                         ["--speculative" if opts.speculative else "--no-speculative"])
-    server = Server(ckpt, *args, api_key=None)
+    server = Server(ckpt, *args, api_key=None, startup_s=3600)  # --compile compiles before it listens
     try:
         print("warming up", file=sys.stderr, flush=True)
         for n in sorted(set(opts.clients)):  # every batch size once (compiles, when compiled), untimed

@@ -33,7 +33,7 @@ def tiny_checkpoint(path: Path) -> Path:
 
 
 class Server:
-    def __init__(self, ckpt: Path, *args: str, api_key: str | None = API_KEY):
+    def __init__(self, ckpt: Path, *args: str, api_key: str | None = API_KEY, startup_s: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -44,7 +44,7 @@ class Server:
             env.pop("DSV4_API_KEY")
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dsv4 serve exited with {self.proc.returncode}:\n{self.output()}")
