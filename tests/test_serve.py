@@ -232,6 +232,12 @@ def test_bad_input_gets_an_openai_error(live_server, body, status, words, param)
         assert error["param"] == param
 
 
+def test_too_many_completions_in_one_request(live_server):
+    body = {"model": MODEL, "prompt": ["a"] * 20, "n": 4, "max_tokens": 1}
+    r = httpx.post(live_server + "/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 400 and "at most 64 completions per request" in r.json()["error"]["message"]
+
+
 def test_api_key_is_required(live_server):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):

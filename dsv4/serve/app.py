@@ -35,6 +35,7 @@ from dsv4.serve.tools import OutputParser, render_calls, render_output, tools_pr
 
 log = logging.getLogger("dsv4.serve")
 STATIC = Path(__file__).parent / "static"
+MAX_CHOICES = 64  # engine requests one API call may start
 
 
 class APIError(Exception):
@@ -183,6 +184,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, shut
         check_model(body.model)
         prompts = completion_prompts(tokenizer, body.prompt)
         max_new = min(budget(len(p), body.max_tokens) for p in prompts)
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} completions per request (prompts x n), got "
+                                f"{len(prompts)} x {body.n}", param="prompt")
         each = [p for p in prompts for _ in range(body.n)]
         run = Run(runner, metrics, each, sampling(body, len(each)), max_new, body.stops(), body.logprobs)
         if body.stream:
