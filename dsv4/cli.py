@@ -375,21 +375,40 @@ def add_serve(subparsers):
 
 def run_serve(opts) -> int:
     import logging
+    import signal
+    import threading
     from pathlib import Path
 
     import uvicorn
 
     from dsv4.serve.app import create_app
+    from dsv4.serve.runner import EngineRunner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = load_engine(opts, max_batch=opts.max_batch)
     if engine.compile:  # compile now, not while the first clients wait (minutes the first time, then cached on disk)
         engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
     name = opts.model_name or Path(opts.ckpt).resolve().name
-    app = create_app(engine, name, api_key=opts.api_key)
+    runner = EngineRunner(engine)
+    app = create_app(engine, name, api_key=opts.api_key, runner=runner)
+    server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    # HTTP on a thread, the engine on this (main) thread: see EngineRunner.run. SIGTERM / Ctrl-C ask uvicorn to shut
+    # down gracefully; its shutdown stops the runner, which returns here.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    def serve_http():
+        try:
+            server.run()
+        finally:  # also when it could not start (port taken): the engine loop must not outlive it
+            runner.stop(timeout=0)
+
+    http = threading.Thread(target=serve_http, name="dsv4-http")
+    http.start()
     print(f"dsv4 serve: {name} on http://{opts.host}:{opts.port}  (context {engine.max_len} tokens, "
           f"{opts.max_batch} sequences at once{', API key required' if opts.api_key else ''})", file=sys.stderr)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", timeout_graceful_shutdown=10)
+    runner.run()
+    http.join()
     return 0
 
 

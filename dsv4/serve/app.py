@@ -70,15 +70,20 @@ class Metrics:
             lambda: runner.step_seconds)
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0) -> FastAPI:
-    runner = EngineRunner(engine)
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0,
+               runner: EngineRunner | None = None) -> FastAPI:
+    """The app over `engine`. Without a `runner`, the app starts one on its own thread; with one, whoever made it
+    drives it (`dsv4 serve` runs it on the main thread) and the app only stops it at shutdown."""
+    own = runner is None
+    runner = runner or EngineRunner(engine)
     tokenizer = engine.tokenizer
     metrics = Metrics(runner)
     created = api.now()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runner.start()
+        if own:
+            runner.start()
         yield
         await asyncio.to_thread(runner.stop, shutdown_timeout)
 
