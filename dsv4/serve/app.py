@@ -8,8 +8,8 @@
     GET  /                     the web chat page (dsv4/serve/static/index.html)
 
 Every body is a pydantic model (dsv4/serve/protocol.py), so /openapi.json describes what is accepted and bad input
-is refused with an OpenAI-style error naming the field, before it reaches the engine. The engine runs on its own
-thread (dsv4/serve/runner.py); a client that disconnects cancels its requests.
+is refused with an OpenAI-style error naming the field, before it reaches the engine. One thread drives the engine
+(dsv4/serve/runner.py; `dsv4 serve` uses the main thread); a client that disconnects cancels its requests.
 """
 
 from __future__ import annotations
