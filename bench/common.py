@@ -47,14 +47,14 @@ def add_run_args(p: argparse.ArgumentParser):
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
 
 
-def save_shared_checkpoint(preset: str, seed: int, path: str):
-    """Write the weights both sides load: the preset without its MTP module (transformers builds none), freshly
-    initialised with `seed`. Returns its ModelArgs."""
+def save_shared_checkpoint(preset: str, seed: int, path: str, **overrides):
+    """Write the weights both sides load: the preset (with `overrides`) without its MTP module (transformers builds
+    none), freshly initialised with `seed`. Returns its ModelArgs."""
     import torch
 
     import dsv4
 
-    full = dsv4.ModelArgs.from_name(preset)
+    full = dsv4.ModelArgs.from_name(preset, **overrides)
     args = dsv4.ModelArgs.from_dict({**full.to_dict(), "n_mtp_layers": 0,
                                      "compress_ratios": full.compress_ratios[: full.n_layers]})
     torch.manual_seed(seed)

@@ -5,7 +5,8 @@ options and sets `run`, so a new command is one function plus one entry in COMMA
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
     dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (see dsv4.train)
     dsv4 eval --ckpt DIR [--humaneval]          held-out bits-per-byte vs a bigram, sample completions, HumanEval
-    dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine)
+    dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine); long prompts
+                                                with --prompt-file, a whole source tree with --context-dir
     dsv4 chat --ckpt DIR                        terminal chat: history, chat template, streaming, /reset
 """
 
@@ -230,17 +231,24 @@ def sampling_params(opts):
                           repetition_penalty=opts.repetition_penalty, seed=opts.seed)
 
 
-def load_engine(opts, max_len=lambda tok: 8192, max_batch: int = 1):
-    """The checkpoint's model and tokenizer in an engine whose cache holds --max-len tokens, or max_len(tokenizer),
-    for max_batch sequences at once."""
+def load_model(opts):
+    """The checkpoint's model and tokenizer on --device in --dtype."""
     import torch
 
     from dsv4.device import default_device, resolve_dtype
-    from dsv4.engine.engine import Engine
     from dsv4.eval.run import load
 
     device = torch.device(opts.device) if opts.device else default_device()
     model, tok, _ = load(opts.ckpt, device, resolve_dtype(opts.dtype, device))
+    return model, tok
+
+
+def load_engine(opts, max_len=lambda tok: 8192, max_batch: int = 1, loaded=None):
+    """The checkpoint's model and tokenizer (or `loaded` = (model, tokenizer)) in an engine whose cache holds
+    --max-len tokens, or max_len(tokenizer), for max_batch sequences at once."""
+    from dsv4.engine.engine import Engine
+
+    model, tok = loaded or load_model(opts)
     max_len = min(opts.max_len or max_len(tok), model.args.max_seq_len - 1)
     compile = "max" if opts.compile and opts.cpp_wrapper else opts.compile
     speculative = not compile if opts.speculative is None else opts.speculative
@@ -254,23 +262,79 @@ def add_generate(subparsers):
                               "inference engine and stream the text to stdout as it is generated; a summary "
                               "(tokens, speed, MTP acceptance) goes to stderr.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file)")
-    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (for long prompts)")
+    p.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file; may be left out with --context-dir)")
+    p.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file (long prompts: up to the "
+                   "model's context, prefilled in chunks with a progress bar)")
+    add_context_dir(p, "before the prompt")
     add_sampling(p, temperature=0.0)
     p.set_defaults(run=run_generate)
+
+
+def add_context_dir(p, where: str):
+    p.add_argument("--context-dir", metavar="PATH", help=f"pack the text files of a source tree {where} (each under "
+                   "a path header, in path order; .git, caches and binaries skipped) up to the context (--max-len, "
+                   "default the model's); what did not fit is listed on stderr")
+
+
+def pack_context(opts, tok, budget: int):
+    """--context-dir packed into `budget` tokens, with a progress bar over the files; reports what was left out."""
+    from tqdm import tqdm
+
+    from dsv4.context import pack_tree
+
+    if budget <= 0:
+        raise ValueError(f"--context-dir: no room left in the context ({budget} tokens) for the tree")
+    with tqdm(desc=f"packing {opts.context_dir}", unit="file", file=sys.stderr, leave=False) as bar:
+        packed = pack_tree(opts.context_dir, tok, budget, progress=bar.update)
+    print(f"[{packed.summary()} (budget {budget})]", file=sys.stderr)
+    missed = [path for path, why in packed.left_out if why == "did not fit"]
+    for path in missed[:20]:
+        print(f"  did not fit: {path}", file=sys.stderr)
+    if len(missed) > 20:
+        print(f"  ... and {len(missed) - 20} more", file=sys.stderr)
+    return packed
+
+
+class PrefillBar:
+    """A progress bar on stderr for prompts long enough to take several prefill steps (engine.stream's progress)."""
+
+    def __init__(self, min_tokens: int = 4096):
+        self.min_tokens, self.bar = min_tokens, None
+
+    def __call__(self, done: int, total: int):
+        if total < self.min_tokens:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
 
 
 def run_generate(opts) -> int:
     from pathlib import Path
 
-    if (opts.prompt is None) == (opts.prompt_file is None):
-        raise ValueError("give a prompt or --prompt-file (one of them)")
-    prompt = opts.prompt if opts.prompt is not None else Path(opts.prompt_file).read_text()
-    engine = load_engine(opts, lambda tok: len(tok.encode(prompt)) + opts.max_new_tokens)
+    if opts.prompt is not None and opts.prompt_file is not None:
+        raise ValueError("give a prompt or --prompt-file, not both")
+    if opts.prompt is None and opts.prompt_file is None and not opts.context_dir:
+        raise ValueError("give a prompt, --prompt-file or --context-dir")
+    prompt = opts.prompt if opts.prompt is not None else Path(opts.prompt_file).read_text() if opts.prompt_file \
+        else ""
+    model, tok = load_model(opts)
+    ids = tok.encode(prompt)
+    if opts.context_dir:
+        context = min(opts.max_len or model.args.max_seq_len, model.args.max_seq_len) - 1
+        ids = pack_context(opts, tok, context - len(ids) - opts.max_new_tokens).ids + ids
+    if not ids:
+        raise ValueError("the prompt is empty (and --context-dir packed nothing)")
+    engine = load_engine(opts, lambda tok: len(ids) + opts.max_new_tokens, loaded=(model, tok))
     t0 = time.perf_counter()
     first = None
     out = None
-    for out in engine.stream(prompt, sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop):
+    for out in engine.stream(ids, sampling_params(opts), progress=PrefillBar(), max_new_tokens=opts.max_new_tokens,
+                             stop=opts.stop):
         if first is None:
             first = time.perf_counter()
         sys.stdout.write(out.text)
@@ -300,14 +364,27 @@ def add_chat(subparsers):
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--thinking", action="store_true", help="open the answer with the thinking marker")
+    add_context_dir(p, "into the system prompt")
     add_sampling(p, temperature=0.7)
     p.set_defaults(run=run_chat)
 
 
+CHAT_TURNS_RESERVE = 2048  # tokens of the context kept for the conversation when --context-dir fills the rest
+
+
 def run_chat(opts, read=input) -> int:
-    engine = load_engine(opts)
+    system = opts.system
+    if opts.context_dir:
+        model, tok = load_model(opts)
+        context = min(opts.max_len or model.args.max_seq_len, model.args.max_seq_len) - 1
+        budget = context - opts.max_new_tokens - CHAT_TURNS_RESERVE - len(tok.encode(system or ""))
+        packed = pack_context(opts, tok, budget)
+        system = (system + "\n\n" if system else "") + "The repository:\n" + packed.text
+        engine = load_engine(opts, lambda tok: context, loaded=(model, tok))
+    else:
+        engine = load_engine(opts)
     tok = engine.tokenizer
-    start = [{"role": "system", "content": opts.system}] if opts.system else []
+    start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     print(f"dsv4 chat: {opts.ckpt} (/reset clears the history, /exit quits, Ctrl-C stops an answer)", file=sys.stderr)
     while True:
@@ -340,7 +417,8 @@ def run_chat(opts, read=input) -> int:
             history.pop()
             continue
         answer = []
-        stream = engine.stream(ids, sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop)
+        stream = engine.stream(ids, sampling_params(opts), progress=PrefillBar(), max_new_tokens=opts.max_new_tokens,
+                               stop=opts.stop)
         sys.stdout.write("dsv4> ")
         try:
             for delta in stream:
@@ -361,7 +439,8 @@ def add_serve(subparsers):
                               "(Prometheus) and a web chat page at /. Binds 127.0.0.1 unless --host says otherwise.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_engine_args(p, "context length per sequence (prompt + completion) the cache is allocated for "
-                       "(default: 8192, at most the model's)")
+                       "(default: 8192; up to the model's context, e.g. 1048576: the cache takes `dsv4 info`'s "
+                       "engine cache bytes per sequence for each of --max-batch slots)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),

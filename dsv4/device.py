@@ -87,6 +87,20 @@ def tune_cpu_allocator() -> bool:
                 and mallopt(M_TOP_PAD, 256 * 2**20))
 
 
+def release_free_memory() -> bool:
+    """Hand the pages of freed heap memory back to the OS (glibc's malloc_trim). A long prefill allocates blocks whose
+    sizes drift with the context (compressed entries read, attention blocks); with the heap tuned to keep freed memory
+    (`tune_cpu_allocator`) those free blocks fragment and the resident size creeps up by ~10 KB per token. Trimming
+    every few thousand tokens keeps it flat at no measurable cost. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def has_fused_adamw(device: torch.device | str) -> bool:
     """torch.optim.AdamW(fused=True) has kernels for this device kind."""
     return torch.device(device).type in ("cpu", "cuda")

@@ -30,6 +30,15 @@ Cache bytes at context L, per layer, in `dtype` (bf16 unless given):
 bytes per token = total / L. MTP layers keep their own cache; reported apart.
 "engine" is what the inference engine's preallocated `KVCache` really holds for one sequence slot of L tokens (main
 and MTP layers; the compressors' open rows in fp32), sized on the meta device, and the bytes that grow per token.
+
+Peak memory of a prefill of L tokens (one sequence, `prefill_memory`) = weights + the engine's cache + a working set
+that depends on the prefill chunk, not on L: prefill runs `chunk` tokens a step, the lightning indexer scans the
+entries a fixed block at a time (dsv4.model.indexer.Indexer.scan) and attention takes its queries in blocks of at most
+`Attention.ATTEND_BUDGET` scores, so the largest temporaries are the residual streams and projections of one chunk,
+one attention block, one scan block and one chunk's routed-expert activations. The only L-dependent term is the copy
+of one HCA layer's compressed entries (L / m rows). The estimate counts the tensors alive at once in the largest of
+these phases (tests/test_longctx.py checks it against the tensors really alive during a prefill); allocator slack and
+the Python / torch runtime (~0.3 GB) come on top.
 """
 
 import json
@@ -155,8 +164,58 @@ def engine_cache_bytes(args: ModelArgs, context: int, dtype: torch.dtype) -> int
     """Bytes the engine's KVCache allocates per sequence slot of `context` tokens (built on meta: nothing real)."""
     from dsv4.model.cache import KVCache
 
-    cache = KVCache(args, slots=1, max_len=min(context, args.max_seq_len), device="meta", dtype=dtype)
+    if context > args.max_seq_len:  # an accounting beyond the configured context: size it all the same
+        args = ModelArgs.from_dict({**args.to_dict(), "max_seq_len": context})
+    cache = KVCache(args, slots=1, max_len=context, device="meta", dtype=dtype)
     return cache.nbytes() // (cache.slots + 1)  # one slot (the engine also keeps one spare)
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of the weights in compute dtype `dtype` (the release's fp32 parameters stay fp32), MTP included."""
+    model = meta_model(args).to_dtype(dtype)
+    seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values()) + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def prefill_working_set(args: ModelArgs, context: int, dtype: torch.dtype, chunk: int = 512) -> dict[str, int]:
+    """Bytes of the temporaries alive at once while one sequence prefills `chunk` tokens a step at `context`, by
+    phase (see the module docstring); the largest phase is the working set."""
+    from dsv4.model.indexer import Indexer
+
+    c = chunk
+    size = torch.empty((), dtype=dtype).element_size()
+    n, D = args.hc_mult, args.dim
+    # the residual streams (fp32: input, output, the mixed input, post/comb, the sub-layer's output in both dtypes)
+    streams = 4 * (3 * c * n * D + c * n * n + 2 * c * D)
+    proj = c * size * (args.q_lora_rank + 4 * args.n_heads * args.head_dim + 8 * args.head_dim
+                       + 2 * args.index_n_heads * args.index_head_dim)  # q (and its RoPE'd copies), kv, compressors
+    W = args.window_size
+    entries = max([context // args.compress_ratios[i] for i in range(args.n_layers) if args.layer_kind(i) == "hca"]
+                  or [0])
+    widest = max(2 * W + entries, 2 * W + args.index_topk)
+    block = max(Attention.ATTEND_BUDGET // (args.n_heads * (widest + 1)), 1)
+    block = block // W * W if block >= W else block  # as Attention.attend_blocks
+    scores = min(c, block) * args.n_heads * widest
+    # logits, their concatenation with the sink, the soft-max (fp32) and its copy in the compute dtype
+    attention = scores * (3 * 4 + size) + entries * args.head_dim * size + min(c, block) * args.index_topk * \
+        args.head_dim * size
+    scan = Indexer.SCAN_QUERIES * args.index_n_heads * Indexer.SCAN_BLOCK * (size + 4 + 4) \
+        + c * args.index_n_heads * args.index_head_dim * size if any(
+            args.layer_kind(i) == "csa" for i in range(args.n_layers)) else 0
+    moe = c * args.n_activated_experts * (3 * args.moe_inter_dim + 2 * D) * size + c * args.n_routed_experts * 4 * 2
+    head = 2 * args.vocab_size * 4
+    phases = {"attention": attention, "indexer_scan": scan, "moe": moe}
+    return {"streams": streams, "projections": proj, **phases, "head": head,
+            "total": streams + proj + max(phases.values()) + head}
+
+
+def prefill_memory(args: ModelArgs, context: int, dtype: torch.dtype = torch.bfloat16,
+                   cache_dtype: torch.dtype | None = None, chunk: int = 512) -> dict[str, int]:
+    """Peak bytes to prefill one sequence of `context` tokens: weights + the engine's cache + the working set."""
+    weights = weight_bytes(args, dtype)
+    cache = engine_cache_bytes(args, context, cache_dtype or dtype)
+    work = prefill_working_set(args, context, dtype, chunk)["total"]
+    return {"weights": weights, "cache": cache, "working_set": work, "total": weights + cache + work}
 
 
 def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -166,7 +225,7 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
     with_mtp = totals["main"] + totals["mtp"]
     main_layers = range(args.n_layers)
     mtp_layers = range(args.n_layers, args.n_layers + args.n_mtp_layers)
-    flops, cache = {}, {}
+    flops, cache, memory = {}, {}, {}
     for L in contexts:
         main, mtp = attention_flops(args, main_layers, L), attention_flops(args, mtp_layers, L)
         main_total = totals["main"].flops + main["attention"] + main["indexer"]
@@ -176,6 +235,7 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
         cache[str(L)] = {**cache_bytes(args, main_layers, L, cache_dtype),
                          "mtp": cache_bytes(args, mtp_layers, L, cache_dtype)["total"],
                          "engine": engine_cache_bytes(args, L, cache_dtype)}
+        memory[str(L)] = prefill_memory(args, L, cache_dtype)
     kinds = [args.layer_kind(i) for i in main_layers]
     return {
         "config": {"dim": args.dim, "n_layers": args.n_layers, "layers": {k: kinds.count(k) for k in
@@ -192,6 +252,7 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
         "cache_dtype": str(cache_dtype).removeprefix("torch."),
         "cache_bytes": cache,
         "engine_cache_bytes_per_token": bytes_per_token(args, cache_dtype),
+        "prefill_memory": memory,
     }
 
 
@@ -272,6 +333,12 @@ def format_table(info: dict, title: str = "") -> str:
                                                         for v in info["cache_bytes"].values()))
     lines.append(f"(the inference engine's allocation, MTP included; it grows by "
                  f"{human_bytes(info['engine_cache_bytes_per_token'])} per token)")
+    lines.append("")
+    for label, key in (("prefill peak memory", "total"), ("  weights", "weights"), ("  engine cache", "cache"),
+                       ("  working set", "working_set")):
+        lines.append(f"{label:<22}" + "".join(f"{human_bytes(v[key]):>14}" for v in info["prefill_memory"].values()))
+    lines.append(f"(one sequence, weights and cache in {info['cache_dtype']}, 512-token prefill chunks; "
+                 f"the Python / torch runtime adds ~0.3 GiB)")
     if "checkpoint" in info:
         ck = info["checkpoint"]
         lines += ["", f"checkpoint {ck['path']}: {ck['files']} files, {ck['tensors']} tensors, "

@@ -245,7 +245,7 @@ def test_cli_generate_streams_the_engines_greedy_text(ckpt, alone, capsys, tmp_p
     assert main(argv + ["--prompt-file", str(tmp_path / "p.txt"), "--no-speculative"]) == 0
     again = capsys.readouterr()
     assert again.out == out.out and "MTP" not in again.err
-    assert main(argv) == 2 and "give a prompt or --prompt-file" in capsys.readouterr().err
+    assert main(argv) == 2 and "give a prompt, --prompt-file or --context-dir" in capsys.readouterr().err
     assert main(argv + ["x" * 5000, "--max-len", "100"]) == 2
     assert "the context holds 100" in capsys.readouterr().err
 
@@ -271,7 +271,7 @@ def test_cli_chat_keeps_history_and_resets(ckpt, tok, model, capsys, monkeypatch
     opts = cli.main.__globals__["argparse"].Namespace(
         ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
         seed=None, stop=[], speculative=True, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
-        compile=False)
+        compile=False, context_dir=None)
     assert cli.run_chat(opts, read=read) == 0
     out = capsys.readouterr().out
     assert out.count("dsv4> ") == 3
@@ -306,7 +306,7 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch
     opts = cli.main.__globals__["argparse"].Namespace(
         ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
         seed=None, stop=[], speculative=False, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
-        compile=False)
+        compile=False, context_dir=None)
     assert cli.run_chat(opts, read=lambda _: next(lines)) == 0
     out = capsys.readouterr().out
     assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv4.device import can_compile, release_free_memory
 from dsv4.engine.sampling import SamplingParams, apply_penalties, probabilities, sample, speculative_verify
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache, Step
@@ -84,11 +85,16 @@ class Request:
 
 
 class Engine:
+    TRIM_EVERY = 16384  # prompt tokens between hand-backs of freed memory to the OS during prefill
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
-                 speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool | str = False):
+                 speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool | str = False,
+                 compile_scan: bool | None = None):
         """compile: False; True (decode, verify and draft steps through torch.compile: the first steps of each batch
         size compile, cached on disk); or "max" (also inductor's C++ wrapper, which launches the step's kernels
-        without Python: ~10% faster steps for about twice the compile time; for long-lived engines)."""
+        without Python: ~10% faster steps for about twice the compile time; for long-lived engines).
+        compile_scan: the lightning indexer's long-context scan through torch.compile (`Transformer.compile_scan`;
+        compiles at the first prefill long enough to scan, a few seconds, cached on disk); None = where a compiler
+        exists."""
         if compile not in (False, True, "max"):
             raise ValueError(f"compile must be False, True or 'max', got {compile!r}")
         if speculative and not model.mtp:
@@ -98,6 +104,8 @@ class Engine:
         self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
         self.args = model.args
         self.device = next(model.parameters()).device
+        if compile_scan or (compile_scan is None and can_compile(self.device)):
+            model.compile_scan()
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
         self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
         dtype = cache_dtype or model.layers[0].attn.wkv.weight.dtype  # what the attention computes in
@@ -126,6 +134,7 @@ class Engine:
             self._decode_step = torch.compile(self._decode_logits, dynamic=None, options=options)
             self._draft_step = torch.compile(self._draft_logits, dynamic=None, options=options)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
+        self._untrimmed = 0  # prompt tokens prefilled since freed memory was last handed back
 
     @torch.no_grad()
     def warm_up(self, progress: Callable[[str], None] | None = None) -> "Engine":
@@ -253,6 +262,10 @@ class Engine:
                 if len(n) < len(chunks[i]):
                     r.mtp_rows = [h[i, len(n)]]
         done = []
+        self._untrimmed += sum(len(c) for c in chunks)
+        if self._untrimmed >= self.TRIM_EVERY:  # long prefills: keep the resident size flat (see release_free_memory)
+            self._untrimmed = 0
+            release_free_memory()
         for i, (r, c) in enumerate(zip(reqs, chunks)):
             r.pos += len(c)
             self.stats["prefill_tokens"] += len(c)
@@ -467,13 +480,19 @@ class Engine:
         return [Completion(r.id, "".join(texts[r.id]), r.output, r.finish_reason, len(r.prompt),
                            logprobs[r.id] if r.logprobs is not None else None) for r in reqs]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs) -> Iterator[Delta]:
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               progress: Callable[[int, int], None] | None = None, **kwargs) -> Iterator[Delta]:
         """One request's deltas as they come (other queued requests progress too). Closing the iterator early
-        (break, KeyboardInterrupt, a dropped client) cancels the request and frees its slot."""
+        (break, KeyboardInterrupt, a dropped client) cancels the request and frees its slot. progress(done, total)
+        is called after each step that prefilled some of the prompt (e.g. a progress bar for a long prompt)."""
         req = self.submit(prompt, params, **kwargs)
         try:
             while True:
-                for d in self.step():
+                before = req.pos
+                deltas = self.step()
+                if progress is not None and req.pos > before and before < len(req.prompt):
+                    progress(min(req.pos, len(req.prompt)), len(req.prompt))
+                for d in deltas:
                     if d.request_id == req.id:
                         yield d
                         if d.finish_reason is not None:

@@ -139,8 +139,12 @@ class Attention(nn.Module):
             if prepared is not None:
                 iq, ikeys, iw = prepared
                 positions = torch.arange(t0, t1, device=x.device)
-                scores = self.indexer.scores(iq[:, t0:t1], ikeys, iw[:, t0:t1], positions)  # [B, s, T]
-                if self.indexer_train != "dense":  # the dense warm-up attends to every visible entry
+                if not self.indexer_train and self.indexer.long(iq[:, t0:t1], ikeys.shape[1]):
+                    idx = self.indexer.scan(iq[:, t0:t1], iw[:, t0:t1], positions, lambda j0, j1: ikeys[:, j0:j1],
+                                            ikeys.shape[1])
+                else:
+                    scores = self.indexer.scores(iq[:, t0:t1], ikeys, iw[:, t0:t1], positions)  # [B, s, T]
+                if scores is not None and self.indexer_train != "dense":  # the dense warm-up reads every entry
                     idx = self.indexer.select(scores.detach(), positions)
             o, cmp_probs = self.attend(q[:, t0:t1], window_keys(kv, t0, t1, self.window), entries, idx, t0)
             if self.indexer_train and scores is not None:
@@ -153,11 +157,13 @@ class Attention(nn.Module):
         return self.project_out(o)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
-               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+               start: int | torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the (scaled) queries at positions start..start+s-1 (start an int, or [B] per row) ->
         (output [B, s, H, d], the attention probabilities on the compressed entries [B, s, H, k or T] or None).
-        keys: the window keys of positions start-W .. start+s-1 (see `window_scores`); entries [B, T, d];
-        idx: each query's selected entries (CSA), or None to read every visible entry (HCA, CSA's dense warm-up)."""
+        keys: the window keys of positions start-W .. start+s-1 (see `window_scores`); entries [B, T, d], or with
+        `rows` [B] a cache buffer [N, max entries, d] whose row rows[b] holds batch row b's entries (CSA then gathers
+        its top-k from there, copying nothing else); idx: each query's selected entries (CSA), or None to read every
+        visible entry (HCA, CSA's dense warm-up)."""
         B, s, H, _ = q.shape
         W = self.window
         fuse = decoding(q, B * s)
@@ -165,9 +171,10 @@ class Attention(nn.Module):
         parts = [logits]
         if entries is not None:
             T = entries.shape[1]
-            dense = idx is not None and T <= self.DENSE_SELECT * idx.shape[-1]
+            dense = idx is not None and rows is None and T <= self.DENSE_SELECT * idx.shape[-1]
             if idx is not None and not dense:  # CSA: gather each query's top-k entries
-                flat = (idx.clamp(min=0) + T * torch.arange(B, device=q.device)[:, None, None]).flatten()
+                base = rows if rows is not None else torch.arange(B, device=q.device)
+                flat = (idx.clamp(min=0) + T * base[:, None, None]).flatten()
                 cmp_keys = entries.flatten(0, 1).index_select(0, flat).view(*idx.shape, entries.shape[-1])
                 cmp_logits = contract("bshd,bskd->bshk", q, cmp_keys, fuse)
                 cmp_logits = cmp_logits.masked_fill_((idx < 0)[:, :, None, :], float("-inf"))
@@ -218,14 +225,41 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(kv), cos, sin)  # [B, s, d]
         keys = torch.cat([step.read_ring(cache.window), kv], dim=1)  # positions start-W .. start+s-1
         step.write_ring(cache.window, kv)
-        entries = idx = None
+        entries = idx = rows = None
         if self.compressor is not None:
             self.compressor.step(rest[0], rest[1], cache.compressed, step)
-            entries = cache.compressed.entries[step.slots, : step.end // self.ratio]  # [B, T, d]
-        if self.indexer is not None:
-            idx = self.indexer.step(index_q[0], *rest[2:], cache.index, step)
-        o, _ = self.attend(q, keys, entries, idx, step.start)
+            count = step.end // self.ratio
+            if self.indexer is not None:
+                idx = self.indexer.step(index_q[0], *rest[2:], cache.index, step)
+            if idx is not None and count > self.DENSE_SELECT * idx.shape[-1]:  # gather the top-k in place
+                entries, rows = cache.compressed.entries, step.slots
+            else:
+                entries = cache.compressed.entries[step.slots, :count]  # [B, T, d]
+        o = self.attend_blocks(q, keys, entries, idx, step.start, rows)
         return self.project_out(apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True))
+
+    # scores a query block may hold at once (queries x heads x keys) when a long chunk attends to many entries
+    ATTEND_BUDGET = 1 << 23
+
+    def attend_blocks(self, q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor | None,
+                      idx: torch.Tensor | None, start: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """`attend` a step's queries in blocks (whole windows where they fit) sized so that no block holds more than
+        ATTEND_BUDGET logits: a long prefill chunk reading every compressed entry (HCA) stays bounded in memory."""
+        B, s, H, _ = q.shape
+        W = self.window
+        if entries is None:
+            width = 0
+        elif idx is not None and rows is not None:
+            width = idx.shape[-1]
+        else:
+            width = entries.shape[1]
+        n = max(self.ATTEND_BUDGET // (B * H * (2 * W + width + 1)), 1)
+        n = n // W * W if n >= W else n  # whole windows where they fit (fewer window-score blocks)
+        if s <= n or torch.compiler.is_compiling():
+            return self.attend(q, keys, entries, idx, start, rows)[0]
+        return torch.cat([self.attend(q[:, a: a + n], keys[:, a: W + a + n], entries,
+                                      None if idx is None else idx[:, a: a + n], start + a, rows)[0]
+                          for a in range(0, s, n)], dim=1)
 
     def project_out(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, H, d] -> [B, S, D] through the grouped low-rank projection."""

@@ -9,11 +9,20 @@ compressed entries it will attend to.
 Tie-break (documented, deterministic): among equal scores the more recent entry (higher s) wins. With ReLU
 scores exact ties happen when every head's dot product is <= 0; then recency is the natural prior.
 Queries are processed in blocks so the [S, T] score matrix never exists whole.
+
+Long contexts (`scan`): the entries are read `scan_block` at a time and each block's scores are merged into a running
+top-k (exact: by (score, index), so the result is the one-shot selection's), so a chunk of s queries holds
+O(s * scan_block) scores whatever the context. The block's scoring (`block_scores`: one matmul in the model's dtype,
+then ReLU and the head-weighted sum in fp32) is the superlinear part of a long prefill; `compile_scan` swaps in a
+torch.compile'd copy that fuses everything after the matmul into one pass.
 """
+
+from collections.abc import Callable
 
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
@@ -46,19 +55,66 @@ def topk_recent_fast(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def _exact_key(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered by (score, index): distinct, so top-k on them has no ties and the more recent entry wins."""
+def _exact_key(scores: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 keys ordered by (score, index): distinct, so top-k on them has no ties and the more recent entry wins.
+    index: the entries' indices (distinct, >= 0; default: their positions along the last dim)."""
     bits = scores.float().view(torch.int32).long()
     key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float value
-    T = scores.shape[-1]
-    return key * T + torch.arange(T, device=scores.device)  # then the higher index wins
+    if index is None:
+        index = torch.arange(scores.shape[-1], device=scores.device)
+    return key * (1 << 31) + index  # then the higher index wins (|key| < 2^31, index < 2^31: no overflow)
+
+
+def merge_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates by (score, index): scores [..., n] fp32 and their entries' indices [..., n] (distinct)
+    -> (scores [..., k], indices [..., k]), in no particular order. torch.topk first; the rare rows whose k-th score is
+    tied with an unselected candidate are redone on exact keys (-inf ties are left alone: those are invisible)."""
+    vals, at = scores.topk(k, dim=-1, sorted=False)
+    kth = vals.min(-1, keepdim=True).values
+    ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
+    if ambiguous.any():
+        at[ambiguous] = _exact_key(scores[ambiguous], index[ambiguous]).topk(k, dim=-1, sorted=False).indices
+        vals = scores.gather(-1, at)
+    return vals, index.gather(-1, at)
+
+
+def block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Scores of one block of entries: q [B, n, H, c] and keys [B, Tb, c] in the compute dtype, w [B, n, H] fp32
+    (scaled) -> sum_h w * relu(q_h . k) [B, n, Tb] fp32 (the dot products rounded to the compute dtype, as in
+    `Indexer.scores`)."""
+    B, n, H, c = q.shape
+    dots = torch.bmm(q.reshape(B, n * H, c), keys.transpose(1, 2)).view(B, n, H, -1)
+    return (dots.relu().float() * w[..., None]).sum(2)
+
+
+def block_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, first: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of the scan, entries first..first+Tb-1: `block_scores`, entries at or beyond each query's `visible`
+    [B, n] count masked to -inf, then the block's top-k -> (scores [B, n, k], entry indices [B, n, k], ambiguous
+    [B, n]: rows whose k-th score ties an unselected entry's, for the caller to redo on exact keys)."""
+    scores = block_scores(q, keys, w)
+    at = first + torch.arange(keys.shape[1], device=q.device)
+    scores = scores.masked_fill(at >= visible[..., None], float("-inf"))
+    vals, pos = scores.topk(k, dim=-1, sorted=False)
+    kth = vals.min(-1, keepdim=True).values
+    ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
+    return vals, pos + first, ambiguous
+
+
+_compiled_block_topk: Callable | None = None
 
 
 class Indexer(nn.Module):
+    # the long-context scan: entries per block (a shorter last block is padded to a power of two >= SCAN_MIN_BLOCK,
+    # so a compiled scan has a few shapes), queries per block, and the score count (queries x heads x entries) above
+    # which `step` scans instead of scoring every entry at once
+    SCAN_BLOCK, SCAN_MIN_BLOCK, SCAN_QUERIES, SCAN_ABOVE = 8192, 1024, 64, 1 << 22
+
     def __init__(self, args: ModelArgs, block_size: int = 1024):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.ratio, self.block_size = args.csa_ratio, block_size
+        self.block_topk: Callable = block_topk  # `compile_scan` swaps in the compiled copy
         self.wq_b = Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
@@ -77,7 +133,7 @@ class Indexer(nn.Module):
         differ) against keys [B, T, c]: [B, s, T] fp32, -inf on entries not yet visible to the query."""
         fuse = decoding(q, q.shape[:2].numel())
         scores = contract("bshc,btc->bsht", q, keys, fuse).relu_()
-        scores = contract("bsht,bsh->bst", scores, w.to(scores.dtype), fuse).float()
+        scores = contract("bsht,bsh->bst", scores.float(), w.float(), fuse)
         visible = (positions + 1) // self.ratio
         return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[..., None], float("-inf"))
 
@@ -89,6 +145,59 @@ class Indexer(nn.Module):
         visible = (positions + 1) // self.ratio
         idx = topk_recent_fast(scores, k)
         return torch.where(idx < visible[..., None], idx, -1)
+
+    def scan(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
+             entries: Callable[[int, int], torch.Tensor], count: int) -> torch.Tensor:
+        """`select(scores(...))` for long contexts, in bounded memory: the same selection (up to float summation
+        order), reading `SCAN_QUERIES` queries x `SCAN_BLOCK` entries at a time. Each block's top-k by (score, index)
+        is merged into a running top-k: the k best of the union of every block's k best are the k best overall.
+        q [B, s, H, c], w [B, s, H] (scaled), positions [s] or [B, s]; entries(j0, j1) -> the keys [B, j1 - j0, c]
+        of entries j0..j1-1 (slices of a tensor or of a cache: nothing of size `count` is copied); count: how many
+        entries exist -> [B, s, min(topk, count)], -1 where fewer are visible."""
+        B, s = q.shape[:2]
+        k = min(self.topk, count)
+        visible = ((positions + 1) // self.ratio).clamp(max=count).expand(B, s)
+        w = w.float()
+        nq = self.SCAN_QUERIES
+        out = []
+        for a in range(0, s, nq):
+            n = min(nq, s - a)
+            vis, qa, wa = visible[:, a: a + n], q[:, a: a + n], w[:, a: a + n]
+            topk_fn = self.block_topk
+            if n < nq and s > nq:  # the end of a long chunk: padded to the one query-block shape (rows dropped)
+                qa, wa = F.pad(qa, (0, 0, 0, 0, 0, nq - n)), F.pad(wa, (0, 0, 0, nq - n))
+                vis = F.pad(vis, (0, nq - n))
+            elif n < nq:  # a few queries (decoding): not worth a compiled shape of their own
+                topk_fn = block_topk
+            best = q.new_empty(*vis.shape, 0, dtype=torch.float32)
+            best_at = torch.empty(*vis.shape, 0, dtype=torch.long, device=q.device)
+            seen = int(vis.max())  # entries any of these queries can see
+            for j0 in range(0, seen, self.SCAN_BLOCK):
+                keys = entries(j0, min(j0 + self.SCAN_BLOCK, seen))
+                width = max(self.SCAN_MIN_BLOCK, 1 << (keys.shape[1] - 1).bit_length())  # beyond `seen`: masked
+                keys = F.pad(keys, (0, 0, 0, min(width, self.SCAN_BLOCK) - keys.shape[1]))
+                first = torch.tensor(j0, device=q.device)
+                vals, at, ambiguous = topk_fn(qa, keys, wa, vis, first, min(k, keys.shape[1]))
+                if ambiguous.any():  # rare (exact ties): those rows' block top-k on exact (score, index) keys
+                    b_, r_ = ambiguous.nonzero(as_tuple=True)
+                    scores = block_scores(qa[b_, r_][:, None], keys[b_], wa[b_, r_][:, None])[:, 0]
+                    index = j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)
+                    scores = scores.masked_fill(index >= vis[b_, r_][:, None], float("-inf"))
+                    vals[b_, r_], at[b_, r_] = merge_topk(scores, index, vals.shape[-1])
+                cand, cand_at = torch.cat([best, vals], dim=-1), torch.cat([best_at, at], dim=-1)
+                best, best_at = merge_topk(cand, cand_at, min(k, cand.shape[-1]))
+            idx = torch.where(best_at < vis[..., None], best_at, -1)[:, :n]
+            out.append(F.pad(idx, (0, k - idx.shape[-1]), value=-1))
+        return torch.cat(out, dim=1)
+
+    def compile_scan(self, **options):
+        """Run the scan's blocks through a torch.compile'd `block_topk` (shared by every indexer: a few graphs, one
+        per block shape), which fuses the ReLU, the weighted head sum, the mask and the top-k's bookkeeping into the
+        pass after the matmul instead of a dozen eager passes over the block."""
+        global _compiled_block_topk
+        if _compiled_block_topk is None:
+            _compiled_block_topk = torch.compile(block_topk, dynamic=False, **options)
+        self.block_topk = _compiled_block_topk
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], qr [B, S, q_lora] (normed query latent), cos/sin [S, R/2] (compress rope)
@@ -110,11 +219,18 @@ class Indexer(nn.Module):
         query among the entries it can see. -> [B, width, min(topk, T)]."""
         B, s, _ = q.shape
         self.compressor.step(kv, gate, state, step)
-        keys = state.entries[step.slots, : step.end // self.ratio]  # [B, T, c]
         cos, sin = step.rope("csa")
         q = apply_rope(q.view(B, s, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
         w = w * (self.head_dim * self.n_heads) ** -0.5
+        count = step.end // self.ratio
+        if self.long(q, count):
+            return self.scan(q, w, step.positions, lambda j0, j1: state.entries[step.slots, j0:j1], count)
+        keys = state.entries[step.slots, :count]  # [B, T, c]
         return self.select(self.scores(q, keys, w, step.positions), step.positions)
+
+    def long(self, q: torch.Tensor, count: int) -> bool:
+        """Scan in blocks (eager only: a compiled step keeps its single-pass shape)?"""
+        return not torch.compiler.is_compiling() and q.shape[:3].numel() * count > self.SCAN_ABOVE
 
 
 def indexer_kl(scores: torch.Tensor, cmp_probs: torch.Tensor, idx: torch.Tensor | None

@@ -20,6 +20,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache, LayerCache, Step
 from dsv4.model.fused import Linear, fuse_linear_groups
 from dsv4.model.hyper import HyperConnection, HyperHead
+from dsv4.model.indexer import Indexer
 from dsv4.model.moe import Experts, Gate, MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary
@@ -227,6 +228,15 @@ class Transformer(nn.Module):
                 module.attend = torch.compile(module.attend, **options)
             elif isinstance(module, Experts):
                 module.act = torch.compile(module.act, **options)
+        return self
+
+    def compile_scan(self, **options) -> "Transformer":
+        """Opt-in fast path for long contexts: every lightning indexer scores its long-context scan blocks through one
+        torch.compile'd function (dsv4.model.indexer.block_topk: a few fixed block shapes, compiled at the first long
+        prefill, then cached on disk). Same code as eager (tests compare the selections). Returns self."""
+        for module in self.modules():
+            if isinstance(module, Indexer):
+                module.compile_scan(**options)
         return self
 
     def compile_blocks(self, **options) -> "Transformer":
