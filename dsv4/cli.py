@@ -4,7 +4,8 @@ options and sets `run`, so a new command is one function plus one entry in COMMA
     dsv4 info --preset v4-flash [--json]        parameters, FLOPs per token and cache bytes of a configuration
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
     dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (see dsv4.train)
-    dsv4 eval --ckpt DIR [--humaneval]          held-out bits-per-byte vs a bigram, sample completions, HumanEval
+    dsv4 eval --ckpt DIR [--humaneval] [--niah] held-out bits-per-byte vs a bigram, sample completions, HumanEval,
+                                                needle-in-a-haystack retrieval heat map
     dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine); long prompts
                                                 with --prompt-file, a whole source tree with --context-dir
     dsv4 chat --ckpt DIR                        terminal chat: history, chat template, streaming, /reset
@@ -93,6 +94,20 @@ def add_train(subparsers):
     g.add_argument("--eval-every", type=int, default=pre.eval_every)
     g.add_argument("--save-every", type=int, default=pre.save_every)
     g.add_argument("--seed", type=int, default=pre.seed)
+    g.add_argument("--init", metavar="CKPT", help="start from this checkpoint's weights and tokenizer (e.g. to "
+                   "add long-context training to a finished run: --init runs/small/final --steps 0 --sft-steps 0 "
+                   "--longctx-steps 300)")
+    lc = d.longctx
+    g = p.add_argument_group("long-context training (corpus windows mixed with synthetic retrieval tasks; the indexer "
+                             "warms up dense with its KL loss, then trains sparse)")
+    g.add_argument("--longctx-steps", type=int, default=lc.steps, help="0 = no long-context stage")
+    g.add_argument("--longctx-seq-len", type=int, default=lc.seq_len)
+    g.add_argument("--longctx-batch-size", type=int, default=lc.batch_size)
+    g.add_argument("--longctx-lr", type=float, default=lc.lr)
+    g.add_argument("--longctx-indexer-warmup", type=int, default=lc.indexer_warmup,
+                   help="dense indexer warm-up steps before sparse training")
+    g.add_argument("--longctx-task-frac", type=float, default=d.longctx_task_frac,
+                   help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle)")
     g = p.add_argument_group("fine-tuning (docstring -> function chat pairs, loss on answers)")
     g.add_argument("--sft-steps", type=int, default=sft.steps, help="0 = no fine-tuning")
     g.add_argument("--sft-lr", type=float, default=sft.lr)
@@ -117,8 +132,13 @@ def train_config(opts):
                                    indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
                               seq_len=opts.sft_seq_len, grad_accum=opts.grad_accum, **shared)
+    longctx = dataclasses.replace(d.longctx, steps=opts.longctx_steps, seq_len=opts.longctx_seq_len,
+                                  batch_size=opts.longctx_batch_size, lr=opts.longctx_lr,
+                                  indexer_warmup=opts.longctx_indexer_warmup, grad_accum=opts.grad_accum,
+                                  **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
     return TrainConfig(out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
-                       dtype=opts.dtype, compile=opts.compile, pretrain=pretrain, sft=sft)
+                       dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
+                       longctx_task_frac=opts.longctx_task_frac, sft=sft)
 
 
 def run_train(opts) -> int:
@@ -151,6 +171,13 @@ def add_eval(subparsers):
     p.add_argument("--humaneval", action="store_true",
                    help="run HumanEval (164 problems, about a minute on 2 cores for `small`)")
     p.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--niah", action="store_true", help="needle in a haystack: pass-key retrieval over context "
+                   "lengths x needle depths, haystacks of held-out text -> niah.json + niah.png (heat map)")
+    p.add_argument("--niah-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536,
+                                                                     131072], metavar="TOKENS")
+    p.add_argument("--niah-depths", type=int, default=5, help="needle depths, evenly spaced from 0%% to 100%%")
+    p.add_argument("--niah-samples", type=int, default=2, help="prompts per (length, depth) cell")
+    p.add_argument("--niah-out", metavar="DIR", help="where niah.json / niah.png go (default: the checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="HumanEval completion budget")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
@@ -187,11 +214,45 @@ def run_eval(opts) -> int:
         r = ev.humaneval(model, tok, opts.max_new_tokens, opts.humaneval_limit)
         report["humaneval"] = r
         print(f"\nHumanEval pass@1 (greedy): {r['pass@1']:.4f}  ({r['passed']}/{r['problems']})")
+    if opts.niah:
+        report["niah"] = run_niah(opts, model, tok, cfg)
     if opts.json:
         from dsv4.data import atomic_write
 
         atomic_write(Path(opts.json), lambda f: f.write(json.dumps(report, indent=1).encode()))
     return 0
+
+
+def run_niah(opts, model, tok, cfg) -> dict:
+    """`dsv4 eval --niah`: the accuracy grid on the checkpoint's held-out text, printed and written as JSON + PNG."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from dsv4.data import load_corpus, load_tokens, tokenize_corpus
+    from dsv4.eval.niah import needle_in_a_haystack, write_report
+
+    data = opts.data if opts.data is not None else (cfg.data if cfg else None)
+    _, val_docs = load_corpus(data, opts.val_frac or (cfg.val_frac if cfg else 0.03))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenize_corpus(val_docs, tok, Path(tmp) / "val.bin", progress=False)
+        filler = np.array(load_tokens(Path(tmp) / "val.bin"))
+    depths = np.linspace(0, 1, opts.niah_depths).round(4).tolist() if opts.niah_depths > 1 else [0.5]
+    cells = len(opts.niah_lengths) * len(depths) * opts.niah_samples
+    with tqdm(total=cells, desc="needle in a haystack", unit="prompt", file=sys.stderr) as bar:
+        def tick(r):
+            bar.set_postfix_str(f"{r['length']} tokens, depth {r['depth']:.0%}: {'ok' if r['correct'] else 'miss'}")
+            bar.update()
+        report = needle_in_a_haystack(model, tok, filler, opts.niah_lengths, depths, opts.niah_samples,
+                                      progress=tick)
+    json_path, png = write_report(report, opts.niah_out or opts.ckpt)
+    print("\nneedle in a haystack (pass key), retrieved by context length:")
+    for L, acc in zip(report["lengths"], report["by_length"]):
+        print(f"  {L:>8} tokens: {acc:.0%}")
+    print(f"({json_path}, {png})")
+    return {k: v for k, v in report.items() if k != "results"}
 
 
 def add_engine_args(p, max_len_help: str):

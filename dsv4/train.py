@@ -4,6 +4,9 @@
     out/data/{train,val}.bin              memory-mapped token files (+ .json sidecars), reused when unchanged
     out/pretrain/step-*/                  snapshots (model, optimizer, RNG, data position), atomic and checksummed
     out/pretrain/metrics.jsonl            one JSON object per step; loss.png, lr.png, expert_load.png beside it
+    out/longctx/...                       optional (--longctx-steps): long-context training at up to 8K tokens on the
+                                          corpus mixed with synthetic retrieval tasks (dsv4.tasks), the indexer trained
+                                          with its recipe (dense warm-up with KL, then sparse); between the two
     out/sft/...                           the same for fine-tuning (docstring -> function chat pairs)
     out/final/                            config.json + safetensors + tokenizer.json + plots: any dsv4 command loads it
 
@@ -88,9 +91,16 @@ class TrainConfig:
     dtype: str = "auto"               # compute dtype; auto = bf16 where the device does it fast, else fp32
     compile: str = "auto"             # torch.compile the blocks: on | off | auto (on where a compiler backend exists)
     init_seed: int = 0
+    init: str | None = None           # a checkpoint directory to start from (its weights and tokenizer)
     pretrain: StageConfig = field(default_factory=StageConfig)
+    longctx: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=0, batch_size=1, seq_len=8192, lr=1e-3, warmup=5, indexer_warmup=20, mtp_weight=0.0, eval_every=50,
+        save_every=25, eval_batches=4))
+    longctx_task_frac: float = 0.5    # share of long-context steps that train on synthetic retrieval tasks
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, lr=1e-3, warmup=3, indexer_warmup=0,
                                                                  eval_every=25, save_every=25))
+
+    STAGES = ("pretrain", "longctx", "sft")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,7 +108,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
-        stages = {k: StageConfig(**d.pop(k)) for k in ("pretrain", "sft") if k in d}
+        stages = {k: StageConfig(**d.pop(k)) for k in cls.STAGES if k in d}
         return cls(**d, **stages)
 
 
@@ -345,14 +355,15 @@ def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer
 def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
     saved = out / "train_config.json"
     if not saved.exists():
-        if not resume and any((out / s).is_dir() and list_snapshots(out / s) for s in ("pretrain", "sft")):
+        if not resume and any((out / s).is_dir() and list_snapshots(out / s) for s in TrainConfig.STAGES):
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         return
     old = json.loads(saved.read_text())
     if not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    new = cfg.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("out", "device", "compile"))
+    new, default = cfg.to_dict(), TrainConfig().to_dict()  # a key an older version did not write had its default
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k)
+                     and k not in ("out", "device", "compile"))
     if changed:
         raise ValueError(f"--resume with a different configuration ({', '.join(changed)} changed) would not continue "
                          f"the same run; use the original settings or another --out")
@@ -369,6 +380,8 @@ def prepare_data(cfg: TrainConfig, out: Path, vocab_size: int, progress: bool = 
         raise ValueError(f"the corpus split into {len(train_docs)} train and {len(val_docs)} val documents; "
                          f"both need at least one (more data or another --val-frac)")
     tok_path = out / "tokenizer.json"
+    if cfg.init and not tok_path.exists():  # continuing a checkpoint: its tokenizer, not a new one
+        shutil.copy(Path(cfg.init) / "tokenizer.json", tok_path)
     if tok_path.exists():
         tok = Tokenizer.from_file(tok_path)
     else:
@@ -382,6 +395,17 @@ def prepare_data(cfg: TrainConfig, out: Path, vocab_size: int, progress: bool = 
         files[split] = out / "data" / f"{split}.bin"
         tokenize_corpus(docs, tok, files[split], progress=progress)
     return tok, train_docs, val_docs, files["train"], files["val"]
+
+
+def initial_weights(path: str, args: ModelArgs, device: torch.device) -> Transformer:
+    """The fp32 weights of checkpoint `path` to continue training from (its config must be the preset's)."""
+    from dsv4.checkpoint import from_pretrained
+
+    model = from_pretrained(path, device=device, dtype=torch.float32)
+    if model.args != args:
+        raise ValueError(f"--init {path} is not a {args.n_layers}-layer model of this preset's shape; "
+                         "continue it with the same --preset")
+    return model
 
 
 def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -424,7 +448,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     device = torch.device(cfg.device) if cfg.device else default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     args = ModelArgs.from_name(cfg.preset)
-    seq = max(cfg.pretrain.seq_len, cfg.sft.seq_len)
+    seq = max(getattr(cfg, name).seq_len for name in TrainConfig.STAGES if getattr(cfg, name).steps > 0)
     if seq > args.max_seq_len:
         raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
@@ -432,12 +456,23 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
 
     use_compile = compile_enabled(cfg.compile, device, dtype)
     model = build_model(args, device, cfg.init_seed)
-    stages = [("pretrain", cfg.pretrain)] + ([("sft", cfg.sft)] if cfg.sft.steps > 0 else [])
+    if cfg.init:
+        model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
+    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES
+              if getattr(cfg, name).steps > 0 or (name == "pretrain" and not cfg.init)]
     for name, stage in stages:
         if name == "pretrain":
             batches = pretrain_source(train_file, stage)
             val = fixed_val(PackedDataset(val_file, stage.seq_len).batches(stage.batch_size, seed=1234),
                             stage.eval_batches)
+        elif name == "longctx":
+            from dsv4.data import load_tokens
+            from dsv4.tasks import LongContextMix
+
+            mix = LongContextMix(tok, load_tokens(train_file), stage.seq_len, cfg.longctx_task_frac)
+            batches = (lambda m, s: lambda start: m.batches(s.batch_size, s.seed, start))(mix, stage)
+            val_mix = LongContextMix(tok, load_tokens(val_file), stage.seq_len, cfg.longctx_task_frac)
+            val = fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches)
         else:
             ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)
             batches = (lambda d, s: lambda start: d.batches(s.batch_size, s.seed, start))(ds, stage)

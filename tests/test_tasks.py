@@ -1,0 +1,159 @@
+"""Synthetic long-context tasks, the long-context training stage, and the needle-in-a-haystack evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsv4.checkpoint import from_pretrained
+from dsv4.eval.niah import needle_in_a_haystack, write_report
+from dsv4.plots import read_metrics
+from dsv4.tasks import KINDS, LongContextMix, TaskGenerator
+from dsv4.tokenizer import Tokenizer
+from dsv4.train import StageConfig, TrainConfig, run
+from tests.helpers import random_model
+from tests.test_data import FEW
+from tests.test_train import VAL_FRAC, corpus  # noqa: F401  (a fixture)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
+
+
+@pytest.fixture(scope="module")
+def filler(tok):
+    return np.array(tok.encode("".join(p.read_text() for p in FEW)), dtype=np.int64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_samples_have_the_exact_length_and_answer_what_they_hide(tok, filler, kind):
+    gen = TaskGenerator(tok, filler, seed=1)
+    for length in (300, 1000, 4097):
+        s = gen.sample(kind, length)
+        assert len(s.ids) == len(s.answer_mask) == length
+        text = tok.decode(s.ids)
+        answers = [tok.decode([t for t, m in zip(s.ids, s.answer_mask) if m])]
+        assert sum(s.answer_mask) > 0 and s.answer_mask[: s.prompt_len] == [0] * s.prompt_len
+        assert s.answer_mask[s.prompt_len] == 1
+        for a in s.answers:  # every answer is stated in the haystack before it is asked for
+            assert a in answers[0] and text.index(a) < len(tok.decode(s.ids[: s.prompt_len]))
+    again = TaskGenerator(tok, filler, seed=1).sample(kind, 300)
+    assert again.ids == TaskGenerator(tok, filler, seed=1).sample(kind, 300).ids  # seeded
+
+
+def test_passkey_depth_places_the_needle(tok, filler):
+    gen = TaskGenerator(tok, filler, seed=0)
+    for depth in (0.0, 0.5, 1.0):
+        s = gen.sample("passkey", 2000, depth=depth)
+        key = s.answers[0]
+        prefix = tok.decode(s.ids[: s.prompt_len])
+        at = prefix.index(f"The pass key is {key}") / len(prefix)
+        assert abs(at - depth) < 0.1, (depth, at)
+    with pytest.raises(ValueError, match="depths must be in"):
+        gen.sample("passkey", 500, depth=1.5)
+    with pytest.raises(ValueError, match="needs more than 10 tokens"):
+        gen.sample("passkey", 10)
+
+
+def test_long_context_mix_batches(tok, filler):
+    mix = LongContextMix(tok, filler, seq_len=256, task_frac=0.5)
+    kinds = []
+    for step in range(12):
+        ids, targets, mask = mix.batch(2, seed=3, step=step)
+        assert ids.shape == targets.shape == mask.shape == (2, 256)
+        assert torch.equal(ids[:, 1:], targets[:, :-1])
+        kinds.append("task" if mask.sum() < 256 else "lm")
+        again = mix.batch(2, seed=3, step=step)
+        assert all(torch.equal(a, b) for a, b in zip((ids, targets, mask), again))  # a pure function of (seed, step)
+        if kinds[-1] == "task":  # the loss falls on the answers: tokens the haystack stated before
+            assert 0 < mask.sum() < 60
+    assert {"task", "lm"} == set(kinds)
+    with pytest.raises(ValueError, match="task_frac"):
+        LongContextMix(tok, filler, 256, task_frac=2)
+
+
+def test_niah_scores_retrieval_and_writes_the_heat_map(tok, filler, tmp_path, monkeypatch):
+    """A model that always answers with the key scores 1.0 in every cell; one that never does scores 0; the report
+    is JSON and a PNG heat map."""
+    from dsv4.engine import engine as engine_module
+
+    model = random_model(0)
+    real = engine_module.Engine.generate
+    report = needle_in_a_haystack(model, tok, filler, lengths=[256, 512], depths=[0.0, 1.0], samples=1)
+    assert report["lengths"] == [256, 512] and np.array(report["accuracy"]).shape == (2, 2)
+    assert len(report["results"]) == 4 and all(r["length"] in (256, 512) for r in report["results"])
+
+    def oracle(self, prompts, params=None, **kw):  # answers with the key stated in the prompt
+        text = tok.decode(prompts[0])
+        key = text.split("The pass key is ")[1][:5]
+        out = real(self, prompts, params, **kw)
+        for o in out:
+            o.token_ids = tok.encode(f" {key}.")
+        return out
+
+    monkeypatch.setattr(engine_module.Engine, "generate", oracle)
+    perfect = needle_in_a_haystack(model, tok, filler, lengths=[256, 512], depths=[0.0, 0.5, 1.0], samples=2)
+    assert perfect["accuracy"] == [[1.0] * 3] * 2 and perfect["by_length"] == [1.0, 1.0]
+    json_path, png = write_report(perfect, tmp_path)
+    assert json.loads(json_path.read_text())["accuracy"] == perfect["accuracy"]
+    assert Image.open(png).size[0] > 200
+
+    def wrong(self, prompts, params=None, **kw):
+        out = real(self, prompts, params, **kw)
+        for o in out:
+            o.token_ids = tok.encode(" 00000.")
+        return out
+
+    monkeypatch.setattr(engine_module.Engine, "generate", wrong)
+    assert needle_in_a_haystack(model, tok, filler, lengths=[256], depths=[0.5], samples=2)["accuracy"] == [[0.0]]
+
+
+def test_long_context_stage_trains_the_indexer_on_tasks_then_continues_from_a_checkpoint(corpus, tmp_path):  # noqa: F811
+    """pretrain -> longctx (dense indexer warm-up with KL, then sparse; tasks and corpus windows) -> final; then a
+    second run starts from that checkpoint (--init) with only a long-context stage."""
+    small = dict(batch_size=2, save_every=2, eval_every=2, eval_batches=1)
+    cfg = TrainConfig(out=str(tmp_path / "run"), preset="tiny", data=str(corpus), val_frac=VAL_FRAC, dtype="fp32",
+                      device="cpu", compile="off", pretrain=StageConfig(steps=2, seq_len=32, **small),
+                      longctx=StageConfig(steps=4, seq_len=256, indexer_warmup=2, mtp_weight=0.0, **small),
+                      longctx_task_frac=1.0, sft=StageConfig(steps=0))
+    final = run(cfg, progress=False)
+    rows = read_metrics(tmp_path / "run" / "longctx" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["indexer_kl"] > 0 for r in rows if "loss" in r)  # dense (all entries), then sparse (top-k)
+    assert (final / "DONE").exists()
+
+    # --init: a learning rate of 0 (and no balancing) must hand the checkpoint's weights through unchanged
+    cont = TrainConfig(out=str(tmp_path / "more"), preset="tiny", data=str(corpus), val_frac=VAL_FRAC, dtype="fp32",
+                       device="cpu", compile="off", init=str(final), pretrain=StageConfig(steps=0),
+                       longctx=StageConfig(steps=2, seq_len=256, indexer_warmup=0, mtp_weight=0.0, lr=0.0,
+                                           balance_gamma=0.0, **small),
+                       longctx_task_frac=0.5, sft=StageConfig(steps=0))
+    again = run(cont, progress=False)
+    assert (tmp_path / "more" / "tokenizer.json").read_text() == (final / "tokenizer.json").read_text()
+    assert not (tmp_path / "more" / "pretrain").exists()
+    before, after = (from_pretrained(p, dtype=torch.float32).state_dict() for p in (final, again))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="same --preset"):
+        run(TrainConfig(out=str(tmp_path / "bad"), preset="small", init=str(final), data=str(corpus),
+                        val_frac=VAL_FRAC, dtype="fp32", device="cpu", compile="off", pretrain=StageConfig(steps=0),
+                        longctx=StageConfig(steps=1, seq_len=64), sft=StageConfig(steps=0)), progress=False)
+
+
+def test_cli_eval_niah_writes_json_and_heat_map(corpus, tmp_path, capsys):  # noqa: F811
+    from dsv4.cli import main
+    from tests.serve_util import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    argv = ["eval", "--ckpt", str(ckpt), "--no-bpb", "--no-samples", "--niah", "--niah-lengths", "256", "512",
+            "--niah-depths", "3", "--niah-samples", "1", "--niah-out", str(tmp_path / "niah"), "--data", str(corpus),
+            "--val-frac", str(VAL_FRAC), "--dtype", "fp32", "--json", str(tmp_path / "eval.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "256 tokens:" in out and "512 tokens:" in out
+    report = json.loads((tmp_path / "niah" / "niah.json").read_text())
+    assert report["depths"] == [0.0, 0.5, 1.0] and len(report["results"]) == 6
+    assert (tmp_path / "niah" / "niah.png").exists()
+    assert json.loads((tmp_path / "eval.json").read_text())["niah"]["lengths"] == [256, 512]
