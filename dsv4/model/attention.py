@@ -11,7 +11,8 @@
 Sliding-window-only layers use RoPE theta `rope_theta`; compressed layers use `compress_rope_theta` with YaRN.
 Queries are processed in blocks; the window W queries at a time ([W, 2W] scores, never [S, S]); CSA gathers
 only its top-k entries (or, while there are few entries, scores them all and masks the unselected: the same
-soft-max with dense matmuls).
+soft-max with dense matmuls). A long prefill chunk goes through `attend_blocks`, which bounds the scores one query
+block holds (HCA reads every compressed entry) and lets CSA gather its top-k from the cache in place.
 """
 
 from typing import TYPE_CHECKING
