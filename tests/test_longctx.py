@@ -19,8 +19,8 @@ from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache
 from dsv4.model.indexer import Indexer, block_topk
 from dsv4.tokenizer import Tokenizer
-from tests.helpers import random_model, tiny_args
-from tests.test_data import FEW
+from tests.helpers import tiny_args
+from tests.test_engine import model, tok  # noqa: F401  (fixtures)
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -89,16 +89,6 @@ def test_compiled_scan_blocks_equal_eager(monkeypatch):
         ref = ix.select(ix.scores(q, keys, w, pos), pos)
         got = ix.scan(q, w, pos, lambda a, b: keys[:, a:b], T)
         assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return random_model(0)
 
 
 def prompts(n: int, lengths=(700, 431)):

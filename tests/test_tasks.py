@@ -11,16 +11,11 @@ from dsv4.checkpoint import from_pretrained
 from dsv4.eval.niah import needle_in_a_haystack, write_report
 from dsv4.plots import read_metrics
 from dsv4.tasks import KINDS, LongContextMix, TaskGenerator
-from dsv4.tokenizer import Tokenizer
 from dsv4.train import StageConfig, TrainConfig, run
 from tests.helpers import random_model
 from tests.test_data import FEW
+from tests.test_engine import tok  # noqa: F401  (a fixture)
 from tests.test_train import VAL_FRAC, corpus  # noqa: F401  (a fixture)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
 
 
 @pytest.fixture(scope="module")
