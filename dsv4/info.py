@@ -172,9 +172,8 @@ def engine_cache_bytes(args: ModelArgs, context: int, dtype: torch.dtype) -> int
 
 def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     """Bytes of the weights in compute dtype `dtype` (the release's fp32 parameters stay fp32), MTP included."""
-    model = meta_model(args).to_dtype(dtype)
-    seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
-    return sum(seen.values()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    model = meta_model(args).to_dtype(dtype)  # parameters() yields a tied weight once
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def prefill_working_set(args: ModelArgs, context: int, dtype: torch.dtype, chunk: int = 512) -> dict[str, int]:

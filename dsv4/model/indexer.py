@@ -10,15 +10,14 @@ Tie-break (documented, deterministic): among equal scores the more recent entry 
 scores exact ties happen when every head's dot product is <= 0; then recency is the natural prior.
 Queries are processed in blocks so the [S, T] score matrix never exists whole.
 
-Long contexts (`scan`): the entries are read `scan_block` at a time and each block's scores are merged into a running
-top-k (exact: by (score, index), so the result is the one-shot selection's), so a chunk of s queries holds
-O(s * scan_block) scores whatever the context. The block's scoring (`block_scores`: one matmul in the model's dtype,
-then ReLU and the head-weighted sum in fp32) is the superlinear part of a long prefill; `compile_scan` swaps in a
-torch.compile'd copy that fuses everything after the matmul into one pass.
+Long contexts (`Indexer.scan`): the entries are read SCAN_BLOCK at a time and each block's top-k is merged into a
+running top-k (exact: by (score, index), so the result is the one-shot selection's), so a chunk of s queries holds
+O(s * SCAN_BLOCK) scores whatever the context. The block (`block_topk`: one matmul in the model's dtype, then ReLU,
+the head-weighted sum in fp32, the mask and the top-k) is the superlinear part of a long prefill; `compile_scan`
+swaps in a torch.compile'd copy that fuses everything after the matmul into one pass.
 """
 
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,12 +46,16 @@ def topk_recent_fast(scores: torch.Tensor, k: int) -> torch.Tensor:
     drops entries that are not visible."""
     if torch.compiler.is_compiling():  # no data-dependent rows under compile: the exact key for every row
         return _exact_key(scores).topk(k, dim=-1, sorted=False).indices
-    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    if scores.device.type == "meta":
+        return scores.topk(k, dim=-1, sorted=False).indices
+    return merge_topk(scores, torch.arange(scores.shape[-1], device=scores.device).expand_as(scores), k)[1]
+
+
+def _tied_at_kth(scores: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Rows whose top-k `vals` leave out a candidate tied with their k-th score (finite ties only: -inf entries are
+    invisible ones, dropped by the caller) -> [...] bool."""
     kth = vals.min(-1, keepdim=True).values
-    ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
-    if scores.device.type != "meta" and ambiguous.any():
-        idx[ambiguous] = _exact_key(scores[ambiguous]).topk(k, dim=-1, sorted=False).indices
-    return idx
+    return ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
 
 
 def _exact_key(scores: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,8 +73,7 @@ def merge_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch
     -> (scores [..., k], indices [..., k]), in no particular order. torch.topk first; the rare rows whose k-th score is
     tied with an unselected candidate are redone on exact keys (-inf ties are left alone: those are invisible)."""
     vals, at = scores.topk(k, dim=-1, sorted=False)
-    kth = vals.min(-1, keepdim=True).values
-    ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
+    ambiguous = _tied_at_kth(scores, vals)
     if ambiguous.any():
         at[ambiguous] = _exact_key(scores[ambiguous], index[ambiguous]).topk(k, dim=-1, sorted=False).indices
         vals = scores.gather(-1, at)
@@ -87,18 +89,21 @@ def block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.
     return (dots.relu().float() * w[..., None]).sum(2)
 
 
+def visible_block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
+                         first: torch.Tensor | int) -> torch.Tensor:
+    """`block_scores` of entries first..first+Tb-1, -inf at or beyond each query's `visible` [B, n] count."""
+    at = first + torch.arange(keys.shape[1], device=q.device)
+    return block_scores(q, keys, w).masked_fill(at >= visible[..., None], float("-inf"))
+
+
 def block_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, first: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block of the scan, entries first..first+Tb-1: `block_scores`, entries at or beyond each query's `visible`
-    [B, n] count masked to -inf, then the block's top-k -> (scores [B, n, k], entry indices [B, n, k], ambiguous
-    [B, n]: rows whose k-th score ties an unselected entry's, for the caller to redo on exact keys)."""
-    scores = block_scores(q, keys, w)
-    at = first + torch.arange(keys.shape[1], device=q.device)
-    scores = scores.masked_fill(at >= visible[..., None], float("-inf"))
+    """One block of the scan: `visible_block_scores`, then the block's top-k -> (scores [B, n, k], entry indices
+    [B, n, k], ambiguous [B, n]: rows whose k-th score ties an unselected entry's, for the caller to redo on exact
+    keys)."""
+    scores = visible_block_scores(q, keys, w, visible, first)
     vals, pos = scores.topk(k, dim=-1, sorted=False)
-    kth = vals.min(-1, keepdim=True).values
-    ambiguous = ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
-    return vals, pos + first, ambiguous
+    return vals, pos + first, _tied_at_kth(scores, vals)
 
 
 _compiled_block_topk: Callable | None = None
@@ -180,9 +185,9 @@ class Indexer(nn.Module):
                 vals, at, ambiguous = topk_fn(qa, keys, wa, vis, first, min(k, keys.shape[1]))
                 if ambiguous.any():  # rare (exact ties): those rows' block top-k on exact (score, index) keys
                     b_, r_ = ambiguous.nonzero(as_tuple=True)
-                    scores = block_scores(qa[b_, r_][:, None], keys[b_], wa[b_, r_][:, None])[:, 0]
+                    scores = visible_block_scores(qa[b_, r_][:, None], keys[b_], wa[b_, r_][:, None],
+                                                  vis[b_, r_][:, None], j0)[:, 0]
                     index = j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)
-                    scores = scores.masked_fill(index >= vis[b_, r_][:, None], float("-inf"))
                     vals[b_, r_], at[b_, r_] = merge_topk(scores, index, vals.shape[-1])
                 cand, cand_at = torch.cat([best, vals], dim=-1), torch.cat([best_at, at], dim=-1)
                 best, best_at = merge_topk(cand, cand_at, min(k, cand.shape[-1]))
