@@ -510,6 +510,8 @@ def add_serve(subparsers):
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint "
                    "directory's name)")
+    p.add_argument("--drain-timeout", type=float, default=7.0, help="seconds running requests get to finish after "
+                   "SIGTERM / Ctrl-C; then they are cancelled (their streams end with finish_reason 'cancelled')")
     p.set_defaults(run=run_serve)
 
 
@@ -530,13 +532,23 @@ def run_serve(opts) -> int:
         engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
     name = opts.model_name or Path(opts.ckpt).resolve().name
     runner = EngineRunner(engine)
-    app = create_app(engine, name, api_key=opts.api_key, runner=runner)
+    drain = max(opts.drain_timeout, 0.0)
+    app = create_app(engine, name, api_key=opts.api_key, runner=runner, shutdown_timeout=drain)
+    # uvicorn waits this long for open connections at shutdown, then cancels their handlers (a traceback per stream):
+    # longer than the drain, so that every stream has ended by then
     server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=drain + EngineRunner.CANCEL_WAIT + 3))
     # HTTP on a thread, the engine on this (main) thread: see EngineRunner.run. SIGTERM / Ctrl-C ask uvicorn to shut
-    # down gracefully; its shutdown stops the runner, which returns here.
+    # down and drain the runner at once: running requests get --drain-timeout seconds to finish, then are cancelled,
+    # so their streams end with a last chunk before uvicorn gives up on the connections. The runner's stop returns
+    # here.
+    def shut_down(*_):
+        server.should_exit = True
+        threading.Thread(target=runner.stop, args=(drain,), name="dsv4-drain", daemon=True).start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        signal.signal(sig, shut_down)
+
     def serve_http():
         try:
             server.run()

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.engine.engine import Delta, Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.serve import protocol as api
-from dsv4.serve.runner import EngineError, EngineRunner
+from dsv4.serve.runner import EngineError, EngineRunner, ShuttingDown
 from dsv4.serve.tools import OutputParser, render_calls, render_output, tools_prompt
 
 log = logging.getLogger("dsv4.serve")
@@ -327,6 +327,9 @@ class Run:
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 self.ids.append(runner.submit(p, self.queue, i, params=sp, max_new_tokens=max_new, stop=stops,
                                               logprobs=logprobs))
+        except ShuttingDown as e:
+            self.cancel()
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from e
         except ValueError as e:
             self.cancel()
             raise APIError(400, str(e)) from e

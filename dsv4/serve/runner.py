@@ -21,11 +21,17 @@ class EngineError(RuntimeError):
     """The engine failed while running a request."""
 
 
+class ShuttingDown(RuntimeError):
+    """The server is stopping and takes no new requests."""
+
+
 class EngineRunner:
+    CANCEL_WAIT = 5.0  # seconds `stop` waits for a step to report the cancelled requests
     def __init__(self, engine: Engine):
         self.engine = engine
         self._wake = threading.Event()
         self._stopping = False
+        self.draining = False  # set by `stop`: submissions are refused from then on
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         # each live request's (event loop, queue, index), to fail it if a step raises
         self._live: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
@@ -45,18 +51,27 @@ class EngineRunner:
         self._loop()
 
     def stop(self, timeout: float = 30.0):
-        """Let running requests finish (up to `timeout` seconds), then cancel what is left and stop the thread."""
+        """Refuse new requests, let running ones finish (up to `timeout` seconds), then cancel what is left, wait for
+        the loop to report them cancelled (so every stream ends with its last delta) and stop the loop. Safe to call
+        more than once and from any thread (`dsv4 serve` calls it on SIGTERM, and the app again at shutdown)."""
+        self.draining = True
         deadline = time.monotonic() + timeout
-        while self.engine.has_work() and time.monotonic() < deadline:
+        while self.engine.has_work() and time.monotonic() < deadline and self._loop_alive():
             time.sleep(0.05)
         for r in list(self.engine.running) + list(self.engine.waiting):
             self.engine.cancel(r.id)
         self._wake.set()
-        time.sleep(0.05)
+        deadline = time.monotonic() + self.CANCEL_WAIT
+        while self.engine.has_work() and time.monotonic() < deadline and self._loop_alive():
+            time.sleep(0.02)
         self._stopping = True
         self._wake.set()
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+
+    def _loop_alive(self) -> bool:
+        """Whether a loop is (or will be) stepping the engine: `run` on a caller's thread, or the `start`ed thread."""
+        return not self._stopping and (self._thread is None or self._thread.is_alive())
 
     @property
     def queue_depth(self) -> int:
@@ -92,6 +107,8 @@ class EngineRunner:
         """Submit one request (keywords as `Engine.submit`; ValueError if it is refused) -> its id. Its deltas arrive
         in `queue` as (index, Delta) from the event loop running this call; a failed step sends (index, EngineError).
         Whoever submits must `cancel` what has not finished when it stops listening."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
         req = self.engine.submit(prompt, callback=lambda d: loop.call_soon_threadsafe(queue.put_nowait, (index, d)),
                                  **submit)
