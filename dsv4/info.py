@@ -198,7 +198,8 @@ def prefill_working_set(args: ModelArgs, context: int, dtype: torch.dtype, chunk
     # logits, their concatenation with the sink, the soft-max (fp32) and its copy in the compute dtype
     attention = scores * (3 * 4 + size) + entries * args.head_dim * size + min(c, block) * args.index_topk * \
         args.head_dim * size
-    scan = Indexer.SCAN_QUERIES * args.index_n_heads * Indexer.SCAN_BLOCK * (size + 4 + 4) \
+    # a block's dot products SCAN_SUB entries at a time (and their ReLU, in fp32, weighted), its scores (and masked)
+    scan = Indexer.SCAN_QUERIES * (args.index_n_heads * Indexer.SCAN_SUB * (2 * size + 8) + Indexer.SCAN_BLOCK * 8) \
         + c * args.index_n_heads * args.index_head_dim * size if any(
             args.layer_kind(i) == "csa" for i in range(args.n_layers)) else 0
     moe = c * args.n_activated_experts * (3 * args.moe_inter_dim + 2 * D) * size + c * args.n_routed_experts * 4 * 2

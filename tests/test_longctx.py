@@ -17,7 +17,7 @@ from dsv4.engine.sampling import SamplingParams
 from dsv4.info import engine_cache_bytes, prefill_memory, prefill_working_set
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache
-from dsv4.model.indexer import Indexer, block_topk
+from dsv4.model.indexer import Indexer, scan_block
 from dsv4.tokenizer import Tokenizer
 from tests.helpers import tiny_args
 from tests.test_engine import model, tok  # noqa: F401  (fixtures)
@@ -30,6 +30,7 @@ def small_blocks(monkeypatch, scan_above: int = 0, budget: int = 1 << 12):
     monkeypatch.setattr(Indexer, "SCAN_ABOVE", scan_above)
     monkeypatch.setattr(Indexer, "SCAN_BLOCK", 32)
     monkeypatch.setattr(Indexer, "SCAN_MIN_BLOCK", 8)
+    monkeypatch.setattr(Indexer, "SCAN_SUB", 16)
     monkeypatch.setattr(Indexer, "SCAN_QUERIES", 16)
     monkeypatch.setattr(Attention, "ATTEND_BUDGET", budget)
 
@@ -83,8 +84,8 @@ def test_compiled_scan_blocks_equal_eager(monkeypatch):
     """The compiled block (what the engine runs where a compiler exists) returns the eager block's selection."""
     small_blocks(monkeypatch)
     ix = Indexer(tiny_args())
-    compiled = torch.compile(block_topk, dynamic=False)
-    monkeypatch.setattr(ix, "block_topk", compiled)
+    compiled = torch.compile(scan_block, dynamic=False)
+    monkeypatch.setattr(ix, "scan_block", compiled)
     for q, keys, w, pos, T in scan_cases(12, seed=1):
         ref = ix.select(ix.scores(q, keys, w, pos), pos)
         got = ix.scan(q, w, pos, lambda a, b: keys[:, a:b], T)
@@ -169,7 +170,9 @@ def test_prefill_temporaries_do_not_grow_with_the_context(model, tok, monkeypatc
 def test_info_reports_prefill_memory_for_any_context():
     args = ModelArgs.from_name("v4-flash")
     small, large = prefill_memory(args, 131072), prefill_memory(args, 1 << 20)
-    assert small["weights"] == large["weights"] and small["working_set"] == large["working_set"]
+    assert small["weights"] == large["weights"]
+    # bounded by the chunk, not the context: 8x the tokens, a few percent more (HCA's O(L/128) entries read)
+    assert abs(large["working_set"] / small["working_set"] - 1) < 0.15
     assert large["total"] == large["weights"] + large["cache"] + large["working_set"]
     assert 6e9 < large["cache"] < 8e9  # V4-Flash at 1M: ~6.7 KiB per token
     assert large["working_set"] < 2 ** 31  # bounded by the chunk, not the context

@@ -12,9 +12,9 @@ Queries are processed in blocks so the [S, T] score matrix never exists whole.
 
 Long contexts (`Indexer.scan`): the entries are read SCAN_BLOCK at a time and each block's top-k is merged into a
 running top-k (exact: by (score, index), so the result is the one-shot selection's), so a chunk of s queries holds
-O(s * SCAN_BLOCK) scores whatever the context. The block (`block_topk`: one matmul in the model's dtype, then ReLU,
-the head-weighted sum in fp32, the mask and the top-k) is the superlinear part of a long prefill; `compile_scan`
-swaps in a torch.compile'd copy that fuses everything after the matmul into one pass.
+O(s * SCAN_BLOCK) scores whatever the context. The block (`scan_block`: matmuls in the model's dtype over SCAN_SUB
+entries at a time, then ReLU, the head-weighted sum in fp32, the mask, the top-k and the merge) is the superlinear part
+of a long prefill; `compile_scan` swaps in a torch.compile'd copy that fuses everything after each matmul.
 """
 
 from collections.abc import Callable
@@ -80,46 +80,56 @@ def merge_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch
     return vals, index.gather(-1, at)
 
 
-def block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, sub: int | None = None) -> torch.Tensor:
     """Scores of one block of entries: q [B, n, H, c] and keys [B, Tb, c] in the compute dtype, w [B, n, H] fp32
     (scaled) -> sum_h w * relu(q_h . k) [B, n, Tb] fp32 (the dot products rounded to the compute dtype, as in
-    `Indexer.scores`)."""
+    `Indexer.scores`). sub: take the entries `sub` at a time, so the [n, H, sub] dot products stay in cache (they are
+    H times the scores, and the matmul, with an inner dimension of only c, is bound by writing them)."""
     B, n, H, c = q.shape
+    Tb = keys.shape[1]
+    if sub is not None and Tb > sub:
+        return torch.cat([block_scores(q, keys[:, j: j + sub], w) for j in range(0, Tb, sub)], dim=-1)
     dots = torch.bmm(q.reshape(B, n * H, c), keys.transpose(1, 2)).view(B, n, H, -1)
     return (dots.relu().float() * w[..., None]).sum(2)
 
 
 def visible_block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
-                         first: torch.Tensor | int) -> torch.Tensor:
+                         first: torch.Tensor | int, sub: int | None = None) -> torch.Tensor:
     """`block_scores` of entries first..first+Tb-1, -inf at or beyond each query's `visible` [B, n] count."""
     at = first + torch.arange(keys.shape[1], device=q.device)
-    return block_scores(q, keys, w).masked_fill(at >= visible[..., None], float("-inf"))
+    return block_scores(q, keys, w, sub).masked_fill(at >= visible[..., None], float("-inf"))
 
 
-def block_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, first: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block of the scan: `visible_block_scores`, then the block's top-k -> (scores [B, n, k], entry indices
-    [B, n, k], ambiguous [B, n]: rows whose k-th score ties an unselected entry's, for the caller to redo on exact
-    keys)."""
-    scores = visible_block_scores(q, keys, w, visible, first)
-    vals, pos = scores.topk(k, dim=-1, sorted=False)
-    return vals, pos + first, _tied_at_kth(scores, vals)
+def scan_block(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, first: torch.Tensor,
+               best: torch.Tensor, best_at: torch.Tensor, ambiguous: torch.Tensor, sub: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of the scan: `visible_block_scores` of the entries from `first`, their top-k merged into the running
+    top-k (best [B, n, k] fp32 scores and best_at [B, n, k] their entries, -inf / -1 where none yet) -> the new
+    (best, best_at, ambiguous): `ambiguous` [B, n] accumulates the rows where a k-th score tied a candidate left out
+    (the block's or the merge's), whose selection the caller redoes on exact (score, index) keys. No host sync."""
+    scores = visible_block_scores(q, keys, w, visible, first, sub)
+    vals, pos = scores.topk(min(best.shape[-1], scores.shape[-1]), dim=-1, sorted=False)
+    ambiguous = ambiguous | _tied_at_kth(scores, vals)
+    cand, cand_at = torch.cat([best, vals], dim=-1), torch.cat([best_at, pos + first], dim=-1)
+    best, pos = cand.topk(best.shape[-1], dim=-1, sorted=False)
+    return best, cand_at.gather(-1, pos), ambiguous | _tied_at_kth(cand, best)
 
 
-_compiled_block_topk: Callable | None = None
+_compiled_scan_block: Callable | None = None
 
 
 class Indexer(nn.Module):
     # the long-context scan: entries per block (a shorter last block is padded to a power of two >= SCAN_MIN_BLOCK,
-    # so a compiled scan has a few shapes), queries per block, and the score count (queries x heads x entries) above
-    # which `step` scans instead of scoring every entry at once
-    SCAN_BLOCK, SCAN_MIN_BLOCK, SCAN_QUERIES, SCAN_ABOVE = 8192, 1024, 64, 1 << 22
+    # so a compiled scan has a few shapes), entries per matmul inside a block (`block_scores`' sub), queries per
+    # block, and the score count (queries x heads x entries) above which `step` scans instead of scoring every entry
+    # at once
+    SCAN_BLOCK, SCAN_MIN_BLOCK, SCAN_SUB, SCAN_QUERIES, SCAN_ABOVE = 16384, 1024, 1024, 64, 1 << 22
 
     def __init__(self, args: ModelArgs, block_size: int = 1024):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.ratio, self.block_size = args.csa_ratio, block_size
-        self.block_topk: Callable = block_topk  # `compile_scan` swaps in the compiled copy
+        self.scan_block: Callable = scan_block  # `compile_scan` swaps in the compiled copy
         self.wq_b = Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
@@ -154,55 +164,79 @@ class Indexer(nn.Module):
     def scan(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
              entries: Callable[[int, int], torch.Tensor], count: int) -> torch.Tensor:
         """`select(scores(...))` for long contexts, in bounded memory: the same selection (up to float summation
-        order), reading `SCAN_QUERIES` queries x `SCAN_BLOCK` entries at a time. Each block's top-k by (score, index)
-        is merged into a running top-k: the k best of the union of every block's k best are the k best overall.
+        order), reading `SCAN_QUERIES` queries x `SCAN_BLOCK` entries at a time. Each block's top-k is merged into
+        the running top-k of its queries (the k best of the union of every block's k best are the k best overall);
+        rows where a tie at the k-th score made that ambiguous are redone on exact (score, index) keys at the end.
         q [B, s, H, c], w [B, s, H] (scaled), positions [s] or [B, s]; entries(j0, j1) -> the keys [B, j1 - j0, c]
-        of entries j0..j1-1 (slices of a tensor or of a cache: nothing of size `count` is copied); count: how many
-        entries exist -> [B, s, min(topk, count)], -1 where fewer are visible."""
+        of entries j0..j1-1 (slices of a tensor or of a cache: nothing of size `count` is copied, and each block is
+        read once for all the queries); count: how many entries exist -> [B, s, min(topk, count)], -1 where fewer
+        are visible."""
         B, s = q.shape[:2]
         k = min(self.topk, count)
         visible = ((positions + 1) // self.ratio).clamp(max=count).expand(B, s)
         w = w.float()
         nq = self.SCAN_QUERIES
-        out = []
+        groups = []
         for a in range(0, s, nq):
             n = min(nq, s - a)
             vis, qa, wa = visible[:, a: a + n], q[:, a: a + n], w[:, a: a + n]
-            topk_fn = self.block_topk
+            fn = self.scan_block
             if n < nq and s > nq:  # the end of a long chunk: padded to the one query-block shape (rows dropped)
                 qa, wa = F.pad(qa, (0, 0, 0, 0, 0, nq - n)), F.pad(wa, (0, 0, 0, nq - n))
                 vis = F.pad(vis, (0, nq - n))
             elif n < nq:  # a few queries (decoding): not worth a compiled shape of their own
-                topk_fn = block_topk
-            best = q.new_empty(*vis.shape, 0, dtype=torch.float32)
-            best_at = torch.empty(*vis.shape, 0, dtype=torch.long, device=q.device)
-            seen = int(vis.max())  # entries any of these queries can see
-            for j0 in range(0, seen, self.SCAN_BLOCK):
-                keys = entries(j0, min(j0 + self.SCAN_BLOCK, seen))
-                width = max(self.SCAN_MIN_BLOCK, 1 << (keys.shape[1] - 1).bit_length())  # beyond `seen`: masked
-                keys = F.pad(keys, (0, 0, 0, min(width, self.SCAN_BLOCK) - keys.shape[1]))
-                first = torch.tensor(j0, device=q.device)
-                vals, at, ambiguous = topk_fn(qa, keys, wa, vis, first, min(k, keys.shape[1]))
-                if ambiguous.any():  # rare (exact ties): those rows' block top-k on exact (score, index) keys
-                    b_, r_ = ambiguous.nonzero(as_tuple=True)
-                    scores = visible_block_scores(qa[b_, r_][:, None], keys[b_], wa[b_, r_][:, None],
-                                                  vis[b_, r_][:, None], j0)[:, 0]
-                    index = j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)
-                    vals[b_, r_], at[b_, r_] = merge_topk(scores, index, vals.shape[-1])
-                cand, cand_at = torch.cat([best, vals], dim=-1), torch.cat([best_at, at], dim=-1)
-                best, best_at = merge_topk(cand, cand_at, min(k, cand.shape[-1]))
-            idx = torch.where(best_at < vis[..., None], best_at, -1)[:, :n]
-            out.append(F.pad(idx, (0, k - idx.shape[-1]), value=-1))
+                fn = scan_block
+            best = torch.full((*vis.shape, k), float("-inf"), device=q.device)
+            best_at = torch.full((*vis.shape, k), -1, dtype=torch.long, device=q.device)
+            # one memory layout (strides of size-1 dims too): one compiled graph per block width
+            qa, wa, vis = (torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t) for t in (qa, wa, vis))
+            groups.append([n, qa, wa, vis, fn, int(vis.max()), best, best_at, torch.zeros_like(vis, dtype=torch.bool)])
+        seen = max(g[5] for g in groups)  # entries any of these queries can see
+        for j0 in range(0, seen, self.SCAN_BLOCK):
+            keys = self._block(entries, j0, seen)
+            first = torch.tensor(j0, device=q.device)
+            for g in groups:
+                if g[5] > j0:  # (causal: the early queries of a chunk see fewer blocks)
+                    g[6:] = g[4](g[1], keys, g[2], g[3], first, *g[6:], self.SCAN_SUB)
+        out = []
+        for n, qa, wa, vis, _, _, best, best_at, ambiguous in groups:
+            if ambiguous.any():  # rare (exact ties at the k-th score): those rows again, on exact keys
+                b_, r_ = ambiguous.nonzero(as_tuple=True)
+                best_at[b_, r_] = self._exact_rows(qa[b_, r_], wa[b_, r_], vis[b_, r_], b_, entries, k)
+            out.append(torch.where(best_at < vis[..., None], best_at, -1)[:, :n])
         return torch.cat(out, dim=1)
 
+    def _block(self, entries: Callable[[int, int], torch.Tensor], j0: int, seen: int) -> torch.Tensor:
+        """Entries j0.. of the scan (at most SCAN_BLOCK, and none at or beyond `seen`), zero-padded to the block's
+        width: SCAN_BLOCK, or for a shorter last block a power of two >= SCAN_MIN_BLOCK (a few compiled shapes)."""
+        keys = entries(j0, min(j0 + self.SCAN_BLOCK, seen))
+        width = min(max(self.SCAN_MIN_BLOCK, 1 << (keys.shape[1] - 1).bit_length()), self.SCAN_BLOCK)
+        return F.pad(keys, (0, 0, 0, width - keys.shape[1]))
+
+    def _exact_rows(self, q: torch.Tensor, w: torch.Tensor, visible: torch.Tensor, batch: torch.Tensor,
+                    entries: Callable[[int, int], torch.Tensor], k: int) -> torch.Tensor:
+        """The top-k of single query rows by exact (score, index) keys, block by block: q [R, H, c], w [R, H],
+        visible [R], batch [R] (each row's batch row in `entries`) -> entry indices [R, k] (-1 padded)."""
+        q, w, visible = q[:, None], w[:, None], visible[:, None]
+        best = torch.empty(len(q), 1, 0, device=q.device)
+        best_at = torch.empty(len(q), 1, 0, dtype=torch.long, device=q.device)
+        for j0 in range(0, int(visible.max()), self.SCAN_BLOCK):
+            keys = self._block(entries, j0, int(visible.max()))[batch]
+            scores = visible_block_scores(q, keys, w, visible, j0)
+            cand = torch.cat([best, scores], dim=-1)
+            cand_at = torch.cat([best_at, j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)], -1)
+            pos = _exact_key(cand, cand_at).topk(min(k, cand.shape[-1]), dim=-1, sorted=False).indices
+            best, best_at = cand.gather(-1, pos), cand_at.gather(-1, pos)
+        return F.pad(best_at[:, 0], (0, k - best_at.shape[-1]), value=-1)
+
     def compile_scan(self, **options):
-        """Run the scan's blocks through a torch.compile'd `block_topk` (shared by every indexer: a few graphs, one
-        per block shape), which fuses the ReLU, the weighted head sum, the mask and the top-k's bookkeeping into the
-        pass after the matmul instead of a dozen eager passes over the block."""
-        global _compiled_block_topk
-        if _compiled_block_topk is None:
-            _compiled_block_topk = torch.compile(block_topk, dynamic=False, **options)
-        self.block_topk = _compiled_block_topk
+        """Run the scan's blocks through a torch.compile'd `scan_block` (shared by every indexer: a few graphs, one
+        per block shape), which fuses the ReLU, the weighted head sum, the mask, the top-k's bookkeeping and the
+        merge into passes over cache-sized pieces of the block instead of a dozen eager passes over all of it."""
+        global _compiled_scan_block
+        if _compiled_scan_block is None:
+            _compiled_scan_block = torch.compile(scan_block, dynamic=False, **options)
+        self.scan_block = _compiled_scan_block
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], qr [B, S, q_lora] (normed query latent), cos/sin [S, R/2] (compress rope)

@@ -232,7 +232,7 @@ class Transformer(nn.Module):
 
     def compile_scan(self, **options) -> "Transformer":
         """Opt-in fast path for long contexts: every lightning indexer scores its long-context scan blocks through one
-        torch.compile'd function (dsv4.model.indexer.block_topk: a few fixed block shapes, compiled at the first long
+        torch.compile'd function (dsv4.model.indexer.scan_block: a few fixed block shapes, compiled at the first long
         prefill, then cached on disk). Same code as eager (tests compare the selections). Returns self."""
         for module in self.modules():
             if isinstance(module, Indexer):
