@@ -19,6 +19,7 @@ import time
 
 from dsv4.config import PRESETS
 from dsv4.device import tune_cpu_allocator
+from dsv4.tasks import KINDS
 
 
 def add_info(subparsers):
@@ -107,7 +108,9 @@ def add_train(subparsers):
     g.add_argument("--longctx-indexer-warmup", type=int, default=lc.indexer_warmup,
                    help="dense indexer warm-up steps before sparse training")
     g.add_argument("--longctx-task-frac", type=float, default=d.longctx_task_frac,
-                   help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle)")
+                   help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle, recall)")
+    g.add_argument("--longctx-tasks", nargs="+", default=list(d.longctx_tasks), choices=KINDS, metavar="TASK",
+                   help=f"which synthetic tasks ({', '.join(KINDS)}; dsv4/tasks.py describes each)")
     g = p.add_argument_group("fine-tuning (docstring -> function chat pairs, loss on answers)")
     g.add_argument("--sft-steps", type=int, default=sft.steps, help="0 = no fine-tuning")
     g.add_argument("--sft-lr", type=float, default=sft.lr)
@@ -138,7 +141,7 @@ def train_config(opts):
                                   **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
     return TrainConfig(out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
-                       longctx_task_frac=opts.longctx_task_frac, sft=sft)
+                       longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks), sft=sft)
 
 
 def run_train(opts) -> int:

@@ -6,6 +6,8 @@
     kv            "# 3fa9c1 -> 7b0d4e" lines spread through the filler (a key-value store the model must look up);
                   at the end several "# 3fa9c1 ->" questions, each followed by its value
     multi_needle  several "# The magic number for <word> is <n>." needles at random depths; asked for some of them
+    recall        a note (a span of the filler) at a depth; at the end its first tokens as a cue, then the rest of it:
+                  a dense signal (every answer token is a look-up far back), the fastest of these to learn copying from
 
 Samples are assembled from token ids: the haystack is a window of real text (a token stream of the training corpus,
 so it looks like what the model reads) and the needles, questions and answers are encoded on their own and spliced in
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-KINDS = ("passkey", "kv", "multi_needle")
+KINDS = ("passkey", "kv", "multi_needle", "recall")
 WORDS = ("apple", "river", "falcon", "copper", "lantern", "meadow", "quartz", "harbor", "violet", "summit", "ember",
          "glacier", "orchid", "thunder", "saffron", "marble", "willow", "comet", "cedar", "tundra")
 
@@ -88,6 +90,16 @@ class TaskGenerator:
                numbers[i]) for i in asked]
         return self._assemble("multi_needle", length, needles, qa, [None] * n)
 
+    def recall(self, length: int, depth: float | None = None) -> TaskSample:
+        n = int(np.clip(length // 16, 16, 64))  # the note's tokens: the first CUE are asked with, the rest answered
+        note = self.haystack(n)
+        needle = self.encode("\n# Note: ") + note + self.encode("\n")
+        qa = [(self.encode("\n# Recall the note: ") + note[: self.CUE], note[self.CUE:],
+               self.tok.decode(note[self.CUE:]))]
+        return self._assemble("recall", length, [needle], qa, [depth])
+
+    CUE = 4  # tokens of the note given with the recall question
+
     def _assemble(self, kind: str, length: int, needles: list[list[int]], qa: list[tuple[list[int], list[int], str]],
                   depths: list[float | None]) -> TaskSample:
         tail = sum(len(q) + len(a) for q, a, _ in qa)
@@ -124,6 +136,8 @@ class LongContextMix:
                  kinds: tuple[str, ...] = KINDS):
         if not 0 <= task_frac <= 1:
             raise ValueError(f"task_frac must be in [0, 1], got {task_frac}")
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise ValueError(f"tasks must be some of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
         if len(tokens) < seq_len + 1:
             raise ValueError(f"{len(tokens)} corpus tokens are fewer than one window of {seq_len + 1}")
         self.tok, self.tokens, self.seq_len, self.task_frac, self.kinds = tokenizer, tokens, seq_len, task_frac, kinds

@@ -43,6 +43,7 @@ from dsv4.model.moe import update_balance_bias
 from dsv4.model.transformer import Transformer
 from dsv4.optim import build_optimizer, clip_grad_norm, set_lr
 from dsv4.snapshot import list_snapshots, load_latest, save_snapshot, set_rng_state
+from dsv4.tasks import KINDS, LongContextMix
 
 DONE = "DONE"  # marker file in out/final once the whole pipeline has finished
 
@@ -97,6 +98,7 @@ class TrainConfig:
         steps=0, batch_size=1, seq_len=8192, lr=1e-3, warmup=5, indexer_warmup=20, mtp_weight=0.0, eval_every=50,
         save_every=25, eval_batches=4))
     longctx_task_frac: float = 0.5    # share of long-context steps that train on synthetic retrieval tasks
+    longctx_tasks: tuple[str, ...] = KINDS  # which of them (dsv4.tasks.KINDS)
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, lr=1e-3, warmup=3, indexer_warmup=0,
                                                                  eval_every=25, save_every=25))
 
@@ -109,6 +111,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         stages = {k: StageConfig(**d.pop(k)) for k in cls.STAGES if k in d}
+        if "longctx_tasks" in d:
+            d["longctx_tasks"] = tuple(d["longctx_tasks"])
         return cls(**d, **stages)
 
 
@@ -361,7 +365,8 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
     old = json.loads(saved.read_text())
     if not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    new, default = cfg.to_dict(), TrainConfig().to_dict()  # a key an older version did not write had its default
+    new, default = (json.loads(json.dumps(c.to_dict())) for c in (cfg, TrainConfig()))  # as saved (tuples: lists)
+    # a key an older version did not write had its default
     changed = sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k)
                      and k not in ("out", "device", "compile"))
     if changed:
@@ -467,11 +472,11 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
                             stage.eval_batches)
         elif name == "longctx":
             from dsv4.data import load_tokens
-            from dsv4.tasks import LongContextMix
 
-            mix = LongContextMix(tok, load_tokens(train_file), stage.seq_len, cfg.longctx_task_frac)
+            mix = LongContextMix(tok, load_tokens(train_file), stage.seq_len, cfg.longctx_task_frac, cfg.longctx_tasks)
             batches = (lambda m, s: lambda start: m.batches(s.batch_size, s.seed, start))(mix, stage)
-            val_mix = LongContextMix(tok, load_tokens(val_file), stage.seq_len, cfg.longctx_task_frac)
+            val_mix = LongContextMix(tok, load_tokens(val_file), stage.seq_len, cfg.longctx_task_frac,
+                                     cfg.longctx_tasks)
             val = fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches)
         else:
             ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)

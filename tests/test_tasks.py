@@ -68,6 +68,22 @@ def test_long_context_mix_batches(tok, filler):
     assert {"task", "lm"} == set(kinds)
     with pytest.raises(ValueError, match="task_frac"):
         LongContextMix(tok, filler, 256, task_frac=2)
+    with pytest.raises(ValueError, match="tasks must be some of passkey, kv, multi_needle, recall, got copy"):
+        LongContextMix(tok, filler, 256, kinds=("copy",))
+
+
+def test_recall_asks_for_the_rest_of_a_note_from_its_first_tokens(tok, filler):
+    """Recall's answer is the note after its cue (many answer tokens per sample); a mix draws only the chosen tasks."""
+    gen, marker, n, cue = TaskGenerator(tok, filler, seed=2), tok.encode("\n# Note: "), 1024 // 16, TaskGenerator.CUE
+    for depth in (0.0, 0.5, 1.0):
+        s = gen.sample("recall", 1024, depth=depth)
+        at = next(i for i in range(len(s.ids)) if s.ids[i: i + len(marker)] == marker) + len(marker)
+        note = s.ids[at: at + n]
+        assert s.ids[s.prompt_len - cue: s.prompt_len] == note[:cue]
+        assert [t for t, m in zip(s.ids, s.answer_mask) if m] == note[cue:] == s.ids[s.prompt_len:]
+        assert abs(at / s.prompt_len - depth) < 0.1
+    mix = LongContextMix(tok, filler, seq_len=1024, task_frac=1.0, kinds=("recall",))
+    assert (mix.batch(3, seed=0, step=0)[2].sum(1) == n - cue).all()
 
 
 def test_niah_scores_retrieval_and_writes_the_heat_map(tok, filler, tmp_path, monkeypatch):
