@@ -18,6 +18,7 @@ of a long prefill; `compile_scan` swaps in a torch.compile'd copy that fuses eve
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -118,6 +119,21 @@ def scan_block(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: to
 _compiled_scan_block: Callable | None = None
 
 
+@dataclass
+class _QueryGroup:
+    """`Indexer.scan`'s state for one block of queries: its inputs (padded to SCAN_QUERIES rows, of which the first
+    n are real), the block function, how many entries they see, and the running top-k."""
+    n: int
+    q: torch.Tensor
+    w: torch.Tensor
+    visible: torch.Tensor
+    fn: Callable
+    seen: int
+    best: torch.Tensor
+    best_at: torch.Tensor
+    ambiguous: torch.Tensor
+
+
 class Indexer(nn.Module):
     # the long-context scan: entries per block (a shorter last block is padded to a power of two >= SCAN_MIN_BLOCK,
     # so a compiled scan has a few shapes), entries per matmul inside a block (`block_scores`' sub), queries per
@@ -190,20 +206,22 @@ class Indexer(nn.Module):
             best_at = torch.full((*vis.shape, k), -1, dtype=torch.long, device=q.device)
             # one memory layout (strides of size-1 dims too): one compiled graph per block width
             qa, wa, vis = (torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t) for t in (qa, wa, vis))
-            groups.append([n, qa, wa, vis, fn, int(vis.max()), best, best_at, torch.zeros_like(vis, dtype=torch.bool)])
-        seen = max(g[5] for g in groups)  # entries any of these queries can see
+            groups.append(_QueryGroup(n, qa, wa, vis, fn, int(vis.max()), best, best_at,
+                                      torch.zeros_like(vis, dtype=torch.bool)))
+        seen = max(g.seen for g in groups)  # entries any of these queries can see
         for j0 in range(0, seen, self.SCAN_BLOCK):
             keys = self._block(entries, j0, seen)
             first = torch.tensor(j0, device=q.device)
             for g in groups:
-                if g[5] > j0:  # (causal: the early queries of a chunk see fewer blocks)
-                    g[6:] = g[4](g[1], keys, g[2], g[3], first, *g[6:], self.SCAN_SUB)
+                if g.seen > j0:  # (causal: the early queries of a chunk see fewer blocks)
+                    g.best, g.best_at, g.ambiguous = g.fn(g.q, keys, g.w, g.visible, first, g.best, g.best_at,
+                                                          g.ambiguous, self.SCAN_SUB)
         out = []
-        for n, qa, wa, vis, _, _, best, best_at, ambiguous in groups:
-            if ambiguous.any():  # rare (exact ties at the k-th score): those rows again, on exact keys
-                b_, r_ = ambiguous.nonzero(as_tuple=True)
-                best_at[b_, r_] = self._exact_rows(qa[b_, r_], wa[b_, r_], vis[b_, r_], b_, entries, k)
-            out.append(torch.where(best_at < vis[..., None], best_at, -1)[:, :n])
+        for g in groups:
+            if g.ambiguous.any():  # rare (exact ties at the k-th score): those rows again, on exact keys
+                b_, r_ = g.ambiguous.nonzero(as_tuple=True)
+                g.best_at[b_, r_] = self._exact_rows(g.q[b_, r_], g.w[b_, r_], g.visible[b_, r_], b_, entries, k)
+            out.append(torch.where(g.best_at < g.visible[..., None], g.best_at, -1)[:, :g.n])
         return torch.cat(out, dim=1)
 
     def _block(self, entries: Callable[[int, int], torch.Tensor], j0: int, seen: int) -> torch.Tensor:
