@@ -238,8 +238,9 @@ class Indexer(nn.Module):
         q, w, visible = q[:, None], w[:, None], visible[:, None]
         best = torch.empty(len(q), 1, 0, device=q.device)
         best_at = torch.empty(len(q), 1, 0, dtype=torch.long, device=q.device)
-        for j0 in range(0, int(visible.max()), self.SCAN_BLOCK):
-            keys = self._block(entries, j0, int(visible.max()))[batch]
+        seen = int(visible.max())
+        for j0 in range(0, seen, self.SCAN_BLOCK):
+            keys = self._block(entries, j0, seen)[batch]
             scores = visible_block_scores(q, keys, w, visible, j0)
             cand = torch.cat([best, scores], dim=-1)
             cand_at = torch.cat([best_at, j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)], -1)
