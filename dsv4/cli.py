@@ -108,7 +108,7 @@ def add_train(subparsers):
     g.add_argument("--longctx-indexer-warmup", type=int, default=lc.indexer_warmup,
                    help="dense indexer warm-up steps before sparse training")
     g.add_argument("--longctx-task-frac", type=float, default=d.longctx_task_frac,
-                   help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle, recall)")
+                   help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle, recall, copy)")
     g.add_argument("--longctx-tasks", nargs="+", default=list(d.longctx_tasks), choices=KINDS, metavar="TASK",
                    help=f"which synthetic tasks ({', '.join(KINDS)}; dsv4/tasks.py describes each)")
     g = p.add_argument_group("fine-tuning (docstring -> function chat pairs, loss on answers)")

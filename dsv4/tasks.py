@@ -7,13 +7,20 @@
                   at the end several "# 3fa9c1 ->" questions, each followed by its value
     multi_needle  several "# The magic number for <word> is <n>." needles at random depths; asked for some of them
     recall        a note (a span of the filler) at a depth; at the end its first tokens as a cue, then the rest of it:
-                  a dense signal (every answer token is a look-up far back), the fastest of these to learn copying from
+                  a dense signal (every answer token is a look-up far back)
+    copy          a span of filler tokens drawn at random (shuffled text) at a depth, then the same span again at the
+                  end: nothing but a look-up far back predicts it, the plainest signal to learn copying (induction)
 
 Samples are assembled from token ids: the haystack is a window of real text (a token stream of the training corpus,
 so it looks like what the model reads) and the needles, questions and answers are encoded on their own and spliced in
-at whole-token boundaries, so the sample has exactly the requested length. `answer_mask` marks the answer tokens
-(the only ones a task batch trains on); `prompt_len` is where the first answer starts (what an evaluation prompts with).
+at whole-token boundaries, so the sample has exactly the requested length. `answer_mask` marks the answer tokens;
+`prompt_len` is where the first answer starts (what an evaluation prompts with).
 Everything is drawn from a numpy Generator: the same seed gives the same samples.
+
+In training (`LongContextMix`) a task sample trains on every token, and its few answer tokens weigh as much as all the
+others together: the text keeps the language model intact (answers alone wreck it within a few hundred steps) and
+the answers carry the retrieval signal (at a plain 5x weight they were a few percent of the gradient, and nothing
+was learned).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-KINDS = ("passkey", "kv", "multi_needle", "recall")
+KINDS = ("passkey", "kv", "multi_needle", "recall", "copy")
 WORDS = ("apple", "river", "falcon", "copper", "lantern", "meadow", "quartz", "harbor", "violet", "summit", "ember",
          "glacier", "orchid", "thunder", "saffron", "marble", "willow", "comet", "cedar", "tundra")
 
@@ -100,6 +107,11 @@ class TaskGenerator:
 
     CUE = 4  # tokens of the note given with the recall question
 
+    def copy(self, length: int, depth: float | None = None) -> TaskSample:
+        n = int(np.clip(length // 16, 16, 48))
+        span = self.filler[self.rng.integers(len(self.filler), size=n)].astype(np.int64).tolist()
+        return self._assemble("copy", length, [span], [(span[:1], span[1:], self.tok.decode(span[1:]))], [depth])
+
     def _assemble(self, kind: str, length: int, needles: list[list[int]], qa: list[tuple[list[int], list[int], str]],
                   depths: list[float | None]) -> TaskSample:
         tail = sum(len(q) + len(a) for q, a, _ in qa)
@@ -129,8 +141,9 @@ class TaskGenerator:
 
 class LongContextMix:
     """Training batches for the long-context stage: each step is, with probability `task_frac`, a batch of synthetic
-    task samples (loss on the answers only) and otherwise plain windows of the corpus (loss everywhere), both
-    `seq_len` tokens. Step k depends only on (seed, k), as the trainer's resume requires."""
+    task samples (loss everywhere, the answers of a row weighing as much as the rest of it) and otherwise plain
+    windows of the corpus (loss everywhere), both `seq_len` tokens. The mask is the per-token loss weight. Step k depends only on
+    (seed, k), as the trainer's resume requires."""
 
     def __init__(self, tokenizer, tokens: np.ndarray, seq_len: int, task_frac: float = 0.5,
                  kinds: tuple[str, ...] = KINDS):
@@ -149,11 +162,13 @@ class LongContextMix:
             gen = TaskGenerator(self.tok, self.tokens, seed=int(rng.integers(2 ** 63)))
             rows = [gen.sample(self.kinds[int(rng.integers(len(self.kinds)))], T + 1) for _ in range(batch_size)]
             ids = torch.tensor([r.ids for r in rows])
-            mask = torch.tensor([r.answer_mask for r in rows])[:, 1:]
+            answers = torch.tensor([r.answer_mask for r in rows], dtype=torch.float32)[:, 1:]
+            n = answers.sum(1, keepdim=True)  # the answers weigh as much as the rest of their row
+            mask = torch.where(answers > 0, (T - n) / n.clamp(min=1), torch.ones_like(answers))
         else:
             starts = rng.integers(0, len(self.tokens) - T - 1, size=batch_size)
             ids = torch.from_numpy(np.stack([self.tokens[s: s + T + 1] for s in starts]).astype(np.int64))
-            mask = torch.ones(batch_size, T, dtype=torch.long)
+            mask = torch.ones(batch_size, T)
         return ids[:, :-1], ids[:, 1:], mask
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0

@@ -446,6 +446,9 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             print(f"{final} is complete; reusing it (delete it or choose another --out to train again)")
             return final
         raise ValueError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
+    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES if getattr(cfg, name).steps > 0]
+    if not stages and not cfg.init:
+        raise ValueError("every stage has 0 steps: nothing to train (--steps, --longctx-steps, --sft-steps)")
     _check_resume(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -453,7 +456,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     device = torch.device(cfg.device) if cfg.device else default_device()
     dtype = resolve_dtype(cfg.dtype, device)
     args = ModelArgs.from_name(cfg.preset)
-    seq = max(getattr(cfg, name).seq_len for name in TrainConfig.STAGES if getattr(cfg, name).steps > 0)
+    seq = max((stage.seq_len for _, stage in stages), default=0)
     if seq > args.max_seq_len:
         raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
@@ -463,8 +466,6 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     model = build_model(args, device, cfg.init_seed)
     if cfg.init:
         model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
-    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES
-              if getattr(cfg, name).steps > 0 or (name == "pretrain" and not cfg.init)]
     for name, stage in stages:
         if name == "pretrain":
             batches = pretrain_source(train_file, stage)

@@ -60,16 +60,19 @@ def test_long_context_mix_batches(tok, filler):
         ids, targets, mask = mix.batch(2, seed=3, step=step)
         assert ids.shape == targets.shape == mask.shape == (2, 256)
         assert torch.equal(ids[:, 1:], targets[:, :-1])
-        kinds.append("task" if mask.sum() < 256 else "lm")
+        kinds.append("task" if (mask != 1).any() else "lm")
         again = mix.batch(2, seed=3, step=step)
         assert all(torch.equal(a, b) for a, b in zip((ids, targets, mask), again))  # a pure function of (seed, step)
-        if kinds[-1] == "task":  # the loss falls on the answers: tokens the haystack stated before
-            assert 0 < mask.sum() < 60
+        if kinds[-1] == "task":  # every token trains; a row's answers (stated before) weigh as much as the rest
+            answers = mask != 1
+            assert ((0 < answers.sum(1)) & (answers.sum(1) < 60)).all()
+            assert torch.allclose((mask * answers).sum(1), (~answers).sum(1).float())
     assert {"task", "lm"} == set(kinds)
     with pytest.raises(ValueError, match="task_frac"):
         LongContextMix(tok, filler, 256, task_frac=2)
-    with pytest.raises(ValueError, match="tasks must be some of passkey, kv, multi_needle, recall, got copy"):
-        LongContextMix(tok, filler, 256, kinds=("copy",))
+    with pytest.raises(ValueError, match="tasks must be some of passkey, kv, multi_needle, recall, copy, got "
+                                         "sort"):
+        LongContextMix(tok, filler, 256, kinds=("sort",))
 
 
 def test_recall_asks_for_the_rest_of_a_note_from_its_first_tokens(tok, filler):
@@ -83,7 +86,20 @@ def test_recall_asks_for_the_rest_of_a_note_from_its_first_tokens(tok, filler):
         assert [t for t, m in zip(s.ids, s.answer_mask) if m] == note[cue:] == s.ids[s.prompt_len:]
         assert abs(at / s.prompt_len - depth) < 0.1
     mix = LongContextMix(tok, filler, seq_len=1024, task_frac=1.0, kinds=("recall",))
-    assert (mix.batch(3, seed=0, step=0)[2].sum(1) == n - cue).all()
+    assert ((mix.batch(3, seed=0, step=0)[2] > 1).sum(1) == n - cue).all()
+
+
+def test_copy_repeats_a_random_span_of_filler_tokens_at_the_end(tok, filler):
+    gen = TaskGenerator(tok, filler, seed=4)
+    spans = []
+    for depth in (0.0, 0.5, 1.0):
+        s = gen.sample("copy", 1024, depth=depth)
+        span = s.ids[s.prompt_len - 1:]  # the repeat: its first token is the cue, the rest the answer
+        assert len(span) == 48 and [t for t, m in zip(s.ids, s.answer_mask) if m] == span[1:]
+        at = next(i for i in range(s.prompt_len) if s.ids[i: i + len(span)] == span)
+        assert abs(at / (s.prompt_len - len(span)) - depth) < 0.05 and set(span) <= set(filler.tolist())
+        spans.append(span)
+    assert len({tuple(x) for x in spans}) == 3  # a fresh draw each time
 
 
 def test_niah_scores_retrieval_and_writes_the_heat_map(tok, filler, tmp_path, monkeypatch):
@@ -151,6 +167,20 @@ def test_long_context_stage_trains_the_indexer_on_tasks_then_continues_from_a_ch
         run(TrainConfig(out=str(tmp_path / "bad"), preset="small", init=str(final), data=str(corpus),
                         val_frac=VAL_FRAC, dtype="fp32", device="cpu", compile="off", pretrain=StageConfig(steps=0),
                         longctx=StageConfig(steps=1, seq_len=64), sft=StageConfig(steps=0)), progress=False)
+
+
+def test_long_context_stage_alone_trains_a_fresh_model_and_nothing_to_train_is_an_error(corpus, tmp_path):  # noqa: F811
+    common = dict(preset="tiny", data=str(corpus), val_frac=VAL_FRAC, dtype="fp32", device="cpu", compile="off",
+                  pretrain=StageConfig(steps=0), sft=StageConfig(steps=0))
+    final = run(TrainConfig(out=str(tmp_path / "lc"), longctx=StageConfig(steps=2, seq_len=128, batch_size=2,
+                                                                           indexer_warmup=1, mtp_weight=0.0),
+                            longctx_tasks=("copy",), longctx_task_frac=1.0, **common), progress=False)
+    assert (final / "DONE").exists() and not (tmp_path / "lc" / "pretrain").exists()
+    rows = read_metrics(tmp_path / "lc" / "longctx" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    with pytest.raises(ValueError, match="nothing to train"):
+        run(TrainConfig(out=str(tmp_path / "none"), longctx=StageConfig(steps=0), **common), progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_cli_eval_niah_writes_json_and_heat_map(corpus, tmp_path, capsys):  # noqa: F811
