@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dsv4.checkpoint import from_pretrained
-from dsv4.eval.niah import needle_in_a_haystack, write_report
+from dsv4.eval.niah import needle_in_a_haystack, retrieved, write_report
 from dsv4.plots import read_metrics
 from dsv4.tasks import KINDS, LongContextMix, TaskGenerator
 from dsv4.train import StageConfig, TrainConfig, run
@@ -100,6 +100,13 @@ def test_copy_repeats_a_random_span_of_filler_tokens_at_the_end(tok, filler):
         assert abs(at / (s.prompt_len - len(span)) - depth) < 0.05 and set(span) <= set(filler.tolist())
         spans.append(span)
     assert len({tuple(x) for x in spans}) == 3  # a fresh draw each time
+
+
+def test_retrieved_needs_exactly_the_key_first():
+    for output in (" 48213.", "48213", " 48213 is the pass key", "\n48213."):
+        assert retrieved(output, "48213"), output
+    for output in (" 482139", " 4821", " 48213"[:-1] + "4.", " the key is 48213", "", " 048213."):
+        assert not retrieved(output, "48213"), output
 
 
 def test_niah_scores_retrieval_and_writes_the_heat_map(tok, filler, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 For every (length, depth) cell, `samples` pass-key prompts (dsv4.tasks: the key sentence at that depth of a haystack
 of held-out text, the question at the end) are continued greedily by the inference engine; a sample counts as
-retrieved when the continuation starts with the key. Prompts run one at a time through one engine whose cache holds the
+retrieved when the first number of the continuation is the key (so " 48213." counts, " 482139" does not). Prompts run one at a time through one engine whose cache holds the
 longest length (the prefill is the engine's chunked, bounded-memory path).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] 
                                       ignore_eos=True)[0]
                 key = s.answers[0]
                 r = {"length": len(s.ids), "depth": d, "key": key, "output": tok.decode(out.token_ids),
-                     "correct": tok.decode(out.token_ids).strip().startswith(key), "seconds": time.perf_counter() - t0}
+                     "correct": retrieved(tok.decode(out.token_ids), key), "seconds": time.perf_counter() - t0}
                 results.append(r)
                 if progress is not None:
                     progress(r)
@@ -52,6 +53,12 @@ def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] 
             for j in range(len(depths))] for i in range(len(lengths))]
     return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "accuracy": acc,
             "by_length": [float(np.mean(row)) for row in acc], "results": results}
+
+
+def retrieved(output: str, key: str) -> bool:
+    """Whether the continuation states the key: its first number, right at the start, is exactly the key."""
+    m = re.match(r"\s*(\d+)", output)
+    return m is not None and m.group(1) == key
 
 
 def plot_niah(report: dict, path: str | os.PathLike, title: str = "needle in a haystack (pass key)") -> str:
