@@ -142,8 +142,8 @@ class TaskGenerator:
 class LongContextMix:
     """Training batches for the long-context stage: each step is, with probability `task_frac`, a batch of synthetic
     task samples (loss everywhere, the answers of a row weighing as much as the rest of it) and otherwise plain
-    windows of the corpus (loss everywhere), both `seq_len` tokens. The mask is the per-token loss weight. Step k depends only on
-    (seed, k), as the trainer's resume requires."""
+    windows of the corpus (loss everywhere), both `seq_len` tokens. The mask is the per-token loss weight. Step k
+    depends only on (seed, k), as the trainer's resume requires."""
 
     def __init__(self, tokenizer, tokens: np.ndarray, seq_len: int, task_frac: float = 0.5,
                  kinds: tuple[str, ...] = KINDS):

@@ -2,8 +2,9 @@
 
 For every (length, depth) cell, `samples` pass-key prompts (dsv4.tasks: the key sentence at that depth of a haystack
 of held-out text, the question at the end) are continued greedily by the inference engine; a sample counts as
-retrieved when the first number of the continuation is the key (so " 48213." counts, " 482139" does not). Prompts run one at a time through one engine whose cache holds the
-longest length (the prefill is the engine's chunked, bounded-memory path).
+retrieved when the first number of the continuation is the key (so " 48213." counts, " 482139" does not). Prompts
+run one at a time through one engine whose cache holds the longest length (the prefill is the engine's chunked,
+bounded-memory path).
 """
 
 from __future__ import annotations
