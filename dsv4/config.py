@@ -356,16 +356,6 @@ PRESETS: dict[str, dict] = {
         index_n_heads=8, index_head_dim=64, index_topk=64,
         n_routed_experts=16, n_activated_experts=2, moe_inter_dim=512, n_hash_layers=1, hc_mult=4,
     ),
-    # long-context retrieval on a 2-core CPU (~15M parameters): small's trunk at half the width and depth, with wide
-    # heads (a compressed entry is one 128-wide vector for 4-8 tokens) and a 64-token window, so a needle is reached
-    # through CSA's top-32 entries (or HCA) from a few hundred tokens on
-    "small-lc": dict(
-        vocab_size=8192, dim=256, n_layers=4, max_seq_len=1048576, n_heads=4, head_dim=128, rope_head_dim=32,
-        q_lora_rank=128, o_groups=2, o_lora_rank=128, window_size=64, original_seq_len=8192,
-        compress_ratios=[0, 4, 128, 4, 0], csa_ratio=4, hca_ratio=128,
-        index_n_heads=4, index_head_dim=64, index_topk=32,
-        n_routed_experts=8, n_activated_experts=2, moe_inter_dim=256, n_hash_layers=1, hc_mult=4,
-    ),
     # the released DeepSeek-V4-Flash (284B total, 13B active)
     "v4-flash": dict(),
     # the released DeepSeek-V4-Pro (1.6T total, 49B active)
@@ -381,4 +371,11 @@ PRESETS: dict[str, dict] = {
         n_routed_experts=240, moe_inter_dim=3072, route_scale=2.5,
     ),
 }
-
+# long-context retrieval on a 2-core CPU (~15M parameters): small's trunk at half the width and depth, with wide heads
+# (a compressed entry is one 128-wide vector for 4-8 tokens) and a 64-token window, so a needle is reached through
+# CSA's top-32 entries (or HCA) from a few hundred tokens on
+PRESETS["small-lc"] = {
+    **PRESETS["small"], "dim": 256, "n_layers": 4, "n_heads": 4, "head_dim": 128, "q_lora_rank": 128, "o_groups": 2,
+    "o_lora_rank": 128, "window_size": 64, "compress_ratios": [0, 4, 128, 4, 0], "index_n_heads": 4,
+    "index_topk": 32, "n_routed_experts": 8, "moe_inter_dim": 256,
+}
