@@ -1,5 +1,11 @@
 """Byte-level BPE tokenizer (the Rust `tokenizers` package) with DeepSeek's special tokens and chat template.
 
+Trained tokenizers treat numbers as DeepSeek's does: runs of digits are cut into isolated groups of at most three
+(" 48213." -> " ", "482", "13", "."), and, when the vocabulary has room (every group at most a quarter of the
+merges: 8192 tokens does, tiny's 512 does not), every group of 1-3 digits is a token of its own, as in DeepSeek's
+vocabulary. A number's tokens then follow from its digits alone, never from which digit strings the corpus happened
+to merge: a 5-digit pass key is always a 3-digit and a 2-digit token.
+
 Byte-level means every byte has a token, so any input round-trips: ordinary Unicode through the Rust encoder, and
 lone surrogates (bytes decoded with `surrogateescape`) through their single-byte tokens. Special tokens are only ever
 produced from their spelling when `allow_special=True`; plain text containing `<｜User｜>` encodes as text.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import os
 import re
 import tempfile
@@ -20,7 +27,7 @@ from collections.abc import Iterable
 from functools import cache
 
 from tokenizers import Tokenizer as _RustTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -29,6 +36,10 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 BOI, EOI, BOV, EOV = "<｜begin▁of▁image｜>", "<｜end▁of▁image｜>", "<｜begin▁of▁video｜>", "<｜end▁of▁video｜>"
+
+
+NUMBER_GROUPS = [f"{i:0{n}d}" for n in (1, 2, 3) for i in range(10 ** n)]  # "0".."9", "00".."99", "000".."999"
+NUMBER_COUNT = 1000  # how often each group is shown to the BPE trainer: far above any merge near the vocabulary's end
 
 
 def special_tokens(n_vis: int = 64) -> list[str]:
@@ -76,9 +87,13 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None,
               n_vis: int = 64) -> Tokenizer:
         tok = _RustTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),  # DeepSeek's digit groups
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
         tok.decoder = decoders.ByteLevel()
         specials = special_tokens(n_vis)
+        if vocab_size - 256 - len(specials) >= 4 * len(NUMBER_GROUPS):  # room for every digit group as a token
+            texts = itertools.chain(texts, [" ".join(NUMBER_GROUPS)] * NUMBER_COUNT)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer=trainer)

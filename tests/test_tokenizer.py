@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv4.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, special_tokens
+from dsv4.tokenizer import ASSISTANT, BOS, EOS, NUMBER_GROUPS, USER, Tokenizer, special_tokens
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,31 @@ def test_vocab_and_specials(tok):
     assert len(tok.special_ids) == len(special_tokens(8))
     assert "<｜vis_7｜>" in tok.decode(tok.special_ids)
     assert len(tok.encode("def return self")) < len("def return self")  # BPE actually merged something
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 10 ** 30), st.sampled_from(["", " ", "key ", "x=", "(", "\n"]), st.sampled_from(["", ".", " is", "a0"]))
+def test_numbers_split_in_groups_of_three(tok, n, before, after):
+    """DeepSeek's pre-tokenization: a number is cut into groups of <= 3 digits from the left, and no token crosses
+    a group's edge or joins a digit to a letter or a space, whatever the trained merges (a small vocabulary may
+    still spell a group in several tokens)."""
+    text = f"{before}{n}{after}"
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert all(p.isdigit() for p in digits), pieces
+    assert "".join(digits).startswith(str(n)), pieces
+    edges = {sum(map(len, digits[:k])) for k in range(len(digits) + 1)}
+    assert set(range(0, len(str(n)), 3)) <= edges, pieces
+
+
+def test_digit_groups_are_tokens_when_the_vocabulary_has_room(tok):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    big = Tokenizer.train([(root / f).read_text() for f in ("textwrap.py", "bisect.py")], vocab_size=6000, n_vis=8)
+    assert [g for g in NUMBER_GROUPS if len(big.encode(g)) != 1] == []
+    for key in (10000, 48213, 99999):  # a pass key: always " ", its first three digits, its last two, "."
+        assert [big.decode([i]) for i in big.encode(f" {key}.")] == [" ", str(key)[:3], str(key)[3:], "."]
+    assert any(len(tok.encode(g)) > 1 for g in NUMBER_GROUPS)  # 512 tokens leave no room: whatever BPE merged
+    assert len(big.encode("def return self")) < len("def return self")  # text still gets its merges
 
 
 @settings(max_examples=200)
