@@ -28,7 +28,8 @@ def test_vocab_and_specials(tok):
 
 
 @settings(max_examples=200)
-@given(st.integers(0, 10 ** 30), st.sampled_from(["", " ", "key ", "x=", "(", "\n"]), st.sampled_from(["", ".", " is", "a0"]))
+@given(st.integers(0, 10 ** 30), st.sampled_from(["", " ", "key ", "x=", "(", "\n"]),
+       st.sampled_from(["", ".", " is", "a0"]))
 def test_numbers_split_in_groups_of_three(tok, n, before, after):
     """DeepSeek's pre-tokenization: a number is cut into groups of <= 3 digits from the left, and no token crosses
     a group's edge or joins a digit to a letter or a space, whatever the trained merges (a small vocabulary may
