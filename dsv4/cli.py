@@ -111,6 +111,9 @@ def add_train(subparsers):
                    help="share of steps on synthetic tasks (pass key, key-value lookup, multi-needle, recall, copy)")
     g.add_argument("--longctx-tasks", nargs="+", default=list(d.longctx_tasks), choices=KINDS, metavar="TASK",
                    help=f"which synthetic tasks ({', '.join(KINDS)}; dsv4/tasks.py describes each)")
+    g.add_argument("--longctx-edge-frac", type=float, default=d.longctx_edge_frac,
+                   help="share of pass-key / recall / copy samples with the needle at an edge (depth 0 or 1) rather "
+                        "than uniform")
     g = p.add_argument_group("fine-tuning (docstring -> function chat pairs, loss on answers)")
     g.add_argument("--sft-steps", type=int, default=sft.steps, help="0 = no fine-tuning")
     g.add_argument("--sft-lr", type=float, default=sft.lr)
@@ -141,7 +144,8 @@ def train_config(opts):
                                   **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
     return TrainConfig(out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
-                       longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks), sft=sft)
+                       longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
+                       longctx_edge_frac=opts.longctx_edge_frac, sft=sft)
 
 
 def run_train(opts) -> int:

@@ -17,6 +17,11 @@ at whole-token boundaries, so the sample has exactly the requested length. `answ
 `prompt_len` is where the first answer starts (what an evaluation prompts with).
 Everything is drawn from a numpy Generator: the same seed gives the same samples.
 
+Needle depths drawn at random are uniform, except that a share `edge_frac` of the single-needle samples (passkey,
+recall, copy) put the needle at an edge: depth 0 (the first tokens, where attention sinks) or 1 (just before the
+question, inside the sliding window). Uniform draws land there rarely (a needle within the last 64 of 1K tokens is
+~6% of them), yet every needle-in-a-haystack grid has a row at each edge; models trained without them missed there.
+
 In training (`LongContextMix`) a task sample trains on every token, and its few answer tokens weigh as much as all the
 others together: the text keeps the language model intact (answers alone wreck it within a few hundred steps) and
 the answers carry the retrieval signal (at a plain 5x weight they were a few percent of the gradient, and nothing
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 
 KINDS = ("passkey", "kv", "multi_needle", "recall", "copy")
+ONE_NEEDLE = ("passkey", "recall", "copy")  # the kinds whose needle's depth `sample` takes
 WORDS = ("apple", "river", "falcon", "copper", "lantern", "meadow", "quartz", "harbor", "violet", "summit", "ember",
          "glacier", "orchid", "thunder", "saffron", "marble", "willow", "comet", "cedar", "tundra")
 
@@ -49,10 +55,13 @@ class TaskSample:
 class TaskGenerator:
     """Samples of the tasks above over a filler token stream (e.g. `dsv4.data.load_tokens(...)` of the corpus)."""
 
-    def __init__(self, tokenizer, filler: np.ndarray, seed: int = 0):
+    def __init__(self, tokenizer, filler: np.ndarray, seed: int = 0, edge_frac: float = 0.0):
         if len(filler) < 64:
             raise ValueError(f"the filler stream has {len(filler)} tokens; the tasks need at least 64")
+        if not 0 <= edge_frac <= 1:
+            raise ValueError(f"edge_frac must be in [0, 1], got {edge_frac}")
         self.tok, self.filler, self.rng = tokenizer, np.asarray(filler), np.random.default_rng(seed)
+        self.edge_frac = edge_frac
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -69,6 +78,8 @@ class TaskGenerator:
         """One sample of exactly `length` tokens; `depth` fixes the (first) needle's position (passkey)."""
         if kind not in KINDS:
             raise ValueError(f"unknown task {kind!r}; choose one of {', '.join(KINDS)}")
+        if depth is None and kind in ONE_NEEDLE and self.edge_frac and self.rng.random() < self.edge_frac:
+            depth = float(self.rng.integers(2))  # at an edge: the start or just before the question
         return getattr(self, kind)(length, depth)
 
     # --- the tasks: needles [(text ids)], then questions and answers at the end ---
@@ -142,11 +153,12 @@ class TaskGenerator:
 class LongContextMix:
     """Training batches for the long-context stage: each step is, with probability `task_frac`, a batch of synthetic
     task samples (loss everywhere, the answers of a row weighing as much as the rest of it) and otherwise plain
-    windows of the corpus (loss everywhere), both `seq_len` tokens. The mask is the per-token loss weight. Step k
-    depends only on (seed, k), as the trainer's resume requires."""
+    windows of the corpus (loss everywhere), both `seq_len` tokens. The mask is the per-token loss weight; edge_frac
+    is the generator's share of needles at depth 0 or 1. Step k depends only on (seed, k), as the trainer's resume
+    requires."""
 
     def __init__(self, tokenizer, tokens: np.ndarray, seq_len: int, task_frac: float = 0.5,
-                 kinds: tuple[str, ...] = KINDS):
+                 kinds: tuple[str, ...] = KINDS, edge_frac: float = 0.0):
         if not 0 <= task_frac <= 1:
             raise ValueError(f"task_frac must be in [0, 1], got {task_frac}")
         if not kinds or any(k not in KINDS for k in kinds):
@@ -154,12 +166,13 @@ class LongContextMix:
         if len(tokens) < seq_len + 1:
             raise ValueError(f"{len(tokens)} corpus tokens are fewer than one window of {seq_len + 1}")
         self.tok, self.tokens, self.seq_len, self.task_frac, self.kinds = tokenizer, tokens, seq_len, task_frac, kinds
+        self.edge_frac = edge_frac
 
     def batch(self, batch_size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([seed, step])
         T = self.seq_len
         if rng.random() < self.task_frac:
-            gen = TaskGenerator(self.tok, self.tokens, seed=int(rng.integers(2 ** 63)))
+            gen = TaskGenerator(self.tok, self.tokens, seed=int(rng.integers(2 ** 63)), edge_frac=self.edge_frac)
             rows = [gen.sample(self.kinds[int(rng.integers(len(self.kinds)))], T + 1) for _ in range(batch_size)]
             ids = torch.tensor([r.ids for r in rows])
             answers = torch.tensor([r.answer_mask for r in rows], dtype=torch.float32)[:, 1:]

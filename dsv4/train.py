@@ -99,6 +99,7 @@ class TrainConfig:
         save_every=25, eval_batches=4))
     longctx_task_frac: float = 0.5    # share of long-context steps that train on synthetic retrieval tasks
     longctx_tasks: tuple[str, ...] = KINDS  # which of them (dsv4.tasks.KINDS)
+    longctx_edge_frac: float = 0.2    # share of single-needle tasks with the needle at depth 0 or 1 (dsv4.tasks)
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, lr=1e-3, warmup=3, indexer_warmup=0,
                                                                  eval_every=25, save_every=25))
 
@@ -474,10 +475,9 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         elif name == "longctx":
             from dsv4.data import load_tokens
 
-            mix = LongContextMix(tok, load_tokens(train_file), stage.seq_len, cfg.longctx_task_frac, cfg.longctx_tasks)
+            mix, val_mix = (LongContextMix(tok, load_tokens(f), stage.seq_len, cfg.longctx_task_frac,
+                                           cfg.longctx_tasks, cfg.longctx_edge_frac) for f in (train_file, val_file))
             batches = (lambda m, s: lambda start: m.batches(s.batch_size, s.seed, start))(mix, stage)
-            val_mix = LongContextMix(tok, load_tokens(val_file), stage.seq_len, cfg.longctx_task_frac,
-                                     cfg.longctx_tasks)
             val = fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches)
         else:
             ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)

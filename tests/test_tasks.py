@@ -53,6 +53,28 @@ def test_passkey_depth_places_the_needle(tok, filler):
         gen.sample("passkey", 10)
 
 
+@pytest.mark.parametrize("kind", ["passkey", "copy", "kv"])
+def test_edge_frac_puts_that_share_of_single_needles_at_depth_0_or_1(tok, filler, kind):
+    """About edge_frac of the random depths are exactly 0 or 1 (half each), the rest uniform; a fixed depth stays
+    fixed; multi-needle kinds keep uniform depths (no pile of needles at the edges)."""
+    def depths(edge_frac, n=400):
+        gen = TaskGenerator(tok, filler, seed=5, edge_frac=edge_frac)
+        return np.array([d for _ in range(n) for d in gen.sample(kind, 300).depths])
+
+    d = depths(0.3)
+    edges = np.isin(d, (0.0, 1.0))
+    if kind == "kv":
+        assert not edges.any()
+        return
+    assert 0.22 < edges.mean() < 0.38 and 0.35 < (d[edges] == 1).mean() < 0.65
+    inner = d[~edges]
+    assert 0.4 < inner.mean() < 0.6 and inner.min() < 0.05 and inner.max() > 0.95  # the rest: uniform
+    assert not np.isin(depths(0.0), (0.0, 1.0)).any()
+    assert TaskGenerator(tok, filler, seed=5, edge_frac=1.0).sample(kind, 300, depth=0.5).depths == [0.5]
+    with pytest.raises(ValueError, match="edge_frac must be in"):
+        TaskGenerator(tok, filler, edge_frac=1.5)
+
+
 def test_long_context_mix_batches(tok, filler):
     mix = LongContextMix(tok, filler, seq_len=256, task_frac=0.5)
     kinds = []
