@@ -184,6 +184,7 @@ def add_eval(subparsers):
                                                                      131072], metavar="TOKENS")
     p.add_argument("--niah-depths", type=int, default=5, help="needle depths, evenly spaced from 0%% to 100%%")
     p.add_argument("--niah-samples", type=int, default=2, help="prompts per (length, depth) cell")
+    p.add_argument("--niah-seed", type=int, default=0, help="draws the keys and haystacks (another seed: other prompts)")
     p.add_argument("--niah-out", metavar="DIR", help="where niah.json / niah.png go (default: the checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="HumanEval completion budget")
     p.add_argument("--device", default=None)
@@ -253,7 +254,7 @@ def run_niah(opts, model, tok, cfg) -> dict:
             bar.set_postfix_str(f"{r['length']} tokens, depth {r['depth']:.0%}: {'ok' if r['correct'] else 'miss'}")
             bar.update()
         report = needle_in_a_haystack(model, tok, filler, opts.niah_lengths, depths, opts.niah_samples,
-                                      progress=tick)
+                                      seed=opts.niah_seed, progress=tick)
     json_path, png = write_report(report, opts.niah_out or opts.ckpt)
     print("\nneedle in a haystack (pass key), retrieved by context length:")
     for L, acc in zip(report["lengths"], report["by_length"]):

@@ -141,6 +141,8 @@ def test_niah_scores_retrieval_and_writes_the_heat_map(tok, filler, tmp_path, mo
     report = needle_in_a_haystack(model, tok, filler, lengths=[256, 512], depths=[0.0, 1.0], samples=1)
     assert report["lengths"] == [256, 512] and np.array(report["accuracy"]).shape == (2, 2)
     assert len(report["results"]) == 4 and all(r["length"] in (256, 512) for r in report["results"])
+    other = needle_in_a_haystack(model, tok, filler, lengths=[256, 512], depths=[0.0, 1.0], samples=1, seed=1)
+    assert [r["key"] for r in other["results"]] != [r["key"] for r in report["results"]]  # other prompts
 
     def oracle(self, prompts, params=None, **kw):  # answers with the key stated in the prompt
         text = tok.decode(prompts[0])
@@ -218,12 +220,12 @@ def test_cli_eval_niah_writes_json_and_heat_map(corpus, tmp_path, capsys):  # no
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     argv = ["eval", "--ckpt", str(ckpt), "--no-bpb", "--no-samples", "--niah", "--niah-lengths", "256", "512",
-            "--niah-depths", "3", "--niah-samples", "1", "--niah-out", str(tmp_path / "niah"), "--data", str(corpus),
+            "--niah-depths", "3", "--niah-samples", "1", "--niah-seed", "3", "--niah-out", str(tmp_path / "niah"), "--data", str(corpus),
             "--val-frac", str(VAL_FRAC), "--dtype", "fp32", "--json", str(tmp_path / "eval.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "256 tokens:" in out and "512 tokens:" in out
     report = json.loads((tmp_path / "niah" / "niah.json").read_text())
-    assert report["depths"] == [0.0, 0.5, 1.0] and len(report["results"]) == 6
+    assert report["depths"] == [0.0, 0.5, 1.0] and len(report["results"]) == 6 and report["seed"] == 3
     assert (tmp_path / "niah" / "niah.png").exists()
     assert json.loads((tmp_path / "eval.json").read_text())["niah"]["lengths"] == [256, 512]

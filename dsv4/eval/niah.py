@@ -25,7 +25,7 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] = LENGTHS,
                          depths: Sequence[float] = DEPTHS, samples: int = 2, seed: int = 0,
                          progress: Callable[[dict], None] | None = None) -> dict:
-    """Accuracy per (length, depth) -> {"lengths", "depths", "samples", "accuracy": [[per depth] per length],
+    """Accuracy per (length, depth) -> {"lengths", "depths", "samples", "seed", "accuracy": [[per depth] per length],
     "by_length": [...], "results": [one dict per prompt]}. progress(result) after each prompt."""
     from dsv4.engine import Engine, SamplingParams
     from dsv4.tasks import TaskGenerator
@@ -52,7 +52,7 @@ def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] 
     acc = [[float(np.mean([r["correct"] for r in results[(i * len(depths) + j) * samples:
                                                            (i * len(depths) + j + 1) * samples]]))
             for j in range(len(depths))] for i in range(len(lengths))]
-    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "accuracy": acc,
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed, "accuracy": acc,
             "by_length": [float(np.mean(row)) for row in acc], "results": results}
 
 
