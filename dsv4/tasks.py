@@ -161,6 +161,8 @@ class LongContextMix:
                  kinds: tuple[str, ...] = KINDS, edge_frac: float = 0.0):
         if not 0 <= task_frac <= 1:
             raise ValueError(f"task_frac must be in [0, 1], got {task_frac}")
+        if not 0 <= edge_frac <= 1:
+            raise ValueError(f"edge_frac must be in [0, 1], got {edge_frac}")
         if not kinds or any(k not in KINDS for k in kinds):
             raise ValueError(f"tasks must be some of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
         if len(tokens) < seq_len + 1:

@@ -92,6 +92,8 @@ def test_long_context_mix_batches(tok, filler):
     assert {"task", "lm"} == set(kinds)
     with pytest.raises(ValueError, match="task_frac"):
         LongContextMix(tok, filler, 256, task_frac=2)
+    with pytest.raises(ValueError, match="edge_frac must be in"):  # at once, not at the first task step
+        LongContextMix(tok, filler, 256, edge_frac=-0.1)
     with pytest.raises(ValueError, match="tasks must be some of passkey, kv, multi_needle, recall, copy, got "
                                          "sort"):
         LongContextMix(tok, filler, 256, kinds=("sort",))
