@@ -184,7 +184,8 @@ def add_eval(subparsers):
                                                                      131072], metavar="TOKENS")
     p.add_argument("--niah-depths", type=int, default=5, help="needle depths, evenly spaced from 0%% to 100%%")
     p.add_argument("--niah-samples", type=int, default=2, help="prompts per (length, depth) cell")
-    p.add_argument("--niah-seed", type=int, default=0, help="draws the keys and haystacks (another seed: other prompts)")
+    p.add_argument("--niah-seed", type=int, default=0,
+                   help="draws the keys and haystacks (another seed: other prompts)")
     p.add_argument("--niah-out", metavar="DIR", help="where niah.json / niah.png go (default: the checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="HumanEval completion budget")
     p.add_argument("--device", default=None)

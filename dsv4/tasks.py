@@ -42,6 +42,12 @@ WORDS = ("apple", "river", "falcon", "copper", "lantern", "meadow", "quartz", "h
          "glacier", "orchid", "thunder", "saffron", "marble", "willow", "comet", "cedar", "tundra")
 
 
+def _fraction(name: str, value: float) -> float:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 @dataclass
 class TaskSample:
     kind: str
@@ -58,10 +64,8 @@ class TaskGenerator:
     def __init__(self, tokenizer, filler: np.ndarray, seed: int = 0, edge_frac: float = 0.0):
         if len(filler) < 64:
             raise ValueError(f"the filler stream has {len(filler)} tokens; the tasks need at least 64")
-        if not 0 <= edge_frac <= 1:
-            raise ValueError(f"edge_frac must be in [0, 1], got {edge_frac}")
         self.tok, self.filler, self.rng = tokenizer, np.asarray(filler), np.random.default_rng(seed)
-        self.edge_frac = edge_frac
+        self.edge_frac = _fraction("edge_frac", edge_frac)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -78,6 +82,7 @@ class TaskGenerator:
         """One sample of exactly `length` tokens; `depth` fixes the (first) needle's position (passkey)."""
         if kind not in KINDS:
             raise ValueError(f"unknown task {kind!r}; choose one of {', '.join(KINDS)}")
+        # (edge_frac 0 draws nothing: the same seed gives the same samples as before the option existed)
         if depth is None and kind in ONE_NEEDLE and self.edge_frac and self.rng.random() < self.edge_frac:
             depth = float(self.rng.integers(2))  # at an edge: the start or just before the question
         return getattr(self, kind)(length, depth)
@@ -159,10 +164,7 @@ class LongContextMix:
 
     def __init__(self, tokenizer, tokens: np.ndarray, seq_len: int, task_frac: float = 0.5,
                  kinds: tuple[str, ...] = KINDS, edge_frac: float = 0.0):
-        if not 0 <= task_frac <= 1:
-            raise ValueError(f"task_frac must be in [0, 1], got {task_frac}")
-        if not 0 <= edge_frac <= 1:
-            raise ValueError(f"edge_frac must be in [0, 1], got {edge_frac}")
+        _fraction("task_frac", task_frac), _fraction("edge_frac", edge_frac)  # checked now, not at a task step
         if not kinds or any(k not in KINDS for k in kinds):
             raise ValueError(f"tasks must be some of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
         if len(tokens) < seq_len + 1:

@@ -222,8 +222,9 @@ def test_cli_eval_niah_writes_json_and_heat_map(corpus, tmp_path, capsys):  # no
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     argv = ["eval", "--ckpt", str(ckpt), "--no-bpb", "--no-samples", "--niah", "--niah-lengths", "256", "512",
-            "--niah-depths", "3", "--niah-samples", "1", "--niah-seed", "3", "--niah-out", str(tmp_path / "niah"), "--data", str(corpus),
-            "--val-frac", str(VAL_FRAC), "--dtype", "fp32", "--json", str(tmp_path / "eval.json")]
+            "--niah-depths", "3", "--niah-samples", "1", "--niah-seed", "3", "--niah-out", str(tmp_path / "niah"),
+            "--data", str(corpus), "--val-frac", str(VAL_FRAC), "--dtype", "fp32",
+            "--json", str(tmp_path / "eval.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "256 tokens:" in out and "512 tokens:" in out
