@@ -60,7 +60,7 @@ def save_shared_checkpoint(preset: str, seed: int, path: str, **overrides):
     torch.manual_seed(seed)
     model = dsv4.Transformer(args)
     model.init_weights(seed=seed)
-    model.save_pretrained(path)
+    dsv4.save_pretrained(model, path)
     return args
 
 

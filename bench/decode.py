@@ -50,7 +50,7 @@ def bytes_per_decode_step(args, dtype_size: int, context: int, batch: int = 1) -
     """Weights and cache one decode step of `batch` sequences at `context` reads, from the meta model's parameter
     shapes. Each sequence picks K of E routed experts per layer; with uniform routing a step touches
     E (1 - (1 - K/E)^batch) of them (K at batch 1, nearly all at batch 16)."""
-    from dsv4.info import count_params, meta_model
+    from dsv4.weights.info import count_params, meta_model
 
     parts = count_params(meta_model(args))
     main = parts["main"]
@@ -82,7 +82,7 @@ def child(opts) -> dict:
     if opts.impl == "ours":
         import dsv4
         from dsv4.engine import Engine, SamplingParams
-        from dsv4.tokenizer import Tokenizer
+        from dsv4.tokenizers.text import Tokenizer
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
         tok_path = os.path.join(opts.ckpt, "tokenizer.json")

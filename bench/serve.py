@@ -77,7 +77,7 @@ def main():
                    help="pass --speculative / --no-speculative to the server (default: the server's own default)")
     opts = p.parse_args()
 
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.tokenizers.text import Tokenizer
 
     ckpt = Path(opts.ckpt)
     if not (ckpt / "tokenizer.json").exists():

@@ -58,7 +58,7 @@ def matmul_peak(dtype) -> float:
 
 
 def model_flops_per_token(args, seq: int) -> float:
-    from dsv4 import info
+    from dsv4.weights import info
 
     f = info.model_info(args, contexts=[max(seq // 2, 1)])["flops_per_token"][str(max(seq // 2, 1))]
     return 3 * f["total"]
@@ -76,7 +76,8 @@ def child(opts) -> dict:
     B, S = map(int, opts.shape.split("x"))
     if opts.impl == "ours":
         import dsv4
-        from dsv4.train import StageConfig, Trainer
+        from dsv4.train.config import StageConfig
+        from dsv4.train.trainer import Trainer
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=torch.float32)
         v4 = opts.mode == "v4"

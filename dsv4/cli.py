@@ -19,7 +19,7 @@ import time
 
 from dsv4.config import PRESETS
 from dsv4.device import tune_cpu_allocator
-from dsv4.tasks import KINDS
+from dsv4.data.tasks import KINDS
 
 
 def add_info(subparsers):
@@ -36,14 +36,14 @@ def add_info(subparsers):
 
 
 def run_info(opts) -> int:
-    from dsv4 import info
+    from dsv4.weights import info
     from dsv4.config import ModelArgs
     from dsv4.device import resolve_dtype
 
     if opts.preset:
         args, title = ModelArgs.from_name(opts.preset), opts.preset
     else:
-        from dsv4.checkpoint import read_config
+        from dsv4.weights.checkpoint import read_config
 
         args, title = read_config(opts.ckpt)[0], opts.ckpt
     report = info.model_info(args, contexts=opts.context, cache_dtype=resolve_dtype(opts.cache_dtype))
@@ -55,7 +55,7 @@ def run_info(opts) -> int:
 
 
 def add_train(subparsers):
-    from dsv4.train import StageConfig, TrainConfig
+    from dsv4.train.config import StageConfig, TrainConfig
 
     d, pre, sft = TrainConfig(), StageConfig(), TrainConfig().sft
     p = subparsers.add_parser("train", help="train a tokenizer and pretrain + fine-tune a model (one command)",
@@ -126,7 +126,7 @@ def train_config(opts):
     """The TrainConfig the `train` options describe."""
     import dataclasses
 
-    from dsv4.train import TrainConfig
+    from dsv4.train.config import TrainConfig
 
     d = TrainConfig()
     shared = dict(optimizer=opts.optimizer, weight_decay=opts.weight_decay, clip=opts.clip,
@@ -149,7 +149,7 @@ def train_config(opts):
 
 
 def run_train(opts) -> int:
-    from dsv4 import train
+    from dsv4.train import pipeline as train
 
     start = time.perf_counter()
     try:
@@ -208,7 +208,7 @@ def run_eval(opts) -> int:
     if not opts.no_bpb:
         data = opts.data if opts.data is not None else (cfg.data if cfg else None)
         val_frac = opts.val_frac or (cfg.val_frac if cfg else 0.03)
-        seq_len = opts.seq_len or (cfg.pretrain.seq_len if cfg else 512)
+        seq_len = opts.seq_len or (cfg.seq_len if cfg else 512)
         cache = Path(opts.ckpt).parent / "data" if cfg and opts.data is None else None
         r = ev.heldout_bpb(model, tok, data, val_frac, seq_len, opts.max_tokens or None, cache)
         report["bpb"] = r
@@ -226,7 +226,7 @@ def run_eval(opts) -> int:
     if opts.niah:
         report["niah"] = run_niah(opts, model, tok, cfg)
     if opts.json:
-        from dsv4.data import atomic_write
+        from dsv4.data.corpus import atomic_write
 
         atomic_write(Path(opts.json), lambda f: f.write(json.dumps(report, indent=1).encode()))
     return 0
@@ -240,7 +240,7 @@ def run_niah(opts, model, tok, cfg) -> dict:
     import numpy as np
     from tqdm import tqdm
 
-    from dsv4.data import load_corpus, load_tokens, tokenize_corpus
+    from dsv4.data.corpus import load_corpus, load_tokens, tokenize_corpus
     from dsv4.eval.niah import needle_in_a_haystack, write_report
 
     data = opts.data if opts.data is not None else (cfg.data if cfg else None)
@@ -350,7 +350,7 @@ def pack_context(opts, tok, budget: int):
     """--context-dir packed into `budget` tokens, with a progress bar over the files; reports what was left out."""
     from tqdm import tqdm
 
-    from dsv4.context import pack_tree
+    from dsv4.data.context import pack_tree
 
     if budget <= 0:
         raise ValueError(f"--context-dir: no room left in the context ({budget} tokens) for the tree")

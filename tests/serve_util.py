@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dsv4.tokenizer import Tokenizer
+from dsv4 import save_pretrained
+from dsv4.tokenizers.text import Tokenizer
 from tests.helpers import random_model
 from tests.test_data import FEW
 
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 
 def tiny_checkpoint(path: Path) -> Path:
-    random_model(0).save_pretrained(path)
+    save_pretrained(random_model(0), path)
     Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4).save(path / "tokenizer.json")
     return path
 
@@ -115,5 +116,5 @@ def tool_calling_checkpoint(path: Path, steps: int = 120) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval().save_pretrained(path)
+    save_pretrained(model.eval(), path)
     return path

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsv4 import save_pretrained
 from dsv4 import ModelArgs, Transformer
-from dsv4.checkpoint import (INDEX_FILE, Target, detect_layout, export, from_pretrained, load_state_dict, resolve,
+from dsv4.weights.checkpoint import (INDEX_FILE, Target, detect_layout, export, from_pretrained, load_state_dict, resolve,
                              save_pretrained, to_layout_name)
 from tests.helpers import random_model, tiny_args
 from tests.test_quant import ref_dequant_fp4, ref_dequant_fp8
@@ -157,7 +158,7 @@ def test_dtype_keeps_fp32_tensors(tmp_path):
 
 # --- DeepSeek release layout ---------------------------------------------------------------------------------------
 def upstream_name(name: str) -> str:
-    """Release spelling, written here from the spec independently of dsv4.checkpoint."""
+    """Release spelling, written here from the spec independently of dsv4.weights.checkpoint."""
     return re.sub(r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$", r"\1hc_\2_\3", name)
 
 
@@ -367,7 +368,7 @@ def test_resave_replaces_shards_and_leaves_nothing_behind(tmp_path):
 
 
 def test_failed_save_leaves_target_untouched(tmp_path, monkeypatch):
-    import dsv4.checkpoint as ckpt
+    import dsv4.weights.checkpoint as ckpt
 
     target = tmp_path / "ckpt"
     model = random_model(seed=15)
@@ -386,7 +387,7 @@ def test_failed_save_leaves_target_untouched(tmp_path, monkeypatch):
 
 def test_model_save_pretrained_method(tmp_path):
     model = random_model(seed=17)
-    model.save_pretrained(tmp_path, layout="dsv4")
+    save_pretrained(model, tmp_path, layout="dsv4")
     assert "layers.0.ffn.experts.w13" in stored_names(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # MTP weights present: no warning

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4 import save_pretrained
 from dsv4.cli import main
 from dsv4.config import ModelArgs
 
@@ -65,7 +66,7 @@ def test_info_on_a_saved_model(tmp_path, capsys):
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     out = run_json(capsys, "--ckpt", str(tmp_path))
     params = sum(p.numel() for p in model.parameters())
     assert out["totals"]["with_mtp"]["total"] == params

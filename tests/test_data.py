@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4.data import (PackedDataset, SFTDataset, docstring_pairs, load_corpus, load_tokens, split_by_key,
+from dsv4.data.corpus import (PackedDataset, SFTDataset, docstring_pairs, load_corpus, load_tokens, split_by_key,
                        stdlib_files, tokenize_corpus)
-from dsv4.tokenizer import EOS, Tokenizer
+from dsv4.tokenizers.text import EOS, Tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FEW = [STDLIB / f for f in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py")]

@@ -4,9 +4,10 @@ stops, logprobs, streaming and cancellation behave."""
 import pytest
 import torch
 
+from dsv4 import save_pretrained
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams, speculative_verify
-from dsv4.tokenizer import Tokenizer
+from dsv4.tokenizers.text import Tokenizer
 from tests.helpers import random_model
 from tests.test_data import FEW
 
@@ -68,7 +69,7 @@ def test_batched_greedy_equals_alone(model, tok, alone, speculative):
 @pytest.mark.slow
 def test_compiled_engine_equals_eager(model, tok):
     """compile=True runs different products (one-row loops, fused contractions, experts read in place: see
-    dsv4.model.fused): plain decoding (width 1) and speculation (width-2 verify steps, MTP drafts) give the eager
+    dsv4.kernels.fused): plain decoding (width 1) and speculation (width-2 verify steps, MTP drafts) give the eager
     engine's tokens and log-probabilities. (Batch 1 only: each batch size is another compile, ~30 s cold.)"""
     def run(compile, speculative, prompts):
         engine = Engine(model, tok, max_batch=1, prefill_chunk=16, speculative=speculative, compile=compile)
@@ -227,7 +228,7 @@ def test_bad_requests_say_why(model, tok):
 @pytest.fixture(scope="module")
 def ckpt(model, tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     tok.save(path / "tokenizer.json")
     return path
 

@@ -1,4 +1,4 @@
-"""The decode-step products of dsv4.model.fused compute what the plain products compute, and the compiled one-row
+"""The decode-step products of dsv4.kernels.fused compute what the plain products compute, and the compiled one-row
 path really leaves BLAS."""
 
 import string
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.profiler import profile
 
-from dsv4.model.fused import contract, grouped_linear, linear, matvec
+from dsv4.kernels.fused import contract, grouped_linear, linear, matvec
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""dsv4.info: parameter counts match DeepSeek's published sizes, every parameter lands in exactly one component,
+"""dsv4.weights.info: parameter counts match DeepSeek's published sizes, every parameter lands in exactly one component,
 and the FLOPs and cache formulas give the hand-computed numbers on `tiny`."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from dsv4.config import ModelArgs
-from dsv4.info import checkpoint_tensors, meta_model, model_info
+from dsv4.weights.info import checkpoint_tensors, meta_model, model_info
 
 # a tiny configuration pinned here (presets may change) so the hand-computed numbers below stay true
 HAND = dict(vocab_size=512, dim=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=16, q_lora_rank=32, o_groups=2,
@@ -113,7 +113,7 @@ def test_checkpoint_tensors(tmp_path):
 
 
 def test_engine_cache_bytes_are_the_real_allocation():
-    from dsv4.info import engine_cache_bytes
+    from dsv4.weights.info import engine_cache_bytes
     from dsv4.model.cache import KVCache
 
     args = ModelArgs.from_name("tiny")

@@ -14,11 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsv4 import ModelArgs
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
-from dsv4.info import engine_cache_bytes, prefill_memory, prefill_working_set
+from dsv4.weights.info import engine_cache_bytes, prefill_memory, prefill_working_set
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache
 from dsv4.model.indexer import Indexer, scan_block
-from dsv4.tokenizer import Tokenizer
+from dsv4.tokenizers.text import Tokenizer
 from tests.helpers import tiny_args
 from tests.test_engine import model, tok  # noqa: F401  (fixtures)
 
@@ -186,7 +186,7 @@ def test_info_reports_prefill_memory_for_any_context():
 def test_meta_cache_accounting_matches_the_theory_at_1m(preset):
     """The engine's cache for one 1M-token sequence, sized on the meta device, against the closed form from the
     config (compressed entries, indexer keys, window ring, open compressor rows): within 5%."""
-    from dsv4.info import cache_bytes
+    from dsv4.weights.info import cache_bytes
 
     args = ModelArgs.from_name(preset)
     layers = range(args.n_layers + args.n_mtp_layers)
@@ -198,7 +198,7 @@ def test_meta_cache_accounting_matches_the_theory_at_1m(preset):
 ALLOCATE = """
 import json, sys, torch
 from dsv4 import ModelArgs
-from dsv4.info import engine_cache_bytes
+from dsv4.weights.info import engine_cache_bytes
 from dsv4.model.cache import KVCache
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -239,7 +239,7 @@ def make_tree(root):
 
 
 def test_pack_tree_order_headers_skips_and_budget(tmp_path, tok):
-    from dsv4.context import pack_tree
+    from dsv4.data.context import pack_tree
 
     root = make_tree(tmp_path)
     full = pack_tree(root, tok, budget=10 ** 6)
@@ -269,7 +269,7 @@ def ckpt(tmp_path_factory):
 def test_cli_generate_packs_a_source_tree(ckpt, tmp_path, capsys, monkeypatch):
     """--context-dir puts the packed tree before the prompt, within --max-len, and says what did not fit."""
     from dsv4.cli import main
-    from dsv4.context import pack_tree
+    from dsv4.data.context import pack_tree
 
     root = make_tree(tmp_path / "tree")
     prompts, real_stream = [], Engine.stream

@@ -4,7 +4,7 @@ import torch
 
 import pytest
 
-from dsv4.loss import cross_entropy, linear_cross_entropy, training_loss
+from dsv4.train.loss import cross_entropy, linear_cross_entropy, training_loss
 from tests.helpers import random_ids, random_model
 
 

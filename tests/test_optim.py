@@ -7,7 +7,7 @@ from torch import nn
 from dsv4.config import ModelArgs
 from dsv4.device import has_fused_adamw
 from dsv4.model.transformer import Transformer
-from dsv4.optim import (Muon, build_optimizer, clip_grad_norm, cosine_schedule, muon_scale, newton_schulz,
+from dsv4.train.optim import (Muon, build_optimizer, clip_grad_norm, cosine_schedule, muon_scale, newton_schulz,
                         param_groups, param_kind, polar_reference, set_lr, wsd_schedule)
 
 

@@ -4,6 +4,7 @@ our save_pretrained -> their from_pretrained, and their save_pretrained -> our f
 import pytest
 import torch
 
+from dsv4 import save_pretrained
 import dsv4
 from tests.helpers import PARITY_CONFIGS, random_ids, random_model
 
@@ -26,7 +27,7 @@ def logits_pair(ours, theirs, ids):
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_our_weights_in_their_model(name, tmp_path):
     ours = random_model(seed=1, **PARITY_CONFIGS[name])
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     theirs = hf_from_dir(tmp_path)
     for i, S in enumerate(LENGTHS):
         a, b = logits_pair(ours, theirs, random_ids(ours.args, 2, S, seed=i))
@@ -52,7 +53,7 @@ def test_parity_check_catches_a_transposed_comb(monkeypatch, tmp_path):
     import dsv4.model.hyper as hyper
 
     ours = random_model(seed=3)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     theirs = hf_from_dir(tmp_path)
     ids = random_ids(ours.args, 2, 40)
     original = hyper.hc_post
@@ -68,7 +69,7 @@ def test_parity_check_catches_a_transposed_comb(monkeypatch, tmp_path):
 def test_engine_decodes_what_transformers_generates(tmp_path):
     """Our cached, chunked decoding on a checkpoint written by transformers = transformers' own cached `generate`."""
     from dsv4.engine import Engine, SamplingParams
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.tokenizers.text import Tokenizer
     from tests.test_data import FEW
 
     donor = random_model(seed=4, **PARITY_CONFIGS["mixed"])

@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from dsv4.plots import plot_run, read_metrics
+from dsv4.train.plots import plot_run, read_metrics
 
 
 def test_plots_from_metrics(tmp_path):

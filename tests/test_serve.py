@@ -15,7 +15,7 @@ import dsv4
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.serve.tools import CALLS_BEGIN, CALLS_END, OutputParser, render_call
-from dsv4.tokenizer import END_THINK, Tokenizer
+from dsv4.tokenizers.text import END_THINK, Tokenizer
 from tests.serve_util import (API_KEY, MODEL, WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOL, Server, live_server,  # noqa: F401
                               server_ckpt, tool_calling_checkpoint)
 

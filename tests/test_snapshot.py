@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4.snapshot import list_snapshots, load_latest, save_snapshot, set_rng_state
+from dsv4.train.snapshot import list_snapshots, load_latest, save_snapshot, set_rng_state
 from tests.helpers import random_ids, random_model
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv4.tokenizer import ASSISTANT, BOS, EOS, NUMBER_GROUPS, USER, Tokenizer, special_tokens
+from dsv4.tokenizers.text import ASSISTANT, BOS, EOS, NUMBER_GROUPS, USER, Tokenizer, special_tokens
 
 
 @pytest.fixture(scope="module")

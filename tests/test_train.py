@@ -15,10 +15,13 @@ import pytest
 import torch
 
 from dsv4.config import ModelArgs
-from dsv4.data import split_by_key
+from dsv4.data.corpus import split_by_key
 from dsv4.eval.complete import complete
-from dsv4.plots import read_metrics
-from dsv4.train import MixedPrecision, StageConfig, Trainer, TrainConfig, build_model, run
+from dsv4.train.plots import read_metrics
+from dsv4.train.config import StageConfig, TrainConfig
+from dsv4.train.pipeline import build_model, run
+from dsv4.train.precision import MixedPrecision
+from dsv4.train.trainer import Trainer
 from tests.helpers import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +213,7 @@ def test_indexer_runs_dense_then_sparse(tmp_path):
 
 
 def test_batched_completion_equals_one_at_a_time():
-    from dsv4.tokenizer import Tokenizer
+    from dsv4.tokenizers.text import Tokenizer
 
     tok = Tokenizer.train([(STDLIB / f).read_text() for f in FILES[:4]], vocab_size=512, n_vis=4)
     model = random_model(seed=2, vocab_size=512, max_seq_len=256)
@@ -224,7 +227,7 @@ def test_batched_completion_equals_one_at_a_time():
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager():
-    from dsv4.loss import training_loss
+    from dsv4.train.loss import training_loss
 
     results = []
     for compiled in (False, True):

@@ -11,7 +11,7 @@ The engine fuses the model's projections that share an input (`Transformer.fuse_
 views of one block per group, nothing is copied). Every running request owns one slot of a preallocated `KVCache`; a finished or cancelled request gives its slot back
 immediately and the next waiting request takes it (continuous batching). Each request samples with its own settings
 and random stream (dsv4.engine.sampling), stops on its own stop tokens / strings (dsv4.engine.stops) and streams UTF-8
--safe text deltas (dsv4.tokenizer.StreamDecoder). Penalties count the generated tokens (not the prompt).
+-safe text deltas (dsv4.tokenizers.text.StreamDecoder). Penalties count the generated tokens (not the prompt).
 
 MTP speculation (speculative=True, a model with an MTP module): each step the MTP module drafts one token from the
 last position's streams, the main model runs the pending token and the draft in one step of width 2, and the draft
@@ -279,7 +279,7 @@ class Engine:
         return self._emit(finished, [[t] for t in self._sample(finished, logits)], logits[:, None])
 
     def _compiled(self, fn, *args):
-        """Call a (compiled) step. Up to 4 rows the compiled products work row by row (dsv4.model.fused), so there the
+        """Call a (compiled) step. Up to 4 rows the compiled products work row by row (dsv4.kernels.fused), so there the
         batch size stays static: each gets its own graph instead of sharing a dynamic one."""
         if self.compile and args[0].shape[0] <= 4:
             step = next(a for a in args if isinstance(a, Step))

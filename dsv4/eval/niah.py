@@ -1,6 +1,6 @@
 """Needle in a haystack: pass-key retrieval accuracy over context lengths and needle depths, as JSON and a heat map.
 
-For every (length, depth) cell, `samples` pass-key prompts (dsv4.tasks: the key sentence at that depth of a haystack
+For every (length, depth) cell, `samples` pass-key prompts (dsv4.data.tasks: the key sentence at that depth of a haystack
 of held-out text, the question at the end) are continued greedily by the inference engine; a sample counts as
 retrieved when the first number of the continuation is the key (so " 48213." counts, " 482139" does not). Prompts
 run one at a time through one engine whose cache holds the longest length (the prefill is the engine's chunked,
@@ -28,7 +28,7 @@ def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] 
     """Accuracy per (length, depth) -> {"lengths", "depths", "samples", "seed", "accuracy": [[per depth] per length],
     "by_length": [...], "results": [one dict per prompt]}. progress(result) after each prompt."""
     from dsv4.engine import Engine, SamplingParams
-    from dsv4.tasks import TaskGenerator
+    from dsv4.data.tasks import TaskGenerator
 
     gen = TaskGenerator(tok, filler, seed=seed)
     longest = max(lengths)
@@ -90,7 +90,7 @@ def plot_niah(report: dict, path: str | os.PathLike, title: str = "needle in a h
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """niah.json and niah.png in out_dir (written atomically)."""
-    from dsv4.data import atomic_write
+    from dsv4.data.corpus import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,24 +27,33 @@ CHAT_PROMPTS = (
 )
 
 
-def load(ckpt: str | os.PathLike, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    """(model in eval mode, tokenizer, the run's TrainConfig or None) of a checkpoint directory."""
-    from dsv4.checkpoint import from_pretrained
-    from dsv4.tokenizer import Tokenizer
-    from dsv4.train import TrainConfig
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a checkpoint was trained on, from the run's train_config.json (read as JSON: evaluation never imports
+    the trainer): the corpus, the held-out share and the pretraining window."""
+    data: str | None
+    val_frac: float
+    seq_len: int
 
-    ckpt = Path(ckpt)
-    if not (ckpt / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{ckpt} has no tokenizer.json")
-    model = from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_file(ckpt / "tokenizer.json")
-    cfg_path = ckpt / "train_config.json"
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() else None
-    return model, tok, cfg
+    @classmethod
+    def read(cls, ckpt: str | os.PathLike) -> TrainedOn | None:
+        path = Path(ckpt) / "train_config.json"
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(raw.get("data"), float(raw.get("val_frac", 0.03)), int(raw.get("pretrain", {}).get("seq_len", 512)))
+
+
+def load(ckpt: str | os.PathLike, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model in eval mode, tokenizer, what it was trained on or None) of a checkpoint directory."""
+    from dsv4.weights.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(ckpt, device, dtype)
+    return model, tok, TrainedOn.read(ckpt)
 
 
 def _token_stream(docs, tok, cache: Path) -> torch.Tensor:
-    from dsv4.data import load_tokens, tokenize_corpus
+    from dsv4.data.corpus import load_tokens, tokenize_corpus
 
     tokenize_corpus(docs, tok, cache, progress=False)  # reuses the trainer's file when it matches
     return torch.from_numpy(load_tokens(cache).astype("int64"))
@@ -52,7 +62,7 @@ def _token_stream(docs, tok, cache: Path) -> torch.Tensor:
 def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max_tokens: int | None = None,
                 cache_dir: Path | None = None) -> dict:
     """bpb of the model and of a Kneser-Ney bigram (fit on the train split) on the same held-out tokens."""
-    from dsv4.data import load_corpus
+    from dsv4.data.corpus import load_corpus
     from dsv4.eval.bpb import bigram_bpb, bits_per_byte, token_byte_lengths
 
     train_docs, val_docs = load_corpus(data, val_frac)
@@ -72,7 +82,7 @@ def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max
 
 def sample_completions(model, tok, max_new_tokens: int = 96) -> list[dict]:
     """Greedy continuations of a few code prompts (raw) and of chat requests (rendered in the chat template)."""
-    from dsv4.data import chat_messages
+    from dsv4.data.corpus import chat_messages
     from dsv4.eval.complete import complete
 
     raw = complete(model, tok, COMPLETION_PROMPTS, max_new_tokens, stops=("\ndef ", "\nclass ", "\nif __name__"))

@@ -23,7 +23,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
-from dsv4.model.fused import Linear, LinearGroup, contract, decoding, grouped_linear
+from dsv4.kernels.fused import Linear, LinearGroup, contract, decoding, grouped_linear
 from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         self.compressor = (Compressor(args.dim, args.head_dim, self.ratio, overlap=self.kind == "csa", eps=eps)
                            if self.ratio else None)
         self.indexer = Indexer(args) if self.kind == "csa" else None
-        # what the incremental step runs as one product each (see dsv4.model.fused): the projections of x, of qr
+        # what the incremental step runs as one product each (see dsv4.kernels.fused): the projections of x, of qr
         inputs = [self.wq_a, self.wkv]
         if self.compressor is not None:
             inputs += [self.compressor.wkv, self.compressor.wgate]

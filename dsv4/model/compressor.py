@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model.fused import Linear
+from dsv4.kernels.fused import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import apply_rope
 

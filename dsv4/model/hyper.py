@@ -16,7 +16,7 @@ small model, so each step below writes at most one of them.
 import torch
 from torch import nn
 
-from dsv4.model.fused import contract, decoding, linear
+from dsv4.kernels.fused import contract, decoding, linear
 
 
 def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _collapse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """sum_j w_j h_j:  w [B, S, n], h [B, S, n, D] -> [B, S, D]"""
-    if decoding(h, h.shape[:2].numel()):  # compiled for a decode step: one fused loop (see dsv4.model.fused)
+    if decoding(h, h.shape[:2].numel()):  # compiled for a decode step: one fused loop (see dsv4.kernels.fused)
         return contract("bsn,bsnd->bsd", w, h, fuse=True)
     return (w.unsqueeze(-2) @ h).squeeze(-2)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.model.compressor import Compressor
-from dsv4.model.fused import Linear, contract, decoding
+from dsv4.kernels.fused import Linear, contract, decoding
 from dsv4.model.rope import apply_rope
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
-from dsv4.model.fused import Linear, LinearGroup, compiled_on_cpu, linear, matvec
+from dsv4.kernels.fused import Linear, LinearGroup, compiled_on_cpu, linear, matvec
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ class Expert(nn.Module):
         self.w1 = Linear(dim, inter_dim, bias=False)
         self.w2 = Linear(inter_dim, dim, bias=False)
         self.w3 = Linear(dim, inter_dim, bias=False)
-        self.w13 = LinearGroup(self.w1, self.w3)  # one product once fused (dsv4.model.fused)
+        self.w13 = LinearGroup(self.w1, self.w3)  # one product once fused (dsv4.kernels.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(*self.w13(x), self.limit))

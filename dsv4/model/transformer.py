@@ -18,7 +18,7 @@ from torch import nn
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache, LayerCache, Step
-from dsv4.model.fused import Linear, fuse_linear_groups
+from dsv4.kernels.fused import Linear, fuse_linear_groups
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.indexer import Indexer
 from dsv4.model.moe import Experts, Gate, MoE
@@ -210,7 +210,7 @@ class Transformer(nn.Module):
 
     def fuse_projections(self) -> "Transformer":
         """Run the linear layers that share an input as one product each in `step` and the shared expert (an
-        inference speed-up: fewer, larger matrix products; see dsv4.model.fused). Call once the model has its final
+        inference speed-up: fewer, larger matrix products; see dsv4.kernels.fused). Call once the model has its final
         device and dtype. Returns self."""
         return fuse_linear_groups(self)
 
@@ -244,7 +244,7 @@ class Transformer(nn.Module):
         around the matmuls (hyper-connections, norms, RoPE, routing, attention core) fuses in the forward and the
         backward. The first step per block variant compiles (a minute or two for `small` on 2 CPU cores; cached on
         disk by inductor after that); layer kinds, hash routing and the indexer's training stage are the variants.
-        The head's input (`hidden`) compiles too, and `dsv4.loss.training_loss` compiles its fused head + soft-max
+        The head's input (`hidden`) compiles too, and `dsv4.train.loss.training_loss` compiles its fused head + soft-max
         when `blocks_compiled` is set.
         Same code as eager (tests compare losses and gradients). Returns self."""
         import torch._dynamo.config as dynamo_config
@@ -257,11 +257,6 @@ class Transformer(nn.Module):
         self.hidden = torch.compile(self.hidden, **options)  # the streams' collapse and final norm
         self.blocks_compiled = True
         return self
-
-    def save_pretrained(self, path, **kwargs):
-        from dsv4.checkpoint import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
 
 
 def stable_hash(name: str) -> int:

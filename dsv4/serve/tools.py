@@ -19,7 +19,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from dsv4.tokenizer import END_THINK
+from dsv4.tokenizers.text import END_THINK
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"

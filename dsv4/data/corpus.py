@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dsv4.tokenizer import Tokenizer
+from dsv4.tokenizers.text import Tokenizer
 
 Doc = Path | str  # a file to read, or the text itself
 

@@ -1,0 +1,210 @@
+"""The dsv4 training pipeline: tokenizer -> token files -> pretraining -> supervised fine-tuning -> a checkpoint directory.
+
+    out/tokenizer.json                    byte-level BPE trained on the training split (reused when present)
+    out/data/{train,val}.bin              memory-mapped token files (+ .json sidecars), reused when unchanged
+    out/pretrain/step-*/                  snapshots (model, optimizer, RNG, data position), atomic and checksummed
+    out/pretrain/metrics.jsonl            one JSON object per step; loss.png, lr.png, expert_load.png beside it
+    out/longctx/...                       optional (--longctx-steps): long-context training at up to 8K tokens on the
+                                          corpus mixed with synthetic retrieval tasks (dsv4.data.tasks), the indexer trained
+                                          with its recipe (dense warm-up with KL, then sparse); between the two
+    out/sft/...                           the same for fine-tuning (docstring -> function chat pairs)
+    out/final/                            config.json + safetensors + tokenizer.json + plots: any dsv4 command loads it
+
+Each stage is a `dsv4.train.trainer.Trainer` (one optimizer step, validation, snapshots, exact resume). The same loop will drive distributed training: everything device- or rank-specific goes through `MixedPrecision`,
+the batch source and `update_balance_bias` (which would all-reduce the load first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from dsv4.config import ModelArgs
+from dsv4.data.tasks import LongContextMix
+from dsv4.device import can_compile, default_device, resolve_dtype
+from dsv4.model.transformer import Transformer
+from dsv4.train.config import StageConfig, TrainConfig
+from dsv4.train.snapshot import list_snapshots, load_latest
+from dsv4.train.trainer import Batch, Trainer
+from dsv4.weights.checkpoint import save_pretrained
+
+DONE = "DONE"  # marker file in out/final once the whole pipeline has finished
+
+
+def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
+    """A freshly initialised fp32 model on `device` (built on meta, then materialised: no double allocation)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights(seed=seed)
+    model.init_rope()
+    return model
+
+
+def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
+    saved = out / "train_config.json"
+    if not saved.exists():
+        if not resume and any((out / s).is_dir() and list_snapshots(out / s) for s in TrainConfig.STAGES):
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return
+    old = json.loads(saved.read_text())
+    if not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    new, default = (json.loads(json.dumps(c.to_dict())) for c in (cfg, TrainConfig()))  # as saved (tuples: lists)
+    # a key an older version did not write had its default
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k)
+                     and k not in ("out", "device", "compile"))
+    if changed:
+        raise ValueError(f"--resume with a different configuration ({', '.join(changed)} changed) would not continue "
+                         f"the same run; use the original settings or another --out")
+
+
+def prepare_data(cfg: TrainConfig, out: Path, vocab_size: int, progress: bool = True):
+    """Tokenizer (trained once on the training split) and the train/val token files -> (tokenizer, train, val docs,
+    train token file, val token file)."""
+    from dsv4.data.corpus import load_corpus, read_doc, tokenize_corpus
+    from dsv4.tokenizers.text import Tokenizer
+
+    train_docs, val_docs = load_corpus(cfg.data, cfg.val_frac)
+    if not train_docs or not val_docs:
+        raise ValueError(f"the corpus split into {len(train_docs)} train and {len(val_docs)} val documents; "
+                         f"both need at least one (more data or another --val-frac)")
+    tok_path = out / "tokenizer.json"
+    if cfg.init and not tok_path.exists():  # continuing a checkpoint: its tokenizer, not a new one
+        shutil.copy(Path(cfg.init) / "tokenizer.json", tok_path)
+    if tok_path.exists():
+        tok = Tokenizer.from_file(tok_path)
+    else:
+        if progress:
+            print(f"training a {vocab_size}-token byte-level BPE on {len(train_docs)} documents ...", flush=True)
+        tok = Tokenizer.train((read_doc(d) for d in train_docs), vocab_size, tok_path)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"{tok_path} has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+    files = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        files[split] = out / "data" / f"{split}.bin"
+        tokenize_corpus(docs, tok, files[split], progress=progress)
+    return tok, train_docs, val_docs, files["train"], files["val"]
+
+
+def initial_weights(path: str, args: ModelArgs, device: torch.device) -> Transformer:
+    """The fp32 weights of checkpoint `path` to continue training from (its config must be the preset's)."""
+    from dsv4.weights.checkpoint import from_pretrained
+
+    model = from_pretrained(path, device=device, dtype=torch.float32)
+    if model.args != args:
+        raise ValueError(f"--init {path} is not a {args.n_layers}-layer model of this preset's shape; "
+                         "continue it with the same --preset")
+    return model
+
+
+def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """--compile on|off|auto; auto = on for bf16 training on CUDA or on a CPU with a C++ compiler (inductor's CPU
+    backend). Not auto in fp32: compiled, the routed experts run dense (grouped GEMM compiles only in bf16)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return dtype == torch.bfloat16 and can_compile(device)
+
+
+def pretrain_source(token_file: Path, stage: StageConfig):
+    from dsv4.data.corpus import PackedDataset
+
+    ds = PackedDataset(token_file, stage.seq_len)
+    return lambda start: ds.batches(stage.batch_size, stage.seed, start)
+
+
+def fixed_val(batches: Iterator[Batch], n: int) -> list[Batch]:
+    return [next(batches) for _ in range(n)]
+
+
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or continue, or reuse) the whole pipeline; returns the final checkpoint directory."""
+    from dsv4.data.corpus import PackedDataset, SFTDataset, docstring_pairs
+    from dsv4.train.plots import plot_run
+
+    out = Path(cfg.out)
+    final = out / "final"
+    if (final / DONE).exists():
+        if resume:
+            print(f"{final} is complete; reusing it (delete it or choose another --out to train again)")
+            return final
+        raise ValueError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
+    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES if getattr(cfg, name).steps > 0]
+    if not stages and not cfg.init:
+        raise ValueError("every stage has 0 steps: nothing to train (--steps, --longctx-steps, --sft-steps)")
+    _check_resume(out, cfg, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    dtype = resolve_dtype(cfg.dtype, device)
+    args = ModelArgs.from_name(cfg.preset)
+    seq = max((stage.seq_len for _, stage in stages), default=0)
+    if seq > args.max_seq_len:
+        raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
+    tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
+    meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
+
+    use_compile = compile_enabled(cfg.compile, device, dtype)
+    model = build_model(args, device, cfg.init_seed)
+    if cfg.init:
+        model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
+    for name, stage in stages:
+        if name == "pretrain":
+            batches = pretrain_source(train_file, stage)
+            val = fixed_val(PackedDataset(val_file, stage.seq_len).batches(stage.batch_size, seed=1234),
+                            stage.eval_batches)
+        elif name == "longctx":
+            from dsv4.data.corpus import load_tokens
+
+            mix, val_mix = (LongContextMix(tok, load_tokens(f), stage.seq_len, cfg.longctx_task_frac,
+                                           cfg.longctx_tasks, cfg.longctx_edge_frac) for f in (train_file, val_file))
+            batches = (lambda m, s: lambda start: m.batches(s.batch_size, s.seed, start))(mix, stage)
+            val = fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches)
+        else:
+            ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)
+            batches = (lambda d, s: lambda start: d.batches(s.batch_size, s.seed, start))(ds, stage)
+            try:
+                val_ds = SFTDataset(docstring_pairs(val_docs), tok, stage.seq_len, drop_long=True)
+            except ValueError:  # no held-out pair fits: validate on training pairs rather than not at all
+                val_ds = ds
+            val = fixed_val(val_ds.batches(stage.batch_size, seed=1234), stage.eval_batches)
+        trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
+        trainer.resume()
+        if use_compile and trainer.step < stage.steps:
+            model.compile_blocks()
+        if progress:
+            n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
+            print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
+                  f"{device.type}), {stage.steps} steps x {stage.tokens_per_step} tokens"
+                  + (f", resuming at step {trainer.step}" if trainer.step else "")
+                  + (" (compiled: the first steps include compilation)" if use_compile else ""), flush=True)
+        last = trainer.fit()
+        if progress and last:
+            print(f"{name}: step {last.get('step')} train ce {last.get('ce', float('nan')):.4f} "
+                  f"val {last.get('val_loss', float('nan')):.4f}", flush=True)
+        # the next stage starts from this one's final weights at full precision
+        model = build_model(args, device, cfg.init_seed)
+        model.load_state_dict(load_latest(out / name)["model"])
+
+    model.to_dtype(dtype)
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    tok.save(tmp / "tokenizer.json")
+    for name, _ in stages:
+        for png in plot_run(out / name / "metrics.jsonl", out / name):
+            shutil.copy(png, tmp / f"{name}_{Path(png).name}")
+    (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (tmp / DONE).write_text("")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

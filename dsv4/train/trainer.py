@@ -1,0 +1,199 @@
+"""One training stage: optimizer steps over micro-batches, validation, snapshots, metrics and plots.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` x `seq_len` tokens:
+    set_lr(step) -> for each micro-batch: training_loss / grad_accum -> backward -> (mixed precision: add the bf16
+    grads into fp32 master grads) -> clip -> optimizer step on the masters -> copy masters into the compute weights ->
+    aux-loss-free bias update from the micro-batches' summed expert load
+Batch k of a stage depends only on (seed, k), and a snapshot holds everything else that changes (weights, optimizer
+moments, routing biases, RNG), so `--resume` after a kill continues with exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv4.model.attention import Attention
+from dsv4.model.moe import update_balance_bias
+from dsv4.model.transformer import Transformer
+from dsv4.train.config import StageConfig
+from dsv4.train.loss import cross_entropy, training_loss
+from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
+from dsv4.train.precision import MixedPrecision
+from dsv4.train.snapshot import load_latest, save_snapshot, set_rng_state
+
+Batch = tuple[torch.Tensor, ...]  # (ids, targets) or (ids, targets, mask), each [B, T]
+
+
+class Trainer:
+    """Runs one stage on `model` from its latest snapshot in `run_dir` (or from the model as given)."""
+
+    def __init__(self, model: Transformer, cfg: StageConfig, run_dir: str | os.PathLike,
+                 batches: Callable[[int], Iterator[Batch]], val: list[Batch], dtype: torch.dtype,
+                 meta: dict | None = None, progress: bool = True, desc: str = "train"):
+        self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
+        self.batches, self.val, self.meta, self.progress, self.desc = batches, val, meta or {}, progress, desc
+        self.device = next(model.parameters()).device
+        self.mp = MixedPrecision(model, dtype)
+        ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # Muon's Newton-Schulz is robust in bf16
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         ns_dtype=ns_dtype, master=self.mp.master)
+        self.params = [self.mp.master(p) for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        blocks = [*model.layers, *model.mtp]
+        self.moes, self.moe_layers = [b.ffn for b in blocks], [b.layer_id for b in blocks]
+        self.attns = [m for m in model.modules() if isinstance(m, Attention) and m.indexer is not None]
+        for m in self.moes:
+            m.aux_alpha = cfg.aux_alpha
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.step = 0
+
+    # -- state --
+    def resume(self) -> bool:
+        """Load the newest good snapshot of this stage; False when there is none."""
+        snap = load_latest(self.run_dir)
+        if snap is None:
+            return False
+        self.mp.load_state_dict(self.model, snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        set_rng_state(snap["rng"])
+        self.step = snap["step"]
+        self._truncate_metrics(self.step)
+        return True
+
+    def save(self):
+        meta = {**self.meta, "stage_config": dataclasses.asdict(self.cfg),
+                "data_position": {"seed": self.cfg.seed, "next_batch": self.step * self.cfg.grad_accum}}
+        save_snapshot(self.run_dir, self.step, self.mp.state_dict(self.model), self.optimizer.state_dict(),
+                      meta=meta, keep=self.cfg.keep)
+
+    def _truncate_metrics(self, step: int):
+        """Drop metrics rows after `step` (written by a run that was killed before its next snapshot)."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in rows:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def _log(self, row: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -- steps --
+    def _set_indexer_stage(self):
+        stage = "dense" if self.step < self.cfg.indexer_warmup else "sparse"
+        if self.cfg.indexer_weight == 0:  # indexer not trained: attention runs exactly as at inference
+            stage = None
+        for a in self.attns:
+            a.indexer_train = stage
+
+    def train_step(self, micro: Iterator[Batch]) -> tuple[dict, list[torch.Tensor]]:
+        """One optimizer step over grad_accum micro-batches -> (metrics row, summed expert load per MoE layer)."""
+        cfg = self.cfg
+        self.model.train()
+        self._set_indexer_stage()
+        lr_mult = set_lr(self.optimizer, self.step, cfg.warmup, cfg.steps, cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        load = [torch.zeros(m.gate.n_experts, device=self.device) for m in self.moes]
+        for _ in range(cfg.grad_accum):
+            batch = [t.to(self.device, non_blocking=True) for t in next(micro)]
+            ids, targets, mask = batch[0], batch[1], batch[2] if len(batch) > 2 else None
+            loss, metrics = training_loss(self.model, ids, targets, mask, mtp_weight=cfg.mtp_weight,
+                                          indexer_weight=cfg.indexer_weight)
+            (loss / cfg.grad_accum).backward()
+            self.mp.accumulate()
+            metrics["loss"] = loss.item()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            for acc, m in zip(load, self.moes):
+                if m.load is not None:
+                    acc += m.load
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"{self.desc}: loss is {totals['loss']} at step {self.step}; lower --lr or "
+                                     "resume from the last snapshot")
+        grad_norm = clip_grad_norm(self.params, cfg.clip)
+        self.optimizer.step()
+        self.mp.sync()
+        for acc, m in zip(load, self.moes):
+            m.load = acc
+        if cfg.balance_gamma > 0:
+            update_balance_bias(self.model, cfg.balance_gamma)
+        self.step += 1
+        row = {"step": self.step, **totals, "grad_norm": grad_norm,
+               "lr": lr_mult * self.optimizer.param_groups[0]["base_lr"]}
+        return row, load
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss (CE, mask-aware) on the fixed validation batches, in inference mode."""
+        self.model.eval()
+        losses = []
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile an eval variant for this
+            for batch in self.val:
+                batch = [t.to(self.device) for t in batch]
+                mask = batch[2] if len(batch) > 2 else None
+                losses.append(cross_entropy(self.model(batch[0]), batch[1], mask).item())
+        self.model.train()
+        return sum(losses) / max(len(losses), 1)
+
+    def fit(self) -> dict:
+        """Train from self.step to cfg.steps; snapshots, metrics, plots. Ctrl-C saves a snapshot and re-raises."""
+        from dsv4.train.plots import plot_run
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        last: dict = {}
+        if self.step >= cfg.steps:
+            return self._last_row()
+        micro = self.batches(self.step * cfg.grad_accum)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        tokens_done, t_start = 0, time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                row, load = self.train_step(micro)
+                tokens_done += cfg.tokens_per_step
+                elapsed = time.perf_counter() - t_start
+                row["tokens"] = self.step * cfg.tokens_per_step
+                row["tok_per_s"] = tokens_done / elapsed
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    row["val_loss"] = self.evaluate()
+                    row["expert_load"] = {str(i): n.tolist() for i, n in zip(self.moe_layers, load)}
+                self._log(row)
+                last = row
+                val = f" val {row['val_loss']:.3f}" if "val_loss" in row else ""
+                bar.set_postfix_str(f"ce {row['ce']:.3f}{val} {row['tok_per_s']:.0f} tok/s")
+                bar.update(1)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                    plot_run(self.metrics_path, self.run_dir)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0 and not os.path.isdir(os.path.join(self.run_dir, f"step-{self.step:09d}")):
+                self.save()
+                print(f"\ninterrupted: saved step {self.step} to {self.run_dir}; continue with --resume")
+            raise
+        bar.close()
+        return last
+
+    def _last_row(self) -> dict:
+        from dsv4.train.plots import read_metrics
+
+        rows = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        return rows[-1] if rows else {}
