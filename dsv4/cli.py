@@ -226,7 +226,7 @@ def run_eval(opts) -> int:
     if opts.niah:
         report["niah"] = run_niah(opts, model, tok, cfg)
     if opts.json:
-        from dsv4.data.corpus import atomic_write
+        from dsv4.atomic import atomic_write
 
         atomic_write(Path(opts.json), lambda f: f.write(json.dumps(report, indent=1).encode()))
     return 0

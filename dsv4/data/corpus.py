@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dsv4.atomic import atomic_write
 from dsv4.tokenizers.text import Tokenizer
 
 Doc = Path | str  # a file to read, or the text itself
@@ -96,17 +96,6 @@ def _docs_hash(docs: Sequence[Doc]) -> str:
 
 
 # ---- token file ----
-def atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def tokenize_corpus(docs: Sequence[Doc], tokenizer: Tokenizer, out_path: str | os.PathLike,
                     progress: bool = True) -> dict:
     """Write every document's tokens followed by eos to `out_path` (raw uint16/uint32) and a JSON sidecar

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsv4.atomic import atomic_path
+
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -27,8 +29,8 @@ def needle_in_a_haystack(model, tok, filler: np.ndarray, lengths: Sequence[int] 
                          progress: Callable[[dict], None] | None = None) -> dict:
     """Accuracy per (length, depth) -> {"lengths", "depths", "samples", "seed", "accuracy": [[per depth] per length],
     "by_length": [...], "results": [one dict per prompt]}. progress(result) after each prompt."""
-    from dsv4.engine import Engine, SamplingParams
     from dsv4.data.tasks import TaskGenerator
+    from dsv4.engine import Engine, SamplingParams
 
     gen = TaskGenerator(tok, filler, seed=seed)
     longest = max(lengths)
@@ -81,16 +83,15 @@ def plot_niah(report: dict, path: str | os.PathLike, title: str = "needle in a h
     ax.set_title(f"{title}, {report['samples']} per cell")
     fig.colorbar(im, ax=ax, label="retrieved")
     path = str(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """niah.json and niah.png in out_dir (written atomically)."""
-    from dsv4.data.corpus import atomic_write
+    from dsv4.atomic import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,12 +22,13 @@ import hashlib
 import itertools
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from functools import cache
 
-from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as _RustTokenizer
+
+from dsv4.atomic import atomic_path
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -107,15 +108,8 @@ class Tokenizer:
         return cls(_RustTokenizer.from_file(str(path)))
 
     def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             self.tok.save(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def hash(self) -> str:
         """Content hash of the whole tokenizer (vocab, merges, specials): a token file is valid only for this."""

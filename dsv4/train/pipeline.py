@@ -17,13 +17,13 @@ the batch source and `update_balance_bias` (which would all-reduce the load firs
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from dsv4.atomic import atomic_dir, atomic_text
 from dsv4.config import ModelArgs
 from dsv4.data.tasks import LongContextMix
 from dsv4.device import can_compile, default_device, resolve_dtype
@@ -142,7 +142,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         raise ValueError("every stage has 0 steps: nothing to train (--steps, --longctx-steps, --sft-steps)")
     _check_resume(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
 
     device = torch.device(cfg.device) if cfg.device else default_device()
     dtype = resolve_dtype(cfg.dtype, device)
@@ -196,15 +196,13 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         model.load_state_dict(load_latest(out / name)["model"])
 
     model.to_dtype(dtype)
-    tmp = out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    tok.save(tmp / "tokenizer.json")
-    for name, _ in stages:
-        for png in plot_run(out / name / "metrics.jsonl", out / name):
-            shutil.copy(png, tmp / f"{name}_{Path(png).name}")
-    (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (tmp / DONE).write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        tmp = Path(tmp)
+        save_pretrained(model, tmp)
+        tok.save(tmp / "tokenizer.json")
+        for name, _ in stages:
+            for png in plot_run(out / name / "metrics.jsonl", out / name):
+                shutil.copy(png, tmp / f"{name}_{Path(png).name}")
+        (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (tmp / DONE).write_text("")
     return final

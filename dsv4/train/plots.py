@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsv4.atomic import atomic_path  # noqa: E402
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     rows = []
@@ -35,10 +37,9 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def _save(fig, path: str):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
 
 
 def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

@@ -16,12 +16,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from dsv4.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -96,8 +97,7 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, model: torch.nn.Module 
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     final = snapshot_dir(run_dir, step)
-    tmp = tempfile.mkdtemp(prefix=f".{PREFIX}{step:09d}-", dir=run_dir)
-    try:
+    with atomic_dir(final) as tmp:
         model_sd, aliases = _dedupe(model if isinstance(model, dict) else model.state_dict())
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
         opt_tensors: dict[str, torch.Tensor] = {}
@@ -112,12 +112,6 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, model: torch.nn.Module 
             json.dump(manifest, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_snapshots(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsv4.atomic import atomic_text
 from dsv4.model.attention import Attention
 from dsv4.model.moe import update_balance_bias
 from dsv4.model.transformer import Transformer
@@ -86,9 +87,7 @@ class Trainer:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 continue
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def _log(self, row: dict):
         with open(self.metrics_path, "a") as f:
