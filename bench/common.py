@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: RSS readings and a memory watchdog for child processes."""
+"""Helpers shared by the benchmarks: RSS readings, a memory watchdog for child processes, and the report every
+benchmark prints (and writes with --json, e.g. under bench/results/) together with the machine it ran on."""
 
 import argparse
 import json
@@ -37,8 +38,50 @@ def watchdog(limit_kb: int):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def machine() -> dict:
+    """What a figure depends on: CPU model, cores, the vector/matrix extensions that decide the fast dtype, memory,
+    torch, and the commit measured."""
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
+            "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"}),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit or None,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def emit(report: dict, path: str | None) -> None:
+    """Print a benchmark's report as JSON with the machine and the command line, and write it to `path` if given."""
+    report = {**report, "command": " ".join(["python", *sys.argv]), "machine": machine()}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        from dsv4.atomic import atomic_text
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_text(path, text + "\n")
+
+
 def add_run_args(p: argparse.ArgumentParser):
-    """Options every side-by-side benchmark has: skipping the reference, the seed, and the parent -> child plumbing."""
+    """Options every side-by-side benchmark has: skipping the reference, the seed, the report's file, and the
+    parent -> child plumbing."""
+    p.add_argument("--json", metavar="PATH", help="also write the report here (bench/results/NAME.json)")
     p.add_argument("--ours-only", action="store_true", help="skip transformers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it counts as 'timeout'")

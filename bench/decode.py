@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 
-from common import add_run_args, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path as a script)
+# bench/ is on sys.path when these run as scripts
+from common import add_run_args, emit, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402
 
 
 def read_bandwidth() -> float:
@@ -247,7 +248,7 @@ def main():
         opts.batch = opts.batch[0]
         print(json.dumps(child(opts)), flush=True)
     else:
-        print(json.dumps(parent(opts), indent=2))
+        emit(parent(opts), opts.json)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ SEQS = (512, 2048, 8192)
 QUICK_SEQS = (128, 512)
 
 
-from common import add_run_args, rss_kb, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+# bench/ is on sys.path when these run as scripts
+from common import add_run_args, emit, rss_kb, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402
 
 
 # --- the child: one implementation, one length ---
@@ -88,7 +89,8 @@ def child(opts) -> dict:
     peak_kb = rss_kb("VmHWM")
     save_file({"logits": logits[0, -8:].float().contiguous()}, opts.logits_out)  # the parent compares the two
     seconds = statistics.median(times)
-    return {"tok_s": seq / seconds, "best_tok_s": seq / min(times), "seconds": times, "load_s": load_s, "warmup_s": warmup_s,
+    return {"tok_s": seq / seconds, "best_tok_s": seq / min(times), "seconds": times, "load_s": load_s,
+            "warmup_s": warmup_s,
             "peak_mb": (peak_kb - base_kb) / 1024, "forward_mb": (peak_kb - loaded_kb) / 1024,
             "weights_mb": (loaded_kb - base_kb) / 1024}
 
@@ -102,7 +104,6 @@ def run_child(impl: str, seq: int, ckpt: str, opts, logits_out: str) -> dict:
 
 def parent(opts) -> dict:
     import torch
-
     from safetensors.torch import load_file
 
     from dsv4.device import resolve_dtype
@@ -151,7 +152,7 @@ def main():
     if opts.impl:
         print(json.dumps(child(opts)), flush=True)
     else:
-        print(json.dumps(parent(opts), indent=2))
+        emit(parent(opts), opts.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 
-from common import add_run_args, rss_kb, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path as a script)
+# bench/ is on sys.path when these run as scripts
+from common import add_run_args, emit, rss_kb, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384, 65536, 131072)
 MILLION = 1 << 20
@@ -45,10 +46,10 @@ def child(opts) -> dict:
     L, N = opts.length, opts.new_tokens
     g = torch.Generator().manual_seed(opts.seed)
     if opts.impl == "ours":
+        from decode import NoTokenizer
+
         import dsv4
         from dsv4.engine import Engine, SamplingParams
-
-        from decode import NoTokenizer
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
         L = min(L, model.args.max_seq_len - N - 1)  # 1M: the prompt and the decoded tokens fill the whole context
@@ -164,7 +165,7 @@ def main():
     if opts.impl:
         print(json.dumps(child(opts)), flush=True)
     else:
-        print(json.dumps(parent(opts), indent=2))
+        emit(parent(opts), opts.json)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
+from common import emit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from tests.serve_util import Server  # noqa: E402
 
@@ -75,6 +76,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="serve with --compile (the warm-up level compiles)")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="pass --speculative / --no-speculative to the server (default: the server's own default)")
+    p.add_argument("--json", metavar="PATH", help="also write the report here (bench/results/NAME.json)")
     opts = p.parse_args()
 
     from dsv4.tokenizers.text import Tokenizer
@@ -104,10 +106,8 @@ def main():
     base = next((r["output_tok_s"] for r in results if r["clients"] == 1), None)
     for r in results:
         r["speedup_vs_1_client"] = r["output_tok_s"] / base if base else None
-    print(json.dumps({"ckpt": str(ckpt), "compile": opts.compile, "speculative": opts.speculative,
-                      "max_tokens": opts.max_tokens,
-                      "prompt_tokens": opts.prompt_tokens, "requests_per_client": opts.requests,
-                      "levels": results}, indent=2))
+    emit({"ckpt": str(ckpt), "compile": opts.compile, "speculative": opts.speculative, "max_tokens": opts.max_tokens,
+          "prompt_tokens": opts.prompt_tokens, "requests_per_client": opts.requests, "levels": results}, opts.json)
 
 
 if __name__ == "__main__":

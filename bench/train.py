@@ -13,9 +13,9 @@ One training step = forward + backward + AdamW step on one batch, the same for b
                    compilation happens in the warm-up steps, which are not timed (for either side).
     dsv4 "v4"      compiled, with V4's training signals on top: the lightning indexer's KL loss and the sequence-wise
                    balance loss (no MTP: the checkpoint both sides load has no MTP module).
-    transformers   `model(ids, labels=ids).loss.backward(); AdamW(fused=True).step()`, timed both ways a user would run it
-                   in bf16 -- fp32 weights under torch.autocast(bf16), and weights cast to bf16 -- and compared at
-                   the faster of the two.
+    transformers   `model(ids, labels=ids).loss.backward(); AdamW(fused=True).step()`, timed both ways a user would
+                   run it in bf16 -- fp32 weights under torch.autocast(bf16), and weights cast to bf16 -- and
+                   compared at the faster of the two.
 Each (implementation, mode, shape) runs in its own subprocess; tokens/s = batch * seq / median step seconds over
 `repeats` steps after one warm-up step.
 
@@ -28,13 +28,13 @@ Prints one JSON document.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-from common import add_run_args, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402  (bench/ is on sys.path when run as a script)
+# bench/ is on sys.path when these run as scripts
+from common import add_run_args, emit, run_script_child, save_shared_checkpoint, watchdog  # noqa: E402
 
 SHAPES = ("8x512", "2x2048")
 QUICK_SHAPES = ("2x128",)
@@ -185,7 +185,7 @@ def main():
         opts.shape = opts.shape[0]
         print(json.dumps(child(opts)), flush=True)
     else:
-        print(json.dumps(parent(opts), indent=2))
+        emit(parent(opts), opts.json)
 
 
 if __name__ == "__main__":

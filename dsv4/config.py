@@ -229,18 +229,9 @@ _HF_IGNORED = {
 
 
 def _hf_to_args(c: dict) -> dict:
+    """transformers' config dict -> our ModelArgs fields: checks, plain renames, then RoPE, layer kinds, hash layers."""
     c = dict(c)
-    if c.get("model_type", "deepseek_v4") != "deepseek_v4":
-        raise ValueError(f"config.json model_type is {c['model_type']!r}, expected 'deepseek_v4'")
-    if c.get("num_key_value_heads", 1) != 1:
-        raise ValueError(f"config.json num_key_value_heads must be 1 (V4 shares one K=V head), "
-                         f"got {c['num_key_value_heads']}")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act must be 'silu', got {c['hidden_act']!r}")
-    if c.get("topk_method", "noaux_tc") != "noaux_tc":
-        raise ValueError(f"config.json topk_method must be 'noaux_tc' (bias-corrected top-k), got {c['topk_method']!r}")
-    if c.get("norm_topk_prob", True) is not True:
-        raise ValueError("config.json norm_topk_prob must be true for DeepSeek-V4")
+    _hf_check(c)
     simple = {
         "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers", "rms_norm_eps": "norm_eps",
         "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
@@ -264,9 +255,31 @@ def _hf_to_args(c: dict) -> dict:
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = d["eos_token_id"][0]
     n = d.get("n_layers", ModelArgs.n_layers)
-    head_dim = d.get("head_dim", ModelArgs.head_dim)
 
-    # RoPE: partial factor -> rope_head_dim; YaRN parameters from the "compress" sub-dict (or a flat dict)
+    _hf_rope(c, d)
+    _hf_layer_kinds(c, d, n)
+    _hf_hash_layers(c, d, n)
+    return d
+
+
+def _hf_check(c: dict) -> None:
+    """Refuse configs whose math V4 does not have (not one shared K=V head, another activation or routing)."""
+    if c.get("model_type", "deepseek_v4") != "deepseek_v4":
+        raise ValueError(f"config.json model_type is {c['model_type']!r}, expected 'deepseek_v4'")
+    if c.get("num_key_value_heads", 1) != 1:
+        raise ValueError(f"config.json num_key_value_heads must be 1 (V4 shares one K=V head), "
+                         f"got {c['num_key_value_heads']}")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act must be 'silu', got {c['hidden_act']!r}")
+    if c.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"config.json topk_method must be 'noaux_tc' (bias-corrected top-k), got {c['topk_method']!r}")
+    if c.get("norm_topk_prob", True) is not True:
+        raise ValueError("config.json norm_topk_prob must be true for DeepSeek-V4")
+
+
+def _hf_rope(c: dict, d: dict) -> None:
+    """RoPE fields: the partial factor -> rope_head_dim; YaRN parameters from the "compress" sub-dict (or flat)."""
+    head_dim = d.get("head_dim", ModelArgs.head_dim)
     partial = c.get("partial_rotary_factor")
     if c.get("qk_rope_head_dim") is not None:
         d["rope_head_dim"] = int(c["qk_rope_head_dim"])
@@ -291,7 +304,9 @@ def _hf_to_args(c: dict) -> dict:
     else:
         d["rope_factor"] = 1.0
 
-    # per-layer attention kinds
+
+def _hf_layer_kinds(c: dict, d: dict, n: int) -> None:
+    """Per-layer attention kinds (layer_types, compress_ratios or transformers' default schedule) -> compress_ratios."""
     rates = dict(c.get("compress_rates") or {})
     if "compress_rate_csa" in c:
         rates[HF_CSA] = c["compress_rate_csa"]
@@ -321,7 +336,9 @@ def _hf_to_args(c: dict) -> dict:
         mtp_ratios = [0] * n_mtp  # the released MTP layers are sliding-window only
     d["compress_ratios"] = main_ratios + list(mtp_ratios)
 
-    # hash-routed MoE layers must be a prefix
+
+def _hf_hash_layers(c: dict, d: dict, n: int) -> None:
+    """The hash-routed MoE layers, which must be a prefix of the stack."""
     if c.get("mlp_layer_types") is not None:
         types = list(c["mlp_layer_types"])
         bad = sorted({t for t in types if t not in ("hash_moe", "moe")})
@@ -335,7 +352,6 @@ def _hf_to_args(c: dict) -> dict:
         d["n_hash_layers"] = int(c["num_hash_layers"])
     else:
         d["n_hash_layers"] = min(n, 3)
-    return d
 
 
 # --- presets: plain dicts of overrides on the defaults (the defaults are V4-Flash) ---

@@ -156,19 +156,39 @@ def test_state_dict_round_trip_exact():
         assert torch.equal(a, b)
 
 
-def test_muon_on_tiny_model_steps():
+def test_muon_step_on_a_model_is_orthogonalised():
+    """One Muon step on the tiny model's expert stack [E, 2I, D] moves each expert matrix by -lr * scale * O with O
+    ~ the polar factor of its (Nesterov) gradient: singular values near 1 (Newton-Schulz's band), the direction of
+    U V^T. A plain gradient step (no orthogonalisation) has the gradient's own, spread-out singular values."""
+    torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny"))
     model.init_weights()
-    opt = build_optimizer(model, "muon", lr=1e-3)
-    w = model.layers[0].ffn.experts.w13
+    lr = 1e-3
+    opt = build_optimizer(model, "muon", lr=lr, weight_decay=0.0)
+    w = model.layers[1].ffn.experts.w13
     before = w.detach().clone()
-    tokens = torch.randint(0, 512, (1, 8))
-    out = model(tokens)
-    (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
-    norm = clip_grad_norm(model.parameters(), 1.0)
-    assert norm > 0
+    out = model(torch.randint(0, 512, (2, 64)))
+    out.float().pow(2).mean().backward()
+    grad = w.grad.detach().clone()
     opt.step()
-    assert w.grad is not None and not torch.equal(w, before)
+    update = (before - w.detach()) / (lr * muon_scale(w.shape))  # [E, 2I, D]
+    used = grad.flatten(1).norm(dim=1) > 0  # experts that received tokens
+    assert used.sum() >= 2
+    # an expert's gradient has rank <= its tokens: Newton-Schulz lifts every direction the gradient has (singular
+    # values above ~1% of its norm) to ~1 and leaves the null space at 0
+    g_sv = torch.linalg.svdvals(grad[used].double())
+    g_sv = g_sv / g_sv.square().sum(-1, keepdim=True).sqrt()
+    u_sv = torch.linalg.svdvals(update[used].double())
+    for g, u in zip(g_sv, u_sv):
+        k = int((g > 0.02).sum())
+        assert k >= 2 and u[:k].min() > 0.5 and u[:k].max() < 1.3, (k, u[:k])
+        assert g[0] / g[k - 1] > 3  # while the raw gradient's spread far apart: a plain step would keep that
+    # the direction: U_k V_k^T over those k directions (momentum starts at 0: the Nesterov update is (1 + mu) g)
+    for g, u in zip(grad[used].double(), update[used].double()):
+        U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+        k = int((S / S.norm() > 0.02).sum())
+        polar_k = U[:, :k] @ Vh[:k]
+        assert torch.nn.functional.cosine_similarity(u.flatten(), polar_k.flatten(), dim=0) > 0.9
 
 
 def test_schedules_endpoints_and_monotone():

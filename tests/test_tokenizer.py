@@ -135,7 +135,7 @@ def test_stream_deltas_never_split_a_character(tok, raw, text, data):
 
 def test_stream_holds_back_half_a_character(tok):
     ids = tok.encode("日")
-    by_byte = [tok._byte_ids[b] for b in "日".encode()]
+    by_byte = [tok.byte_ids[b] for b in "日".encode()]
     stream = tok.stream()
     assert [stream.push(i) for i in by_byte] == ["", "", "日"] and stream.flush() == ""
     assert tok.stream().push(ids) == "日"

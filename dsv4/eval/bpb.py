@@ -110,9 +110,9 @@ def bigram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Te
 
 def _byte_level_alphabet() -> dict[str, int]:
     """The ByteLevel alphabet (printable character -> byte), the inverse of the tokenizer's own table."""
-    from dsv4.tokenizers.text import _byte_to_char
+    from dsv4.tokenizers.text import byte_to_char
 
-    return {c: b for b, c in _byte_to_char().items()}
+    return {c: b for b, c in byte_to_char().items()}
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:

@@ -17,18 +17,21 @@ with `<think>\\n` opening the generation prompt when thinking is on (R1), `</thi
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import itertools
 import os
 import re
 from collections.abc import Iterable
 from functools import cache
+from typing import TYPE_CHECKING
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
 from dsv4.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from dsv4.tokenizers.stream import StreamDecoder
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -50,7 +53,7 @@ def special_tokens(n_vis: int = 64) -> list[str]:
 
 
 @cache
-def _byte_to_char() -> dict[int, str]:
+def byte_to_char() -> dict[int, str]:
     """GPT-2's byte -> printable character table, which `pre_tokenizers.ByteLevel` uses for its alphabet."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -73,15 +76,15 @@ class Tokenizer:
         self.special_ids = sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
         self.bos_id, self.eos_id = vocab.get(BOS), vocab.get(EOS)
         self.pad_id = vocab.get(PAD, self.eos_id)
-        self._special_text = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        self.special_text = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
         # byte-level models decode by our own byte table, so invalid UTF-8 survives via surrogateescape
-        self._byte_ids = None
-        b2c = _byte_to_char()
+        self.byte_ids = None
+        b2c = byte_to_char()
         if isinstance(tok.decoder, decoders.ByteLevel) and all(c in vocab for c in b2c.values()):
-            self._byte_ids = {b: vocab[c] for b, c in b2c.items()}
+            self.byte_ids = {b: vocab[c] for b, c in b2c.items()}
             c2b = {c: b for b, c in b2c.items()}
-            self._id_bytes = {i: bytes(c2b[c] for c in t) for t, i in vocab.items()
-                              if i not in self._special_text and all(c in c2b for c in t)}
+            self.id_bytes = {i: bytes(c2b[c] for c in t) for t, i in vocab.items()
+                              if i not in self.special_text and all(c in c2b for c in t)}
 
     # ---- building, loading, saving ----
     @classmethod
@@ -126,32 +129,34 @@ class Tokenizer:
             self.tok.encode_special_tokens = False
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        if self._byte_ids is None or not _SURROGATES.search(text):
+        if self.byte_ids is None or not _SURROGATES.search(text):
             return self._encode_text(text, allow_special)
         ids, pos = [], 0  # lone surrogates (undecodable bytes) become their single-byte tokens
         for m in _SURROGATES.finditer(text):
             ids += self._encode_text(text[pos:m.start()], allow_special)
-            ids += [self._byte_ids[b] for b in m.group().encode("utf-8", "surrogateescape")]
+            ids += [self.byte_ids[b] for b in m.group().encode("utf-8", "surrogateescape")]
             pos = m.end()
         return ids + self._encode_text(text[pos:], allow_special)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
-        if self._byte_ids is None:
+        if self.byte_ids is None:
             return self.tok.decode(ids, skip_special_tokens=False)
         out, buf = [], bytearray()
         for i in ids:
-            if i in self._special_text:
+            if i in self.special_text:
                 out.append(buf.decode("utf-8", "surrogateescape"))
                 buf.clear()
-                out.append(self._special_text[i])
+                out.append(self.special_text[i])
             else:
-                buf += self._id_bytes.get(i, b"")
+                buf += self.id_bytes.get(i, b"")
         out.append(buf.decode("utf-8", "surrogateescape"))
         return "".join(out)
 
     def stream(self, errors: str = "surrogateescape") -> StreamDecoder:
-        """An incremental decoder for generated tokens: see `StreamDecoder`."""
+        """An incremental decoder for generated tokens: see `dsv4.tokenizers.stream.StreamDecoder`."""
+        from dsv4.tokenizers.stream import StreamDecoder
+
         return StreamDecoder(self, errors)
 
     def token_id(self, token: str) -> int:
@@ -193,32 +198,3 @@ class Tokenizer:
             ids += piece
             mask += [int(answer)] * len(piece)
         return ids, mask
-
-
-class StreamDecoder:
-    """Token ids in, text deltas out, never splitting a multi-byte character: the bytes of a character that is still
-    incomplete wait for the next tokens. Concatenated deltas + `flush()` equal `Tokenizer.decode` of all the ids
-    (errors="surrogateescape", the default); errors="replace" turns bytes that can never form a character into
-    U+FFFD instead, so every delta is valid UTF-8 (what a server streams)."""
-
-    def __init__(self, tokenizer: Tokenizer, errors: str = "surrogateescape"):
-        self.tokenizer = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors)
-
-    def push(self, ids: int | Iterable[int]) -> str:
-        """Feed the next token id(s); -> the text they complete (possibly empty)."""
-        tok = self.tokenizer
-        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
-        if tok._byte_ids is None:  # not byte-level (no real V4 tokenizer): each push decoded on its own, no hold-back
-            return tok.tok.decode(ids, skip_special_tokens=False)
-        out = []
-        for i in ids:
-            if i in tok._special_text:
-                out += [self._utf8.decode(b"", final=True), tok._special_text[i]]
-            else:
-                out.append(self._utf8.decode(tok._id_bytes.get(i, b"")))
-        return "".join(out)
-
-    def flush(self) -> str:
-        """The end of the stream: bytes still waiting are decoded as they are."""
-        return self._utf8.decode(b"", final=True)

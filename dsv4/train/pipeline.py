@@ -1,16 +1,17 @@
-"""The dsv4 training pipeline: tokenizer -> token files -> pretraining -> supervised fine-tuning -> a checkpoint directory.
+"""The dsv4 training pipeline: tokenizer -> token files -> pretraining -> fine-tuning -> a checkpoint directory.
 
     out/tokenizer.json                    byte-level BPE trained on the training split (reused when present)
     out/data/{train,val}.bin              memory-mapped token files (+ .json sidecars), reused when unchanged
     out/pretrain/step-*/                  snapshots (model, optimizer, RNG, data position), atomic and checksummed
     out/pretrain/metrics.jsonl            one JSON object per step; loss.png, lr.png, expert_load.png beside it
     out/longctx/...                       optional (--longctx-steps): long-context training at up to 8K tokens on the
-                                          corpus mixed with synthetic retrieval tasks (dsv4.data.tasks), the indexer trained
-                                          with its recipe (dense warm-up with KL, then sparse); between the two
+                                          corpus mixed with synthetic retrieval tasks (dsv4.data.tasks), the indexer
+                                          trained with its recipe (dense warm-up with KL, then sparse); between the two
     out/sft/...                           the same for fine-tuning (docstring -> function chat pairs)
     out/final/                            config.json + safetensors + tokenizer.json + plots: any dsv4 command loads it
 
-Each stage is a `dsv4.train.trainer.Trainer` (one optimizer step, validation, snapshots, exact resume). The same loop will drive distributed training: everything device- or rank-specific goes through `MixedPrecision`,
+Each stage is a `dsv4.train.trainer.Trainer` (optimizer steps, validation, snapshots, exact resume). The same loop
+will drive distributed training: everything device- or rank-specific goes through `MixedPrecision`,
 the batch source and `update_balance_bias` (which would all-reduce the load first).
 """
 
@@ -125,9 +126,31 @@ def fixed_val(batches: Iterator[Batch], n: int) -> list[Batch]:
     return [next(batches) for _ in range(n)]
 
 
+def stage_data(name: str, stage: StageConfig, cfg: TrainConfig, tok, docs: tuple, files: tuple[Path, Path]):
+    """A stage's batch source (start -> batches, so that a resumed stage continues exactly) and its fixed validation
+    batches: packed corpus windows (pretrain), windows mixed with retrieval tasks (longctx), or chat pairs (sft)."""
+    from dsv4.data.corpus import PackedDataset, SFTDataset, docstring_pairs, load_tokens
+
+    (train_docs, val_docs), (train_file, val_file) = docs, files
+    if name == "pretrain":
+        val = PackedDataset(val_file, stage.seq_len).batches(stage.batch_size, seed=1234)
+        return pretrain_source(train_file, stage), fixed_val(val, stage.eval_batches)
+    if name == "longctx":
+        mix, val_mix = (LongContextMix(tok, load_tokens(f), stage.seq_len, cfg.longctx_task_frac, cfg.longctx_tasks,
+                                       cfg.longctx_edge_frac) for f in (train_file, val_file))
+        return (lambda start: mix.batches(stage.batch_size, stage.seed, start),
+                fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches))
+    ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)
+    try:
+        val_ds = SFTDataset(docstring_pairs(val_docs), tok, stage.seq_len, drop_long=True)
+    except ValueError:  # no held-out pair fits: validate on training pairs rather than not at all
+        val_ds = ds
+    return (lambda start: ds.batches(stage.batch_size, stage.seed, start),
+            fixed_val(val_ds.batches(stage.batch_size, seed=1234), stage.eval_batches))
+
+
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or continue, or reuse) the whole pipeline; returns the final checkpoint directory."""
-    from dsv4.data.corpus import PackedDataset, SFTDataset, docstring_pairs
     from dsv4.train.plots import plot_run
 
     out = Path(cfg.out)
@@ -158,25 +181,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     if cfg.init:
         model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
     for name, stage in stages:
-        if name == "pretrain":
-            batches = pretrain_source(train_file, stage)
-            val = fixed_val(PackedDataset(val_file, stage.seq_len).batches(stage.batch_size, seed=1234),
-                            stage.eval_batches)
-        elif name == "longctx":
-            from dsv4.data.corpus import load_tokens
-
-            mix, val_mix = (LongContextMix(tok, load_tokens(f), stage.seq_len, cfg.longctx_task_frac,
-                                           cfg.longctx_tasks, cfg.longctx_edge_frac) for f in (train_file, val_file))
-            batches = (lambda m, s: lambda start: m.batches(s.batch_size, s.seed, start))(mix, stage)
-            val = fixed_val(val_mix.batches(stage.batch_size, seed=1234), stage.eval_batches)
-        else:
-            ds = SFTDataset(docstring_pairs(train_docs), tok, stage.seq_len, drop_long=True)
-            batches = (lambda d, s: lambda start: d.batches(s.batch_size, s.seed, start))(ds, stage)
-            try:
-                val_ds = SFTDataset(docstring_pairs(val_docs), tok, stage.seq_len, drop_long=True)
-            except ValueError:  # no held-out pair fits: validate on training pairs rather than not at all
-                val_ds = ds
-            val = fixed_val(val_ds.batches(stage.batch_size, seed=1234), stage.eval_batches)
+        batches, val = stage_data(name, stage, cfg, tok, (train_docs, val_docs), (train_file, val_file))
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
         if use_compile and trainer.step < stage.steps:
