@@ -380,7 +380,8 @@ PRESETS: dict[str, dict] = {
         compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0], index_topk=1024,
         n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5,
     ),
-    # a ~1T-total member of the family, as the announcement describes: V4-Pro's trunk with 256 routed experts
+    # a ~1T-total member of the family, as the announcement describes: V4-Pro's trunk with 240 routed experts
+    # (992.7B total, 48.8B active)
     "v4-1t": dict(
         dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16, o_lora_rank=1024,
         compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0], index_topk=1024,
