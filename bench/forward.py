@@ -56,7 +56,9 @@ def child(opts) -> dict:
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
         if opts.compile:
-            model.compile_hot_paths()
+            from dsv4.kernels.compile import compile_hot_paths
+
+            compile_hot_paths(model)
 
         def forward(ids):
             return model(ids)

@@ -9,7 +9,7 @@ One training step = forward + backward + AdamW step on one batch, the same for b
     dsv4 "plain"   `dsv4.train.Trainer.train_step` with the LM loss only (no MTP, no indexer KL, no balance loss):
                    the same work as the reference. Mixed precision as the trainer runs it: bf16 compute weights,
                    fp32 master weights and AdamW state.
-    dsv4 "compiled" the same step with `Transformer.compile_blocks()` (what `dsv4 train` uses where it can);
+    dsv4 "compiled" the same step with `Trainer.compile()` (compiled blocks: what `dsv4 train` uses where it can);
                    compilation happens in the warm-up steps, which are not timed (for either side).
     dsv4 "v4"      compiled, with V4's training signals on top: the lightning indexer's KL loss and the sequence-wise
                    balance loss (no MTP: the checkpoint both sides load has no MTP module).
@@ -89,7 +89,7 @@ def child(opts) -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = Trainer(model, cfg, run_dir, batches, [], dtype, progress=False)
             if opts.mode != "plain":
-                model.compile_blocks()
+                trainer.compile()
             micro = batches(0)
             step = lambda: trainer.train_step(micro)  # noqa: E731
             times = timed(step, opts.repeats, warmup=1 if opts.mode == "plain" else 3)

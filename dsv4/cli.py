@@ -1,25 +1,28 @@
 """The `dsv4` command. One flat subcommand per job; each is an `add_<name>(subparsers)` function that declares its
-options and sets `run`, so a new command is one function plus one entry in COMMANDS.
+options and sets `run`, which calls one package function, so a new command is one function plus one entry in COMMANDS.
 
     dsv4 info --preset v4-flash [--json]        parameters, FLOPs per token and cache bytes of a configuration
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
-    dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (see dsv4.train)
+                                                (dsv4.weights.info.describe)
+    dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (dsv4.train.pipeline)
     dsv4 eval --ckpt DIR [--humaneval] [--niah] held-out bits-per-byte vs a bigram, sample completions, HumanEval,
-                                                needle-in-a-haystack retrieval heat map
+                                                needle-in-a-haystack retrieval heat map (dsv4.eval.run.evaluate)
     dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine); long prompts
                                                 with --prompt-file, a whole source tree with --context-dir
+                                                (dsv4.engine.generate)
     dsv4 chat --ckpt DIR                        terminal chat: history, chat template, streaming, /reset
+                                                (dsv4.engine.chat)
+    dsv4 serve --ckpt DIR                       the OpenAI-compatible API and the web chat page (dsv4.serve.lifecycle)
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from dsv4.config import PRESETS
-from dsv4.device import tune_cpu_allocator
 from dsv4.data.tasks import KINDS
+from dsv4.device import tune_cpu_allocator
 
 
 def add_info(subparsers):
@@ -36,21 +39,10 @@ def add_info(subparsers):
 
 
 def run_info(opts) -> int:
-    from dsv4.weights import info
-    from dsv4.config import ModelArgs
-    from dsv4.device import resolve_dtype
+    from dsv4.weights.info import describe
 
-    if opts.preset:
-        args, title = ModelArgs.from_name(opts.preset), opts.preset
-    else:
-        from dsv4.weights.checkpoint import read_config
-
-        args, title = read_config(opts.ckpt)[0], opts.ckpt
-    report = info.model_info(args, contexts=opts.context, cache_dtype=resolve_dtype(opts.cache_dtype))
-    report = {"name": title, **report}
-    if opts.ckpt:
-        report["checkpoint"] = {"path": opts.ckpt, **info.checkpoint_tensors(opts.ckpt)}
-    print(json.dumps(report, indent=2) if opts.json else info.format_table(report, title))
+    print(describe(preset=opts.preset, ckpt=opts.ckpt, contexts=opts.context, cache_dtype=opts.cache_dtype,
+                   as_json=opts.json))
     return 0
 
 
@@ -195,73 +187,15 @@ def add_eval(subparsers):
 
 
 def run_eval(opts) -> int:
-    from pathlib import Path
+    from dsv4.eval.run import evaluate
 
-    import torch
-
-    from dsv4.device import default_device, resolve_dtype
-    from dsv4.eval import run as ev
-
-    device = torch.device(opts.device) if opts.device else default_device()
-    model, tok, cfg = ev.load(opts.ckpt, device, resolve_dtype(opts.dtype, device))
-    report: dict = {"ckpt": opts.ckpt}
-    if not opts.no_bpb:
-        data = opts.data if opts.data is not None else (cfg.data if cfg else None)
-        val_frac = opts.val_frac or (cfg.val_frac if cfg else 0.03)
-        seq_len = opts.seq_len or (cfg.seq_len if cfg else 512)
-        cache = Path(opts.ckpt).parent / "data" if cfg and opts.data is None else None
-        r = ev.heldout_bpb(model, tok, data, val_frac, seq_len, opts.max_tokens or None, cache)
-        report["bpb"] = r
-        print(f"held-out bits per byte: {r['bpb']:.4f}   (bigram baseline {r['bigram_bpb']:.4f}; "
-              f"{r['val_tokens']} tokens, {r['val_bytes']} bytes of {r['val_files']} files never trained on)")
-    if not opts.no_samples:
-        report["samples"] = ev.sample_completions(model, tok)
-        for s in report["samples"]:
-            print(f"\n----- {s['mode']}: {s['prompt']!r}\n{s['prompt'] if s['mode'] == 'raw' else ''}"
-                  f"{s['completion']}")
-    if opts.humaneval:
-        r = ev.humaneval(model, tok, opts.max_new_tokens, opts.humaneval_limit)
-        report["humaneval"] = r
-        print(f"\nHumanEval pass@1 (greedy): {r['pass@1']:.4f}  ({r['passed']}/{r['problems']})")
-    if opts.niah:
-        report["niah"] = run_niah(opts, model, tok, cfg)
-    if opts.json:
-        from dsv4.atomic import atomic_write
-
-        atomic_write(Path(opts.json), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    evaluate(opts.ckpt, data=opts.data, val_frac=opts.val_frac, seq_len=opts.seq_len, max_tokens=opts.max_tokens,
+             bpb=not opts.no_bpb, samples=not opts.no_samples, humaneval=opts.humaneval,
+             humaneval_limit=opts.humaneval_limit, max_new_tokens=opts.max_new_tokens, niah=opts.niah,
+             niah_lengths=opts.niah_lengths, niah_depths=opts.niah_depths, niah_samples=opts.niah_samples,
+             niah_seed=opts.niah_seed, niah_out=opts.niah_out, device=opts.device, dtype=opts.dtype,
+             json_path=opts.json)
     return 0
-
-
-def run_niah(opts, model, tok, cfg) -> dict:
-    """`dsv4 eval --niah`: the accuracy grid on the checkpoint's held-out text, printed and written as JSON + PNG."""
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-    from tqdm import tqdm
-
-    from dsv4.data.corpus import load_corpus, load_tokens, tokenize_corpus
-    from dsv4.eval.niah import needle_in_a_haystack, write_report
-
-    data = opts.data if opts.data is not None else (cfg.data if cfg else None)
-    _, val_docs = load_corpus(data, opts.val_frac or (cfg.val_frac if cfg else 0.03))
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenize_corpus(val_docs, tok, Path(tmp) / "val.bin", progress=False)
-        filler = np.array(load_tokens(Path(tmp) / "val.bin"))
-    depths = np.linspace(0, 1, opts.niah_depths).round(4).tolist() if opts.niah_depths > 1 else [0.5]
-    cells = len(opts.niah_lengths) * len(depths) * opts.niah_samples
-    with tqdm(total=cells, desc="needle in a haystack", unit="prompt", file=sys.stderr) as bar:
-        def tick(r):
-            bar.set_postfix_str(f"{r['length']} tokens, depth {r['depth']:.0%}: {'ok' if r['correct'] else 'miss'}")
-            bar.update()
-        report = needle_in_a_haystack(model, tok, filler, opts.niah_lengths, depths, opts.niah_samples,
-                                      seed=opts.niah_seed, progress=tick)
-    json_path, png = write_report(report, opts.niah_out or opts.ckpt)
-    print("\nneedle in a haystack (pass key), retrieved by context length:")
-    for L, acc in zip(report["lengths"], report["by_length"]):
-        print(f"  {L:>8} tokens: {acc:.0%}")
-    print(f"({json_path}, {png})")
-    return {k: v for k, v in report.items() if k != "results"}
 
 
 def add_engine_args(p, max_len_help: str):
@@ -301,29 +235,10 @@ def sampling_params(opts):
                           repetition_penalty=opts.repetition_penalty, seed=opts.seed)
 
 
-def load_model(opts):
-    """The checkpoint's model and tokenizer on --device in --dtype."""
-    import torch
-
-    from dsv4.device import default_device, resolve_dtype
-    from dsv4.eval.run import load
-
-    device = torch.device(opts.device) if opts.device else default_device()
-    model, tok, _ = load(opts.ckpt, device, resolve_dtype(opts.dtype, device))
-    return model, tok
-
-
-def load_engine(opts, max_len=lambda tok: 8192, max_batch: int = 1, loaded=None):
-    """The checkpoint's model and tokenizer (or `loaded` = (model, tokenizer)) in an engine whose cache holds
-    --max-len tokens, or max_len(tokenizer), for max_batch sequences at once."""
-    from dsv4.engine.engine import Engine
-
-    model, tok = loaded or load_model(opts)
-    max_len = min(opts.max_len or max_len(tok), model.args.max_seq_len - 1)
-    compile = "max" if opts.compile and opts.cpp_wrapper else opts.compile
-    speculative = not compile if opts.speculative is None else opts.speculative
-    return Engine(model, tok, max_batch=max_batch, max_len=max_len, speculative=speculative and bool(model.mtp),
-                  compile=compile)
+def engine_options(opts) -> dict:
+    """The keywords add_engine_args' options give dsv4.engine.load (and the commands that open an engine)."""
+    return dict(max_len=opts.max_len, device=opts.device, dtype=opts.dtype, speculative=opts.speculative,
+                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile)
 
 
 def add_generate(subparsers):
@@ -346,84 +261,13 @@ def add_context_dir(p, where: str):
                    "default the model's); what did not fit is listed on stderr")
 
 
-def pack_context(opts, tok, budget: int):
-    """--context-dir packed into `budget` tokens, with a progress bar over the files; reports what was left out."""
-    from tqdm import tqdm
-
-    from dsv4.data.context import pack_tree
-
-    if budget <= 0:
-        raise ValueError(f"--context-dir: no room left in the context ({budget} tokens) for the tree")
-    with tqdm(desc=f"packing {opts.context_dir}", unit="file", file=sys.stderr, leave=False) as bar:
-        packed = pack_tree(opts.context_dir, tok, budget, progress=bar.update)
-    print(f"[{packed.summary()} (budget {budget})]", file=sys.stderr)
-    missed = [path for path, why in packed.left_out if why == "did not fit"]
-    for path in missed[:20]:
-        print(f"  did not fit: {path}", file=sys.stderr)
-    if len(missed) > 20:
-        print(f"  ... and {len(missed) - 20} more", file=sys.stderr)
-    return packed
-
-
-class PrefillBar:
-    """A progress bar on stderr for prompts long enough to take several prefill steps (engine.stream's progress)."""
-
-    def __init__(self, min_tokens: int = 4096):
-        self.min_tokens, self.bar = min_tokens, None
-
-    def __call__(self, done: int, total: int):
-        if total < self.min_tokens:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.bar.close()
-
-
 def run_generate(opts) -> int:
-    from pathlib import Path
+    from dsv4.engine.generate import generate
 
-    if opts.prompt is not None and opts.prompt_file is not None:
-        raise ValueError("give a prompt or --prompt-file, not both")
-    if opts.prompt is None and opts.prompt_file is None and not opts.context_dir:
-        raise ValueError("give a prompt, --prompt-file or --context-dir")
-    prompt = opts.prompt if opts.prompt is not None else Path(opts.prompt_file).read_text() if opts.prompt_file \
-        else ""
-    model, tok = load_model(opts)
-    ids = tok.encode(prompt)
-    if opts.context_dir:
-        context = min(opts.max_len or model.args.max_seq_len, model.args.max_seq_len) - 1
-        ids = pack_context(opts, tok, context - len(ids) - opts.max_new_tokens).ids + ids
-    if not ids:
-        raise ValueError("the prompt is empty (and --context-dir packed nothing)")
-    engine = load_engine(opts, lambda tok: len(ids) + opts.max_new_tokens, loaded=(model, tok))
-    t0 = time.perf_counter()
-    first = None
-    out = None
-    for out in engine.stream(ids, sampling_params(opts), progress=PrefillBar(), max_new_tokens=opts.max_new_tokens,
-                             stop=opts.stop):
-        if first is None:
-            first = time.perf_counter()
-        sys.stdout.write(out.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    report_speed(engine, t0, first, out)
+    generate(opts.ckpt, opts.prompt, prompt_file=opts.prompt_file, context_dir=opts.context_dir,
+             params=sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop,
+             **engine_options(opts))
     return 0
-
-
-def report_speed(engine, t0: float, first: float | None, last) -> None:
-    elapsed = time.perf_counter() - t0
-    s = engine.stats
-    n = s["decode_tokens"] + (1 if first else 0)
-    decode_s = max(elapsed - ((first or t0) - t0), 1e-9)
-    line = (f"[{n} tokens in {elapsed:.2f} s: prefill {s['prefill_tokens']} tokens {(first or t0) - t0:.2f} s, "
-            f"decode {s['decode_tokens'] / decode_s:.1f} tokens/s")
-    if s["drafted"]:
-        line += f", MTP acceptance {s['accepted'] / s['drafted']:.0%}"
-    print(line + (f"; stopped: {last.finish_reason}]" if last is not None else "]"), file=sys.stderr)
 
 
 def add_chat(subparsers):
@@ -439,67 +283,12 @@ def add_chat(subparsers):
     p.set_defaults(run=run_chat)
 
 
-CHAT_TURNS_RESERVE = 2048  # tokens of the context kept for the conversation when --context-dir fills the rest
-
-
 def run_chat(opts, read=input) -> int:
-    system = opts.system
-    if opts.context_dir:
-        model, tok = load_model(opts)
-        context = min(opts.max_len or model.args.max_seq_len, model.args.max_seq_len) - 1
-        budget = context - opts.max_new_tokens - CHAT_TURNS_RESERVE - len(tok.encode(system or ""))
-        packed = pack_context(opts, tok, budget)
-        system = (system + "\n\n" if system else "") + "The repository:\n" + packed.text
-        engine = load_engine(opts, lambda tok: context, loaded=(model, tok))
-    else:
-        engine = load_engine(opts)
-    tok = engine.tokenizer
-    start = [{"role": "system", "content": system}] if system else []
-    history = list(start)
-    print(f"dsv4 chat: {opts.ckpt} (/reset clears the history, /exit quits, Ctrl-C stops an answer)", file=sys.stderr)
-    while True:
-        try:
-            line = read("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        except KeyboardInterrupt:
-            print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        if line.strip() == "/exit":
-            return 0
-        if line.strip() == "/reset":
-            history = list(start)
-            print("(history cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        ids = tok.encode_chat(history, add_generation_prompt=True, thinking=opts.thinking)[0]
-        budget = engine.max_len - opts.max_new_tokens
-        while len(ids) > budget and len(history) > len(start) + 1:  # forget the oldest turns that do not fit
-            del history[len(start): len(start) + 2]
-            ids = tok.encode_chat(history, add_generation_prompt=True, thinking=opts.thinking)[0]
-            print("(the oldest turn no longer fits the context and was dropped)", file=sys.stderr)
-        if len(ids) >= engine.max_len:
-            print(f"(that message is too long: {len(ids)} tokens, the context holds {engine.max_len})",
-                  file=sys.stderr)
-            history.pop()
-            continue
-        answer = []
-        stream = engine.stream(ids, sampling_params(opts), progress=PrefillBar(), max_new_tokens=opts.max_new_tokens,
-                               stop=opts.stop)
-        sys.stdout.write("dsv4> ")
-        try:
-            for delta in stream:
-                answer.append(delta.text)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            stream.close()  # cancels the request and frees its cache slot
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
+    from dsv4.engine.chat import chat
+
+    return chat(opts.ckpt, system=opts.system, thinking=opts.thinking, context_dir=opts.context_dir,
+                params=sampling_params(opts), max_new_tokens=opts.max_new_tokens, stop=opts.stop, read=read,
+                **engine_options(opts))
 
 
 def add_serve(subparsers):
@@ -525,52 +314,10 @@ def add_serve(subparsers):
 
 
 def run_serve(opts) -> int:
-    import logging
-    import signal
-    import threading
-    from pathlib import Path
+    from dsv4.serve.lifecycle import serve
 
-    import uvicorn
-
-    from dsv4.serve.app import create_app
-    from dsv4.serve.runner import EngineRunner
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = load_engine(opts, max_batch=opts.max_batch)
-    if engine.compile:  # compile now, not while the first clients wait (minutes the first time, then cached on disk)
-        engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
-    name = opts.model_name or Path(opts.ckpt).resolve().name
-    runner = EngineRunner(engine)
-    drain = max(opts.drain_timeout, 0.0)
-    app = create_app(engine, name, api_key=opts.api_key, runner=runner, shutdown_timeout=drain)
-    # uvicorn waits this long for open connections at shutdown, then cancels their handlers (a traceback per stream):
-    # longer than the drain, so that every stream has ended by then
-    server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
-                                           timeout_graceful_shutdown=drain + EngineRunner.CANCEL_WAIT + 3))
-    # HTTP on a thread, the engine on this (main) thread: see EngineRunner.run. SIGTERM / Ctrl-C ask uvicorn to shut
-    # down and drain the runner at once: running requests get --drain-timeout seconds to finish, then are cancelled,
-    # so their streams end with a last chunk before uvicorn gives up on the connections. The runner's stop returns
-    # here.
-    def shut_down(*_):
-        server.should_exit = True
-        threading.Thread(target=runner.stop, args=(drain,), name="dsv4-drain", daemon=True).start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, shut_down)
-
-    def serve_http():
-        try:
-            server.run()
-        finally:  # also when it could not start (port taken): the engine loop must not outlive it
-            runner.stop(timeout=0)
-
-    http = threading.Thread(target=serve_http, name="dsv4-http")
-    http.start()
-    print(f"dsv4 serve: {name} on http://{opts.host}:{opts.port}  (context {engine.max_len} tokens, "
-          f"{opts.max_batch} sequences at once{', API key required' if opts.api_key else ''})", file=sys.stderr)
-    runner.run()
-    http.join()
-    return 0
+    return serve(opts.ckpt, host=opts.host, port=opts.port, api_key=opts.api_key, max_batch=opts.max_batch,
+                 model_name=opts.model_name, drain_timeout=opts.drain_timeout, **engine_options(opts))
 
 
 COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve)

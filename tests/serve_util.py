@@ -98,7 +98,7 @@ def tool_calling_checkpoint(path: Path, steps: int = 120) -> Path:
     calling the tool in DeepSeek's markup: a real model whose output the server must parse into tool_calls."""
     import torch
 
-    from dsv4.serve.app import chat_prompt
+    from dsv4.serve.prompts import chat_prompt
     from dsv4.serve.protocol import ChatCompletionRequest
     from dsv4.serve.tools import render_calls
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsv4 import ModelArgs
+from dsv4.kernels.fused import fuse_linear_groups
 from dsv4.model.cache import KVCache, bytes_per_token
 from tests.helpers import PARITY_CONFIGS, random_ids, random_model
 
@@ -133,7 +135,7 @@ def test_fused_projections_change_nothing_but_the_products():
     model = copy.deepcopy(model_for("mixed"))
     ids = random_ids(model.args, 1, 45, seed=4)
     want = model(ids).float()
-    model.fuse_projections()
+    fuse_linear_groups(model)
     attn = model.layers[1].attn  # a CSA layer: 7 projections of x in one block
     block = attn.x_group.block
     assert block is not None and block.shape[0] == sum(m.out_features for m in attn.x_group.linears)

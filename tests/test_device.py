@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from dsv4 import device as D
-from dsv4.device import (can_compile, cpu_bf16_is_fast, default_device, fastest_dtype, has_fused_adamw,
-                         resolve_dtype, tune_cpu_allocator)
+from dsv4.device import (
+    can_compile,
+    cpu_bf16_is_fast,
+    default_device,
+    fastest_dtype,
+    has_fused_adamw,
+    resolve_dtype,
+    tune_cpu_allocator,
+)
 
 
 def test_resolve_dtype_names_and_errors():

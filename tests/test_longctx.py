@@ -14,11 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsv4 import ModelArgs
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
-from dsv4.weights.info import engine_cache_bytes, prefill_memory, prefill_working_set
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache
 from dsv4.model.indexer import Indexer, scan_block
 from dsv4.tokenizers.text import Tokenizer
+from dsv4.weights.info import engine_cache_bytes, prefill_memory, prefill_working_set
 from tests.helpers import tiny_args
 from tests.test_engine import model, tok  # noqa: F401  (fixtures)
 
@@ -59,7 +59,7 @@ def test_scan_selects_what_the_one_shot_top_k_selects(monkeypatch):
     checked_ties = 0
     for q, keys, w, pos, T in scan_cases(60):
         ref = ix.select(ix.scores(q, keys, w, pos), pos)
-        got = ix.scan(q, w, pos, lambda a, b: keys[:, a:b], T)
+        got = ix.scan(q, w, pos, lambda a, b, keys=keys: keys[:, a:b], T)
         assert got.shape == ref.shape
         assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
         checked_ties += int((keys == 0).any())
@@ -88,7 +88,7 @@ def test_compiled_scan_blocks_equal_eager(monkeypatch):
     monkeypatch.setattr(ix, "scan_block", compiled)
     for q, keys, w, pos, T in scan_cases(12, seed=1):
         ref = ix.select(ix.scores(q, keys, w, pos), pos)
-        got = ix.scan(q, w, pos, lambda a, b: keys[:, a:b], T)
+        got = ix.scan(q, w, pos, lambda a, b, keys=keys: keys[:, a:b], T)
         assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
 
 

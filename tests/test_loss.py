@@ -1,10 +1,11 @@
 """The training objective: each term is wired to the right targets and the whole thing can be minimised."""
 
+import pytest
 import torch
 
-import pytest
-
-from dsv4.train.loss import cross_entropy, linear_cross_entropy, training_loss
+from dsv4.kernels.cross_entropy import linear_cross_entropy
+from dsv4.model.stats import TrainStats
+from dsv4.train.loss import cross_entropy, training_loss
 from tests.helpers import random_ids, random_model
 
 
@@ -76,15 +77,12 @@ def test_mtp_targets_are_two_ahead():
 def test_loss_goes_down_on_a_fixed_batch():
     torch.manual_seed(0)
     model = random_model().train()
-    for m in model.modules():
-        if hasattr(m, "aux_alpha"):
-            m.aux_alpha = 1e-3
     ids = random_ids(model.args, 2, 48)
     targets = torch.roll(ids, -1, dims=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        loss, metrics = training_loss(model, ids, targets)
+        loss, metrics = training_loss(model, ids, targets, aux_alpha=1e-3)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,9 +93,8 @@ def test_loss_goes_down_on_a_fixed_batch():
 
 def test_indexer_kl_joins_the_loss_in_training_stages():
     model = random_model().train()
-    for layer in model.layers:
-        layer.attn.indexer_train = "sparse"
     ids = random_ids(model.args, 1, 80)
-    loss, metrics = training_loss(model, ids, torch.roll(ids, -1, dims=1), mtp_weight=0.0, indexer_weight=0.5)
+    loss, metrics = training_loss(model, ids, torch.roll(ids, -1, dims=1), mtp_weight=0.0, indexer_weight=0.5,
+                                  stats=TrainStats(indexer="sparse"))
     assert metrics["indexer_kl"] > 0
     assert abs(loss.item() - metrics["ce"] - 0.5 * metrics["indexer_kl"]) < 1e-4

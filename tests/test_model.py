@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv4 import ModelArgs, Transformer, PRESETS
+from dsv4 import PRESETS, ModelArgs, Transformer
+from dsv4.kernels.topk import topk_recent
 from dsv4.model.attention import window_keys, window_scores
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import topk_recent
 from dsv4.model.moe import Experts
 from dsv4.model.rope import apply_rope, rope_inv_freq
+from dsv4.model.stats import LayerStats, TrainStats
 from tests.helpers import random_ids, random_model, tiny_args
 
 
@@ -55,13 +56,16 @@ def naive_compress(comp: Compressor, x, cos, sin):
             if comp.overlap:
                 if i > 0:
                     tp = (i - 1) * m + j
-                    slots_kv.append(kv[:, tp, :d]); slots_z.append(z[:, tp, :d] + comp.ape[j, :d])
+                    slots_kv.append(kv[:, tp, :d])
+                    slots_z.append(z[:, tp, :d] + comp.ape[j, :d])
             else:
-                slots_kv.append(kv[:, t]); slots_z.append(z[:, t] + comp.ape[j])
+                slots_kv.append(kv[:, t])
+                slots_z.append(z[:, t] + comp.ape[j])
         if comp.overlap:
             for j in range(m):
                 t = i * m + j
-                slots_kv.append(kv[:, t, d:]); slots_z.append(z[:, t, d:] + comp.ape[j, d:])
+                slots_kv.append(kv[:, t, d:])
+                slots_z.append(z[:, t, d:] + comp.ape[j, d:])
         w = torch.stack(slots_z, 1).softmax(1)
         e = (w * torch.stack(slots_kv, 1)).sum(1)
         e = e * torch.rsqrt(e.square().mean(-1, keepdim=True) + 1e-6) * comp.norm.weight
@@ -118,7 +122,8 @@ def test_grouped_experts_gradients_match_dense_twin():
     idx, w = torch.rand(40, 4).argsort(-1)[:, :2], torch.rand(40, 2)
     grads = []
     for fn in (ex.forward, ex.forward_dense):
-        ex.zero_grad(); x.grad = None
+        ex.zero_grad()
+        x.grad = None
         (fn(x, w, idx) * torch.linspace(-1, 1, 32)).sum().backward()
         grads.append((x.grad.clone(), ex.w13.grad.clone(), ex.w2.grad.clone()))
     for a, b in zip(*grads):
@@ -196,7 +201,7 @@ def test_bf16_forward_close_to_fp32():
 
 
 def test_fast_topk_selects_the_same_set_as_the_sorting_twin():
-    from dsv4.model.indexer import topk_recent_fast
+    from dsv4.kernels.topk import topk_recent_fast
 
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
@@ -229,9 +234,11 @@ def test_compiled_hot_paths_match_eager():
     """The opt-in torch.compile fast path computes what the eager code computes."""
     import copy
 
+    from dsv4.kernels.compile import compile_hot_paths
+
     model = random_model()
     ids = random_ids(model.args, 2, 70)
-    fast = copy.deepcopy(model).compile_hot_paths()
+    fast = compile_hot_paths(copy.deepcopy(model))
     with torch.no_grad():
         want = model(ids)
         got = fast(ids)
@@ -239,7 +246,8 @@ def test_compiled_hot_paths_match_eager():
 
 
 def test_aux_loss_free_bias_evens_out_a_skewed_router():
-    from dsv4.model.moe import MoE, update_balance_bias
+    from dsv4.model.moe import MoE
+    from dsv4.train.trainer import update_balance_bias
 
     args = tiny_args(n_routed_experts=8, n_activated_experts=2, n_hash_layers=0)
     moe = MoE(args, layer_id=1).train()
@@ -248,15 +256,18 @@ def test_aux_loss_free_bias_evens_out_a_skewed_router():
         moe.gate.weight[:2] += 0.5  # experts 0 and 1 win for most tokens
     x = torch.randn(4, 64, args.dim).abs()
 
-    def imbalance():
+    def load():
+        stats = LayerStats()
         with torch.no_grad():
-            moe(x)
-        return (moe.load.max() / moe.load.mean()).item()
+            moe(x, stats=stats)
+        return stats.load
+
+    def imbalance():
+        return (load().max() / load().mean()).item()
 
     before = imbalance()
     for _ in range(300):
-        imbalance()
-        update_balance_bias(moe, gamma=0.01)
+        update_balance_bias(moe.gate, load(), gamma=0.01)
     after = imbalance()
     assert before > 3.0 and after < 1.5, (before, after)
     # the bias only selects: routing weights still come from the scores alone
@@ -265,20 +276,16 @@ def test_aux_loss_free_bias_evens_out_a_skewed_router():
 
 
 def test_sequence_balance_loss_is_minimal_when_balanced():
-    from dsv4.model.moe import MoE
+    from dsv4.model.moe import sequence_balance
 
-    args = tiny_args(n_routed_experts=4, n_activated_experts=1, n_hash_layers=0)
-    moe = MoE(args, layer_id=1).train()
-    moe.aux_alpha = 1.0
     # uniform scores, perfectly balanced assignments: f_i = 1, P_i = 1/E -> loss = 1
     idx = torch.arange(8).remainder(4).view(8, 1)
-    moe.record_balance(idx, torch.ones(8, 4), batch=1)
-    torch.testing.assert_close(moe.aux_loss, torch.tensor(1.0))
+    torch.testing.assert_close(sequence_balance(idx, torch.ones(8, 4), batch=1), torch.tensor(1.0))
     # everything on expert 0 with all the score mass there: f_0 = 4, P_0 = 1 -> loss = 4
     scores = torch.zeros(8, 4)
     scores[:, 0] = 1
-    moe.record_balance(torch.zeros(8, 1, dtype=torch.long), scores, batch=1)
-    torch.testing.assert_close(moe.aux_loss, torch.tensor(4.0))
+    torch.testing.assert_close(sequence_balance(torch.zeros(8, 1, dtype=torch.long), scores, batch=1),
+                               torch.tensor(4.0))
 
 
 def test_indexer_kl_is_zero_iff_the_indexer_matches_the_attention():
@@ -308,10 +315,9 @@ def test_indexer_training_stages(stage):
         model.eval()
         ref = model(ids)
         model.train()
-    for layer in model.layers:
-        layer.attn.indexer_train = stage
-    logits = model(ids)
-    kls = [layer.attn.indexer_kl for layer in model.layers if layer.attn.indexer is not None]
+    stats = TrainStats(indexer=stage)
+    logits = model(ids, stats=stats)
+    kls = list(stats.collect("indexer_kl").values())
     assert len(kls) == 3 and all(torch.isfinite(k) and k > 0 for k in kls)
     if stage == "sparse":  # top-k attention as in inference; the KL reaches only the indexer
         torch.testing.assert_close(logits, ref)
@@ -335,11 +341,10 @@ def test_csa_dense_masked_path_equals_the_gather_path(stage, monkeypatch):
     for dense_select in (0, 10 ** 6):  # 0: always gather; huge: always dense
         monkeypatch.setattr(Attention, "DENSE_SELECT", dense_select)
         model = random_model(compress_ratios=[4, 4, 0, 4, 0], index_topk=8).train()
-        for layer in model.layers:
-            layer.attn.indexer_train = stage
+        stats = TrainStats(indexer=stage)
         ids = random_ids(model.args, 2, 97)
-        logits = model(ids)
-        kl = sum(layer.attn.indexer_kl for layer in model.layers if layer.attn.indexer is not None) if stage else 0
+        logits = model(ids, stats=stats)
+        kl = sum(stats.collect("indexer_kl").values()) if stage else 0
         (logits.float().square().mean() + kl).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((logits.detach(), float(kl.detach()) if stage else 0.0, grads))
@@ -349,3 +354,26 @@ def test_csa_dense_masked_path_equals_the_gather_path(stage, monkeypatch):
     assert ga.keys() == gb.keys() and any("indexer" in n for n in ga) == (stage is not None)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_stats_report_every_block_and_leave_the_plain_forward_alone():
+    """With the indexer untrained a training forward computes the plain forward's logits; every block (MTP included)
+    reports its expert load, summing to tokens x experts per token; the indexer's KL comes from CSA layers only."""
+    model = random_model()
+    ids = random_ids(model.args, 2, 40)
+    with torch.no_grad():
+        plain, plain_mtp = model(ids, mtp=True)
+        stats = TrainStats(balance=True)
+        logits, mtp = model(ids, mtp=True, stats=stats)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+    torch.testing.assert_close(mtp[0], plain_mtp[0], rtol=0, atol=0)
+    n_blocks = model.args.n_layers + model.args.n_mtp_layers
+    assert sorted(stats.collect("load")) == sorted(stats.collect("seq_balance")) == list(range(n_blocks))
+    K = model.args.n_activated_experts
+    assert [int(load.sum()) for load in stats.collect("load").values()] == [2 * 40 * K] * 4 + [2 * 39 * K]
+    assert not stats.collect("indexer_kl")
+    sparse = TrainStats(indexer="sparse")
+    model(ids, stats=sparse)
+    assert sorted(sparse.collect("indexer_kl")) == [i for i, b in enumerate(model.layers) if b.kind == "csa"]
+    with pytest.raises(ValueError, match="indexer stage"):
+        TrainStats(indexer="warmup")

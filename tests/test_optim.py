@@ -7,8 +7,19 @@ from torch import nn
 from dsv4.config import ModelArgs
 from dsv4.device import has_fused_adamw
 from dsv4.model.transformer import Transformer
-from dsv4.train.optim import (Muon, build_optimizer, clip_grad_norm, cosine_schedule, muon_scale, newton_schulz,
-                        param_groups, param_kind, polar_reference, set_lr, wsd_schedule)
+from dsv4.train.optim import (
+    Muon,
+    build_optimizer,
+    clip_grad_norm,
+    cosine_schedule,
+    muon_scale,
+    newton_schulz,
+    param_groups,
+    param_kind,
+    polar_reference,
+    set_lr,
+    wsd_schedule,
+)
 
 
 def _ill_conditioned(m, n, cond, seed=0):
@@ -27,19 +38,19 @@ def _cos(a, b):
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (128, 48)])
 def test_newton_schulz_near_orthogonal_random(shape):
     G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    O = newton_schulz(G)
-    s = torch.linalg.svdvals(O)
+    ortho = newton_schulz(G)
+    s = torch.linalg.svdvals(ortho)
     # quintic NS5 (Jordan's coefficients) leaves singular values in roughly [0.7, 1.2]
     assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())  # observed ~[0.57, 1.2]
-    assert _cos(O, polar_reference(G)) > 0.97
+    assert _cos(ortho, polar_reference(G)) > 0.97
 
 
 def test_newton_schulz_ill_conditioned():
     G = _ill_conditioned(64, 48, cond=1e3)
-    O = newton_schulz(G)
-    assert _cos(O, polar_reference(G)) > 0.8
+    ortho = newton_schulz(G)
+    assert _cos(ortho, polar_reference(G)) > 0.8
     # the large singular directions are mapped into the band; tiny ones (< ~1e-2 relative) are only partly lifted
-    s = torch.linalg.svdvals(O)
+    s = torch.linalg.svdvals(ortho)
     assert s.max() < 1.5 and (s > 0.5).float().mean() > 0.6
 
 
@@ -50,9 +61,9 @@ def test_newton_schulz_bf16_close_to_fp32():
 
 def test_newton_schulz_batched_equals_per_matrix():
     G = torch.randn(5, 48, 32, generator=torch.Generator().manual_seed(3))
-    O = newton_schulz(G)
+    ortho = newton_schulz(G)
     for e in range(G.size(0)):
-        torch.testing.assert_close(O[e], newton_schulz(G[e]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ortho[e], newton_schulz(G[e]), rtol=1e-5, atol=1e-6)
 
 
 def test_muon_update_matches_definition():
@@ -121,7 +132,8 @@ def test_adamw_group_equals_torch():
     ref_opt = torch.optim.AdamW([{"params": [ref[2].weight], "weight_decay": 0.1},
                                  {"params": [ref[0].weight, *ref[1].parameters(), ref[2].bias], "weight_decay": 0.0}],
                                 lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                fused=has_fused_adamw("cpu") or None)  # the kernel ours picks: bits differ across kernels
+                                # the kernel ours picks: bits differ across kernels
+                                fused=has_fused_adamw("cpu") or None)
     x = torch.randint(0, 10, (4, 5))
     for _ in range(3):
         for m, o in ((model, opt), (ref, ref_opt)):

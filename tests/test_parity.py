@@ -4,8 +4,8 @@ our save_pretrained -> their from_pretrained, and their save_pretrained -> our f
 import pytest
 import torch
 
-from dsv4 import save_pretrained
 import dsv4
+from dsv4 import save_pretrained
 from tests.helpers import PARITY_CONFIGS, random_ids, random_model
 
 transformers = pytest.importorskip("transformers")
@@ -38,7 +38,7 @@ def test_our_weights_in_their_model(name, tmp_path):
 @pytest.mark.parametrize("name", ["mixed", "hc1", "csa_learned"])
 def test_their_weights_in_our_model(name, tmp_path):
     donor = random_model(seed=2, **PARITY_CONFIGS[name])
-    donor.save_pretrained(tmp_path / "donor")
+    save_pretrained(donor, tmp_path / "donor")
     theirs = hf_from_dir(tmp_path / "donor")
     theirs.save_pretrained(tmp_path / "theirs")  # written by transformers itself
     ours = dsv4.from_pretrained(tmp_path / "theirs", dtype=torch.float32).eval()
@@ -73,7 +73,7 @@ def test_engine_decodes_what_transformers_generates(tmp_path):
     from tests.test_data import FEW
 
     donor = random_model(seed=4, **PARITY_CONFIGS["mixed"])
-    donor.save_pretrained(tmp_path / "donor")
+    save_pretrained(donor, tmp_path / "donor")
     theirs = hf_from_dir(tmp_path / "donor")
     theirs.save_pretrained(tmp_path / "theirs")
     ours = dsv4.from_pretrained(tmp_path / "theirs", dtype=torch.float32).eval()

@@ -9,15 +9,25 @@ import time
 import httpx
 import openai
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dsv4
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.serve.tools import CALLS_BEGIN, CALLS_END, OutputParser, render_call
 from dsv4.tokenizers.text import END_THINK, Tokenizer
-from tests.serve_util import (API_KEY, MODEL, WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOL, Server, live_server,  # noqa: F401
-                              server_ckpt, tool_calling_checkpoint)
+from tests.serve_util import (  # live_server, server_ckpt: fixtures
+    API_KEY,
+    MODEL,
+    WEATHER_CALL,
+    WEATHER_QUESTION,
+    WEATHER_TOOL,
+    Server,
+    live_server,
+    server_ckpt,
+    tool_calling_checkpoint,
+)
 
 PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n", "x = [", "for i in range(10):\n"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -7,10 +7,9 @@ import shutil
 
 import httpx
 import pytest
+from playwright import sync_api
 
 from tests.serve_util import API_KEY, MODEL, live_server, server_ckpt  # noqa: F401  (fixtures)
-
-from playwright import sync_api
 
 pytestmark = pytest.mark.slow
 DESKTOP = {"width": 1280, "height": 800}

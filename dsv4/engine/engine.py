@@ -8,10 +8,12 @@
     generate(prompts) / stream(prompt)     drive `step` until done
 
 The engine fuses the model's projections that share an input (`Transformer.fuse_projections`: the weights become
-views of one block per group, nothing is copied). Every running request owns one slot of a preallocated `KVCache`; a finished or cancelled request gives its slot back
-immediately and the next waiting request takes it (continuous batching). Each request samples with its own settings
-and random stream (dsv4.engine.sampling), stops on its own stop tokens / strings (dsv4.engine.stops) and streams UTF-8
--safe text deltas (dsv4.tokenizers.text.StreamDecoder). Penalties count the generated tokens (not the prompt).
+views of one block per group, nothing is copied). Every running request owns one slot of a preallocated `KVCache`; a
+finished or cancelled request gives its slot back immediately and the next waiting request takes it (continuous
+batching). Each request samples with its own settings and random stream (dsv4.engine.sampling), stops on its own stop
+tokens / strings (dsv4.engine.stops) and streams UTF-8-safe text deltas (dsv4.tokenizers.text.StreamDecoder).
+Penalties count the generated tokens (not the prompt). A request's state and what it hands back (Request, Delta,
+Completion) are in dsv4.engine.request.
 
 MTP speculation (speculative=True, a model with an MTP module): each step the MTP module drafts one token from the
 last position's streams, the main model runs the pending token and the draft in one step of width 2, and the draft
@@ -24,64 +26,16 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from dsv4.device import can_compile, release_free_memory
-from dsv4.engine.sampling import SamplingParams, apply_penalties, probabilities, sample, speculative_verify
+from dsv4.engine.request import Completion, Delta, Request, token_logprobs
+from dsv4.engine.sampling import SamplingParams, apply_penalties, draft_tokens, sample, verify_drafts
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache, Step
 
-
-@dataclass
-class Delta:
-    """What one request produced in one engine step."""
-    request_id: int
-    text: str  # new text (valid UTF-8; stop strings and stop tokens excluded)
-    token_ids: list[int]
-    logprobs: list[dict] | None = None  # per token: {"token": id, "logprob": float, "top": [(id, logprob), ...]}
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the request's last delta
-
-
-@dataclass
-class Completion:
-    request_id: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[dict] | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    stop_token_ids: frozenset[int]
-    logprobs: int | None
-    callback: Callable[[Delta], None] | None
-    matcher: StopMatcher
-    decoder: object
-    generator: torch.Generator | None
-    slot: int | None = None
-    pos: int = 0  # tokens committed to the cache
-    pending: int | None = None  # the last sampled token, not yet run through the model
-    output: list[int] = field(default_factory=list)
-    counts: torch.Tensor | None = None  # [V] generated-token counts (only when a penalty is set)
-    finish_reason: str | None = None
-    # speculation: main streams of positions the MTP module has not seen yet (their next tokens are known)
-    mtp_rows: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.pos < len(self.prompt)
-
-    def uses_penalties(self) -> bool:
-        p = self.params
-        return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+__all__ = ["Completion", "Delta", "Engine", "Request"]  # the request types live in dsv4.engine.request
 
 
 class Engine:
@@ -92,7 +46,7 @@ class Engine:
         """compile: False; True (decode, verify and draft steps through torch.compile: the first steps of each batch
         size compile, cached on disk); or "max" (also inductor's C++ wrapper, which launches the step's kernels
         without Python: ~10% faster steps for about twice the compile time; for long-lived engines).
-        compile_scan: the lightning indexer's long-context scan through torch.compile (`Transformer.compile_scan`;
+        compile_scan: the lightning indexer's long-context scan through torch.compile (`dsv4.kernels.compile`;
         compiles at the first prefill long enough to scan, a few seconds, cached on disk); None = where a compiler
         exists."""
         if compile not in (False, True, "max"):
@@ -101,11 +55,15 @@ class Engine:
             raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
-        self.model, self.tokenizer = model.eval().fuse_projections(), tokenizer
+        from dsv4.kernels.compile import allow_recompiles, compile_scan as compile_indexer_scan
+        from dsv4.kernels.fused import prepare_decode
+
+        # projections that share an input fused into one product each; on a CPU, the decode products (fused loops)
+        self.model, self.tokenizer = prepare_decode(model.eval()), tokenizer
         self.args = model.args
         self.device = next(model.parameters()).device
         if compile_scan or (compile_scan is None and can_compile(self.device)):
-            model.compile_scan()
+            compile_indexer_scan(model)
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
         self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
         dtype = cache_dtype or model.layers[0].attn.wkv.weight.dtype  # what the attention computes in
@@ -122,11 +80,9 @@ class Engine:
         self.compile = bool(compile)
         self._decode_step, self._draft_step = self._decode_logits, self._draft_logits
         if compile:
-            import torch._dynamo.config as dynamo_config
-
             # graphs: one per batch size up to 4 (see _compiled) for the decode, verify and draft steps, plus one with
             # a dynamic batch; the length of the compressed entries read becomes dynamic after its first change
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+            allow_recompiles(32)
             # the model's attributes and weights do not change while it serves: skipping the guards on its modules
             # saves most of the per-step guard checks (the cache and step inputs keep theirs)
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
@@ -311,7 +267,6 @@ class Engine:
 
     # --- speculation ---
     def _speculate(self, reqs: list[Request]) -> list[Delta]:
-        model = self.model
         # 1. MTP over the positions it has not seen (1 or 2 per row; their next tokens are known) -> a draft
         width = 2 if self.compile else max(len(r.mtp_rows) for r in reqs)  # compiled: one shape
         nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
@@ -319,14 +274,15 @@ class Engine:
         ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
         last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
         draft_logits = self._compiled(self._draft_step, h_in, ids, self.cache, step, last).float()
-        drafts, q = self._draft(reqs, draft_logits)
+        params, generators = [r.params for r in reqs], [r.generator for r in reqs]
+        drafts, q = draft_tokens(self._penalised(reqs, draft_logits), params, generators)
         # 2. the main model runs pending + draft
         ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
         # both columns are committed: a rejected draft's position is simply run again by the next step, which
         # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
         h, logits = self._compiled(self._decode_step, ids, self.cache, step)
         logits = logits.float()  # [B, 2, V]
-        accept, first = self._verify(reqs, logits[:, 0], drafts, q)
+        accept, first = verify_drafts(self._penalised(reqs, logits[:, 0]), drafts, q, params, generators)
         bonus = [None] * len(reqs)
         ok = [i for i, a in enumerate(accept) if a]
         if ok:  # the accepted rows' next token, sampled as the plain decode would (the draft now counts as seen)
@@ -353,33 +309,8 @@ class Engine:
         known = r.prompt + r.output
         return known[r.pos - n + 1: r.pos + 1]
 
-    def _draft(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """Draft tokens from the MTP logits [B, V]; for sampled rows also their (filtered) distribution q."""
-        params = [r.params for r in reqs]
-        logits = self._penalised(reqs, logits)
-        if all(p.temperature == 0 for p in params):
-            return logits.argmax(-1).tolist(), None
-        q = probabilities(logits, params)
-        greedy = logits.argmax(-1)
-        drawn = torch.stack([torch.multinomial(row, 1, generator=r.generator)[0] for row, r in zip(q, reqs)])
-        temp0 = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
-        return torch.where(temp0, greedy, drawn).tolist(), q
-
-    def _verify(self, reqs, logits, drafts, q):
-        """Accept each row's draft or replace it: -> (accepted flags, the token to emit at the draft's place)."""
-        logits = self._penalised(reqs, logits.float())
-        greedy = logits.argmax(-1)
-        if q is None:  # every row greedy
-            return (greedy == torch.tensor(drafts, device=greedy.device)).tolist(), greedy.tolist()
-        p = probabilities(logits, [r.params for r in reqs])
-        d = torch.tensor(drafts, device=logits.device)
-        accepted, token = speculative_verify(p, q, d, [r.generator for r in reqs])
-        temp0 = torch.tensor([r.params.temperature == 0 for r in reqs], device=logits.device)
-        token = torch.where(temp0, greedy, token)
-        return torch.where(temp0, greedy == d, accepted).tolist(), token.tolist()
-
-    def _penalised(self, reqs: list[Request], logits: torch.Tensor, extra: list[int] | None = None) -> torch.Tensor:
-        counts = self._counts(reqs, extra)
+    def _penalised(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        counts = self._counts(reqs)
         return logits if counts is None else apply_penalties(logits, counts, [r.params for r in reqs])
 
     def _counts(self, reqs: list[Request], extra: list[int] | None = None) -> torch.Tensor | None:
@@ -399,44 +330,34 @@ class Engine:
 
     # --- output ---
     def _emit(self, reqs: list[Request], tokens: list[list[int]], logits: torch.Tensor) -> list[Delta]:
-        """Append each row's new tokens (logits [B, k, V] produced them), check stops, stream text."""
-        logp = None
-        if any(r.logprobs is not None for r in reqs):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-        deltas = []
-        for i, (r, toks) in enumerate(zip(reqs, tokens)):
-            text, emitted, lps, reason = [], [], [], None
-            for j, t in enumerate(toks):
-                if t in r.stop_token_ids:
-                    reason = "stop"
-                    break
-                r.output.append(t)
-                emitted.append(t)
-                if r.counts is None and r.uses_penalties():
-                    r.counts = torch.zeros(self.args.vocab_size, device=self.device)
-                if r.counts is not None:
-                    r.counts[t] += 1
-                if r.logprobs is not None:
-                    row = logp[i, j]
-                    top = row.topk(r.logprobs) if r.logprobs else None
-                    lps.append({"token": t, "logprob": float(row[t]),
-                                "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
-                text.append(r.matcher.push(r.decoder.push(t)))
-                if r.matcher.stopped:
-                    reason = "stop"
-                    break
-                if len(r.output) >= r.max_new_tokens or len(r.prompt) + len(r.output) >= self.max_len:
-                    reason = "length"
-                    break
-            r.pending = emitted[-1] if emitted and reason is None else r.pending
-            delta = Delta(r.id, "".join(text), emitted, lps if r.logprobs is not None else None)
-            if reason is not None:
-                delta.text += "" if r.matcher.stopped else r.matcher.push(r.decoder.flush()) + r.matcher.flush()
-                self._release(r, reason)
-                delta.finish_reason = reason
-            self._deliver(r, delta)
-            deltas.append(delta)
-        return deltas
+        """Hand each row its new tokens (logits [B, k, V] produced them) -> one delta per row."""
+        logp = torch.log_softmax(logits.float(), dim=-1) if any(r.logprobs is not None for r in reqs) else None
+        return [self._advance(r, toks, None if logp is None else logp[i])
+                for i, (r, toks) in enumerate(zip(reqs, tokens))]
+
+    def _advance(self, r: Request, tokens: list[int], logp: torch.Tensor | None) -> Delta:
+        """Append a request's new tokens (logp [k, V]: their log-probabilities) up to where it ends (a stop token, a
+        stop string, its length); stream their text; at the end, release its slot."""
+        text, emitted, lps, reason = [], [], [], None
+        for j, t in enumerate(tokens):
+            if t in r.stop_token_ids:
+                reason = "stop"
+                break
+            emitted.append(t)
+            if r.logprobs is not None:
+                lps.append(token_logprobs(logp[j], t, r.logprobs))
+            text.append(r.append(t, self.args.vocab_size, self.device))
+            if (reason := r.ended(self.max_len)) is not None:
+                break
+        if emitted and reason is None:
+            r.pending = emitted[-1]
+        delta = Delta(r.id, "".join(text), emitted, lps if r.logprobs is not None else None)
+        if reason is not None:
+            delta.text += r.final_text()
+            self._release(r, reason)
+            delta.finish_reason = reason
+        self._deliver(r, delta)
+        return delta
 
     def _finish(self, r: Request, reason: str) -> Delta:
         delta = Delta(r.id, "", [], [] if r.logprobs is not None else None, reason)

@@ -100,3 +100,31 @@ def speculative_verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
     replaced = torch.stack([torch.multinomial(r, 1, generator=g)[0] for r, g in zip(residual, generators)])
     return accepted, torch.where(accepted, drafts, replaced)
+
+
+def draft_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor | None]:
+    """MTP drafts from the draft head's penalised logits [B, V] -> (one token per row, the distribution q [B, V]
+    each sampled row drew it from; None when every row is greedy, whose draft is the argmax)."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(-1).tolist(), None
+    q = probabilities(logits, params)
+    greedy = logits.argmax(-1)
+    drawn = torch.stack([torch.multinomial(row, 1, generator=g)[0] for row, g in zip(q, generators)])
+    temp0 = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+    return torch.where(temp0, greedy, drawn).tolist(), q
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> tuple[list[bool], list[int]]:
+    """Keep each row's draft or replace it, given the main model's penalised logits [B, V] at the draft's place ->
+    (accepted per row, the token to emit there). Greedy rows accept iff the draft is the argmax (which replaces it);
+    sampled rows follow speculative_verify."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if q is None:  # every row greedy
+        return (greedy == torch.tensor(drafts, device=greedy.device)).tolist(), greedy.tolist()
+    d = torch.tensor(drafts, device=logits.device)
+    accepted, token = speculative_verify(probabilities(logits, params), q, d, generators)
+    temp0 = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+    return torch.where(temp0, greedy == d, accepted).tolist(), torch.where(temp0, greedy, token).tolist()

@@ -1,4 +1,5 @@
-"""`dsv4 eval`: held-out bits-per-byte against a bigram baseline, sample completions and HumanEval for a checkpoint.
+"""`dsv4 eval`: held-out bits-per-byte against a bigram baseline, sample completions, HumanEval and needle-in-a-haystack
+retrieval for a checkpoint (`evaluate` runs what is asked and prints each part as it finishes).
 
 The held-out split is the one the checkpoint was trained with (its `train_config.json` names the corpus and
 val_frac), so bpb is measured on files the model never saw.
@@ -11,11 +12,15 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from dsv4.atomic import atomic_text
+from dsv4.eval.niah import LENGTHS as NIAH_LENGTHS
 
 COMPLETION_PROMPTS = (
     "def fibonacci(n):",
@@ -128,3 +133,95 @@ def humaneval(model, tok, max_new_tokens: int = 128, limit: int | None = None, b
     return {"pass@1": report.pass_at[1], "passed": report.num_passed, "problems": len(ids),
             "generation_seconds": gen_s,
             "passed_tasks": [i for i, rs in report.results.items() if rs[0].passed]}
+
+
+def settled(cfg: TrainedOn | None, data: str | None, val_frac: float | None, seq_len: int | None) -> TrainedOn:
+    """The corpus, held-out share and window to evaluate on: those given, else the checkpoint's, else the defaults."""
+    return TrainedOn(data if data is not None else (cfg.data if cfg else None),
+                     val_frac or (cfg.val_frac if cfg else 0.03), seq_len or (cfg.seq_len if cfg else 512))
+
+
+def report_bpb(model, tok, on: TrainedOn, max_tokens: int, cache: Path | None) -> dict:
+    r = heldout_bpb(model, tok, on.data, on.val_frac, on.seq_len, max_tokens or None, cache)
+    print(f"held-out bits per byte: {r['bpb']:.4f}   (bigram baseline {r['bigram_bpb']:.4f}; "
+          f"{r['val_tokens']} tokens, {r['val_bytes']} bytes of {r['val_files']} files never trained on)")
+    return r
+
+
+def report_samples(model, tok) -> list[dict]:
+    samples = sample_completions(model, tok)
+    for s in samples:
+        print(f"\n----- {s['mode']}: {s['prompt']!r}\n{s['prompt'] if s['mode'] == 'raw' else ''}{s['completion']}")
+    return samples
+
+
+def report_humaneval(model, tok, max_new_tokens: int, limit: int | None) -> dict:
+    r = humaneval(model, tok, max_new_tokens, limit)
+    print(f"\nHumanEval pass@1 (greedy): {r['pass@1']:.4f}  ({r['passed']}/{r['problems']})")
+    return r
+
+
+def heldout_tokens(tok, data: str | None, val_frac: float):
+    """The held-out split's tokens (a numpy array): the haystacks NIAH cuts its prompts from."""
+    import numpy as np
+
+    from dsv4.data.corpus import load_corpus, load_tokens, tokenize_corpus
+
+    _, val_docs = load_corpus(data, val_frac)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenize_corpus(val_docs, tok, Path(tmp) / "val.bin", progress=False)
+        return np.array(load_tokens(Path(tmp) / "val.bin"))
+
+
+def report_niah(model, tok, filler, lengths: list[int], depths: int, samples: int, seed: int,
+                out: str | os.PathLike) -> dict:
+    """The needle-in-a-haystack grid with a progress bar, printed by length and written to `out` as niah.json +
+    niah.png -> the report without its per-prompt results."""
+    import numpy as np
+
+    from dsv4.eval.niah import needle_in_a_haystack, write_report
+
+    where = np.linspace(0, 1, depths).round(4).tolist() if depths > 1 else [0.5]
+    with tqdm(total=len(lengths) * len(where) * samples, desc="needle in a haystack", unit="prompt",
+              file=sys.stderr) as bar:
+        def tick(r):
+            bar.set_postfix_str(f"{r['length']} tokens, depth {r['depth']:.0%}: {'ok' if r['correct'] else 'miss'}")
+            bar.update()
+        report = needle_in_a_haystack(model, tok, filler, lengths, where, samples, seed=seed, progress=tick)
+    json_path, png = write_report(report, out)
+    print("\nneedle in a haystack (pass key), retrieved by context length:")
+    for L, acc in zip(report["lengths"], report["by_length"]):
+        print(f"  {L:>8} tokens: {acc:.0%}")
+    print(f"({json_path}, {png})")
+    return {k: v for k, v in report.items() if k != "results"}
+
+
+def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: float | None = None,
+             seq_len: int | None = None, max_tokens: int = 65536, bpb: bool = True, samples: bool = True,
+             humaneval: bool = False, humaneval_limit: int | None = None, max_new_tokens: int = 128,
+             niah: bool = False, niah_lengths: Sequence[int] = NIAH_LENGTHS, niah_depths: int = 5,
+             niah_samples: int = 2, niah_seed: int = 0, niah_out: str | os.PathLike | None = None,
+             device: str | None = None, dtype: str = "auto", json_path: str | os.PathLike | None = None) -> dict:
+    """`dsv4 eval`: what is asked of held-out bpb (on the data the checkpoint was trained with unless `data` says
+    otherwise; max_tokens 0 = all), sample completions, HumanEval pass@1 and the NIAH grid (written to niah_out,
+    default the checkpoint), each printed as it finishes -> the report (also written to json_path if given)."""
+    from dsv4.device import default_device, resolve_dtype
+
+    device = torch.device(device) if device else default_device()
+    model, tok, cfg = load(ckpt, device, resolve_dtype(dtype, device))
+    on = settled(cfg, data, val_frac, seq_len)
+    report: dict = {"ckpt": ckpt}
+    if bpb:
+        cache = Path(ckpt).parent / "data" if cfg and data is None else None  # the trainer's token files
+        report["bpb"] = report_bpb(model, tok, on, max_tokens, cache)
+    if samples:
+        report["samples"] = report_samples(model, tok)
+    if humaneval:  # (the flag; the function of that name runs in report_humaneval)
+        report["humaneval"] = report_humaneval(model, tok, max_new_tokens, humaneval_limit)
+    if niah:
+        filler = heldout_tokens(tok, on.data, on.val_frac)
+        report["niah"] = report_niah(model, tok, filler, list(niah_lengths), niah_depths, niah_samples, niah_seed,
+                                     niah_out or ckpt)
+    if json_path:
+        atomic_text(json_path, json.dumps(report, indent=1))
+    return report

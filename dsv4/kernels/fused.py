@@ -1,13 +1,21 @@
-"""Products for decoding: one-row products as bandwidth-bound loops, small contractions fused into their neighbours,
-and the linear layers that read the same input run as one matrix product.
+"""The model's products, as sets chosen once when a model is prepared: plain torch, or fused for CPU decoding. Also the
+linear layers that read the same input, run as one matrix product.
+
+Every module that multiplies holds `ops`, a set of products: `Products` (torch's own kernels: the model's reference,
+what training and GPUs run) unless the model was prepared otherwise. `prepare_decode` gives a CPU model `CpuDecode`:
+
+    linear(x, W)            = x W^T                       Fused: one multiply-and-sum  sum_i x_i W_oi  per row
+    grouped_linear(x, W)    = x_g W_g^T per group g        Fused: the same, per row and group
+    gathered_linear(x, W)   = x_a W_a^T, each row its own  Fused: the same; W_a read in place (e.g. chosen experts)
+    matmul(a, b), contract(eq, a, b)                       Fused: a broadcast multiply and a sum, in fp32
 
 A compiled decode step of one sequence multiplies one row by each of ~60 weight matrices and runs ~50 tiny attention
 contractions. On CPU, BLAS's bf16 matrix-vector product streams a weight at ~20 GB/s plus a fixed ~15 us per call;
-written as a multiply-and-sum (`matvec`), inductor emits one vectorised loop that streams it about twice as fast, and
-`contract` turns the tiny batched matmuls into loops that fuse with the soft-max around them. Together they took a
-`small` decode step from 6.2 to 3.3 ms (bench/decode.py). Both apply only under torch.compile on CPU and for a few
-rows (`decoding`; eager would materialise the products, and at batch 16 BLAS is as fast); everything else, training
-included, runs the plain products. tests/test_fused.py compares the two.
+written as a multiply-and-sum, inductor emits one vectorised loop that streams it about twice as fast, and the tiny
+batched matmuls become loops that fuse with the soft-max around them. Together they took a `small` decode step from
+6.2 to 3.3 ms (bench/decode.py). So `CpuDecode` runs `Fused` under torch.compile for at most ROWS rows (batch x
+positions) and the plain products otherwise (eager would materialise the products; at batch 16 BLAS is as fast).
+tests/test_fused.py compares every `Fused` product with its `Products` twin.
 
 The layers that share an input (the attention's query, key, compressor and indexer projections; the shared expert's
 gate and up) are grouped (`LinearGroup`): `fuse()` re-homes the group's weights into one contiguous [sum of outputs,
@@ -20,50 +28,59 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Products:
+    """The plain products: torch's own kernels, the reference every other set is tested against."""
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[..., in] x weight [out, in] -> [..., out]"""
+        return F.linear(x, weight)
+
+    @staticmethod
+    def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., G, in] through one weight per group, weight [G, out, in] -> [..., G, out]"""
+        return torch.einsum("...gi,goi->...go", x, weight)
+
+    @staticmethod
+    def gathered_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each row through its own weight: x [A, in], weight [A, out, in] -> [A, out]"""
+        return torch.bmm(x[:, None], weight.transpose(1, 2))[:, 0]
+
+    @staticmethod
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Batched a [..., m, k] @ b [..., k, n] -> [..., m, n]"""
+        return a @ b
+
+    @staticmethod
+    def contract(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """torch.einsum(eq, a, b) for two operands ("ab,bc->ac" form, no repeated letter within an operand)."""
+        return torch.einsum(eq, a, b)
+
+    @classmethod
+    def for_rows(cls, rows: int) -> type["Products"]:
+        """The set to run a computation over `rows` rows (batch x positions) with: this one."""
+        return cls
+
+
 def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[..., in] x weight [..., out, in] -> [..., out] as an fp32 multiply-and-sum (what F.linear computes; the
     weight may carry batch dims, e.g. gathered experts)."""
     return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
 
 
-def compiled_on_cpu(x: torch.Tensor) -> bool:
-    """Is `x` being traced by torch.compile for a CPU (where `matvec` beats BLAS for a few rows)?"""
-    return x.device.type == "cpu" and torch.compiler.is_compiling()
-
-
-def decoding(x: torch.Tensor, rows: int) -> bool:
-    """Should `contract` fuse: a compiled step on CPU over a few `rows` (batch x positions)?"""
-    return compiled_on_cpu(x) and rows <= 4
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight); compiled on CPU for a few rows, one `matvec` per row. Inductor fuses those into one loop
-    that reads each weight row once for all of them (a broadcast [rows, out, in] product would re-read the weight per
-    row), so 2-4 rows cost about what one does: the width-2 verify step of speculation, small batches."""
-    return _per_row(x, weight, 1, F.linear)
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., G, in] through one weight per group, weight [G, out, in] -> [..., G, out]; per row as `linear`."""
-    return _per_row(x, weight, 2, lambda x, w: torch.einsum("...gi,goi->...go", x, w))
-
-
-def _per_row(x: torch.Tensor, weight: torch.Tensor, row_dims: int, plain) -> torch.Tensor:
+def _per_row(x: torch.Tensor, weight: torch.Tensor, row_dims: int) -> torch.Tensor:
+    """One `matvec` per row (a row: x's last `row_dims` dims). A Python loop, unrolled when traced: inductor fuses
+    the rows into one loop that reads each weight row once for all of them (a broadcast [rows, out, in] product would
+    re-read the weight per row), so 2-4 rows cost about what one does: the width-2 verify step of speculation, small
+    batches."""
     lead = x.shape[:-row_dims]
     rows = lead.numel()
-    if not decoding(x, rows):
-        return plain(x, weight)
-    # a Python loop over at most 4 rows, unrolled when traced: the compiled graph has one fused loop for all
     out = torch.stack([matvec(row, weight) for row in x.reshape(rows, *x.shape[-row_dims:]).unbind(0)])
     return out.view(*lead, *out.shape[1:])
 
 
-def contract(eq: str, a: torch.Tensor, b: torch.Tensor, fuse: bool = False) -> torch.Tensor:
-    """torch.einsum(eq, a, b) for two operands ("ab,bc->ac" form, no repeated letter within an operand). With `fuse`
-    (a compiled decode step: see `decoding`) it is a broadcast multiply-and-sum in fp32, which inductor fuses with its
-    neighbours into one loop instead of calling a tiny batched matmul."""
-    if not fuse:
-        return torch.einsum(eq, a, b)
+def _multiply_and_sum(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.einsum(eq, a, b) as a broadcast multiply-and-sum in fp32, in a's and b's promoted dtype."""
     inputs, out = eq.split("->")
     letters = out + "".join(c for c in dict.fromkeys(inputs.replace(",", "")) if c not in out)  # output, then summed
 
@@ -80,16 +97,89 @@ def contract(eq: str, a: torch.Tensor, b: torch.Tensor, fuse: bool = False) -> t
     return y.to(torch.promote_types(a.dtype, b.dtype))
 
 
+class Fused(Products):
+    """The multiply-and-sum forms, unconditionally: what a compiled CPU decode step runs for a few rows (`CpuDecode`
+    decides when). Each is a loop inductor vectorises and fuses with its neighbours; eager, it materialises the
+    products (fine for tests, slow otherwise)."""
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _per_row(x, weight, 1)
+
+    @staticmethod
+    def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _per_row(x, weight, 2)
+
+    @staticmethod
+    def gathered_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return matvec(x, weight)
+
+    @staticmethod
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        batch = "abcdefgh"[: a.dim() - 2]  # a and b have the same number of dims (size 1 broadcasts)
+        return _multiply_and_sum(f"{batch}xy,{batch}yz->{batch}xz", a, b)
+
+    @staticmethod
+    def contract(eq: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _multiply_and_sum(eq, a, b)
+
+
+class CpuDecode(Products):
+    """A CPU model prepared for decoding: `Fused` products for a compiled step over at most ROWS rows, plain ones
+    otherwise (eager steps, prefill chunks, larger batches). `linear`, `grouped_linear` and `matmul` count their rows
+    (the leading dims); a computation of several contractions picks its set once with `for_rows` (`contract` alone
+    has no row count: called directly, it is the plain one). The chosen experts of a decode step are fewer than the
+    experts by construction, so `gathered_linear` is fused whenever compiled."""
+    ROWS = 4
+
+    @classmethod
+    def for_rows(cls, rows: int) -> type[Products]:
+        return Fused if torch.compiler.is_compiling() and rows <= cls.ROWS else Products
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return cls.for_rows(x.shape[:-1].numel()).linear(x, weight)
+
+    @classmethod
+    def grouped_linear(cls, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return cls.for_rows(x.shape[:-2].numel()).grouped_linear(x, weight)
+
+    @classmethod
+    def matmul(cls, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cls.for_rows(a.shape[:-2].numel()).matmul(a, b)
+
+    @staticmethod
+    def gathered_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (Fused if torch.compiler.is_compiling() else Products).gathered_linear(x, weight)
+
+
+def use_products(model: nn.Module, ops: type[Products]) -> nn.Module:
+    """Give every module of `model` that multiplies (each has an `ops` attribute) the product set `ops`. Returns the
+    model."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+    return model
+
+
+def prepare_decode(model: nn.Module) -> nn.Module:
+    """Ready a model for the inference engine, once: the linear groups fused and, on a CPU, the decode products
+    (`CpuDecode`). Call after the model has its final device and dtype. Returns the model."""
+    device = next(model.parameters()).device
+    return use_products(fuse_linear_groups(model), CpuDecode if device.type == "cpu" else Products)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint names) whose product is `linear`."""
+    """nn.Linear (same parameters and checkpoint names) whose product comes from its product set `ops`."""
+    ops: type[Products] = Products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = self.ops.linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
 class LinearGroup:
-    def __init__(self, *linears: nn.Linear):
+    def __init__(self, *linears: Linear):
         self.linears = linears
         self.sizes = [m.out_features for m in linears]
         self.block: torch.Tensor | None = None
@@ -107,10 +197,10 @@ class LinearGroup:
         self.block = block
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[..., in] -> each layer's output, in order."""
+        """[..., in] -> each layer's output, in order (fused: one product, with the layers' product set)."""
         if self.block is None:
             return [m(x) for m in self.linears]
-        return list(linear(x, self.block).split(self.sizes, dim=-1))
+        return list(self.linears[0].ops.linear(x, self.block).split(self.sizes, dim=-1))
 
 
 def fuse_linear_groups(model: nn.Module) -> nn.Module:

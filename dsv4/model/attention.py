@@ -22,24 +22,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
+from dsv4.kernels.fused import Linear, LinearGroup, Products
 from dsv4.model.compressor import Compressor
-from dsv4.kernels.fused import Linear, LinearGroup, contract, decoding, grouped_linear
 from dsv4.model.indexer import Indexer, indexer_kl
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.rope import apply_rope
+from dsv4.model.stats import LayerStats
 
 if TYPE_CHECKING:
     from dsv4.model.cache import LayerCache, Step
 
 
-def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int | torch.Tensor = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int | torch.Tensor = 0,
+                  ops: type[Products] = Products) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of queries at positions start.. against their sliding windows, W queries at a time.
     q [B, s, H, d]; keys [B, W + s, d] the keys of positions start-W .. start+s-1 (those below 0 are masked);
     start an int or a [B] tensor (rows at different positions) -> (logits [B, s, H, 2W], keys [B, nb, 2W, d]),
     masked slots -inf. Query block j (queries jW .. jW+W-1) reads the key slots jW .. jW+2W-1; its query i may
     read slot k iff i < k <= i + W (inside the window, causal) and the key's position is >= 0.
-    With s <= W (decoding) there is one block of s queries reading all W + s keys: [B, s, H, W+s], [B, 1, W+s, d]."""
+    With s <= W (decoding) there is one block of s queries reading all W + s keys: [B, s, H, W+s], [B, 1, W+s, d].
+    ops: the product set for these queries (dsv4.kernels.fused)."""
     B, s, H, d = q.shape
     W = window
     if s <= W:  # one block of the s queries against all W + s keys (a decode step: no padding to W queries)
@@ -52,7 +54,7 @@ def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int, start: int |
         # block j's keys = key blocks j and j+1 (a copy, not an overlapping unfold view: compiled backward
         # mis-sums those)
         keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
-    logits = contract("bnwhd,bnkd->bnwhk", qb, keys, decoding(q, B * s))
+    logits = ops.contract("bnwhd,bnkd->bnwhk", qb, keys)
     i = torch.arange(rows, device=q.device)[:, None]
     k = torch.arange(width, device=q.device)[None, :]
     mask = (k > i) & (k <= i + W)  # [rows, width]
@@ -74,6 +76,8 @@ def window_keys(kv: torch.Tensor, t0: int, t1: int, window: int) -> torch.Tensor
 
 
 class Attention(nn.Module):
+    ops = Products  # the product set (dsv4.kernels.fused)
+    hot_paths = ("attend",)  # what dsv4.kernels.compile.compile_hot_paths compiles
     # CSA scores every compressed entry and masks the unselected ones when there are at most this many times top-k
     # entries: a few dense matmuls beat a per-query gather of k keys (and its scatter in the backward) until then
     DENSE_SELECT = 8
@@ -94,7 +98,7 @@ class Attention(nn.Module):
         self.kv_norm = RMSNorm(args.head_dim, eps)
         # block-diagonal: group g maps its heads' (H/G)*d outputs to o_lora_rank
         self.wo_a = Linear(args.n_heads * args.head_dim // args.o_groups, args.o_groups * args.o_lora_rank,
-                              bias=False)
+                           bias=False)
         self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, bias=False)
         self.attn_sink = nn.Parameter(torch.empty(args.n_heads, dtype=torch.float32))
         self.compressor = (Compressor(args.dim, args.head_dim, self.ratio, overlap=self.kind == "csa", eps=eps)
@@ -108,20 +112,19 @@ class Attention(nn.Module):
             inputs += [self.indexer.compressor.wkv, self.indexer.compressor.wgate, self.indexer.weights_proj]
         self.x_group = LinearGroup(*inputs)
         self.qr_group = LinearGroup(self.wq_b, *([self.indexer.wq_b] if self.indexer is not None else []))
-        # training only: None (inference), "dense" (warm-up: attend to all visible entries, record the indexer's
-        # KL to the main attention) or "sparse" (top-k attention, KL on the selected entries); in both the
-        # indexer's input is detached, so it learns from the KL alone and the LM loss never reaches it
-        self.indexer_train: str | None = None
-        self.indexer_kl: torch.Tensor | None = None
 
     def reset_parameters(self, std: float = 0.0):
         nn.init.zeros_(self.attn_sink)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], block: int = 1024) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], stats: LayerStats | None = None,
+                block: int = 1024) -> torch.Tensor:
         """x [B, S, D] at positions 0..S-1; rope = this layer's (cos, sin) [S, R/2]. Queries are attended
-        `block` at a time (rounded to whole windows), so no attention temporary grows with S beyond [block, ...]."""
+        `block` at a time (rounded to whole windows), so no attention temporary grows with S beyond [block, ...].
+        stats: in training, the indexer's stage (see dsv4.model.stats.TrainStats); CSA layers report its KL there."""
         B, S, _ = x.shape
         cos, sin = rope
+        # the indexer's training stage; read only where there is an indexer (a compiled block guards on what it reads)
+        stage = stats.indexer if stats is not None and self.indexer is not None else None
         qr = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), self.norm_eps)
         q = apply_rope(q, cos[:S, None], sin[:S, None]) * self.softmax_scale  # [B, S, H, d], pre-scaled
@@ -129,33 +132,36 @@ class Attention(nn.Module):
         entries = self.compressor(x, cos, sin) if self.compressor is not None else None  # [B, T, d]
         prepared = None
         if self.indexer is not None:  # in training the indexer learns from its own KL loss only: detach its input
-            xi, qri = (x.detach(), qr.detach()) if self.indexer_train else (x, qr)
+            xi, qri = (x.detach(), qr.detach()) if stage else (x, qr)
             prepared = self.indexer.prepare(xi, qri, cos, sin)
 
         block = max(block // self.window, 1) * self.window
         outputs, kl_sum, kl_count = [], x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.long)
         for t0 in range(0, S, block):
             t1 = min(t0 + block, S)
-            scores = idx = None
-            if prepared is not None:
-                iq, ikeys, iw = prepared
-                positions = torch.arange(t0, t1, device=x.device)
-                if not self.indexer_train and self.indexer.long(iq[:, t0:t1], ikeys.shape[1]):
-                    idx = self.indexer.scan(iq[:, t0:t1], iw[:, t0:t1], positions, lambda j0, j1: ikeys[:, j0:j1],
-                                            ikeys.shape[1])
-                else:
-                    scores = self.indexer.scores(iq[:, t0:t1], ikeys, iw[:, t0:t1], positions)  # [B, s, T]
-                if scores is not None and self.indexer_train != "dense":  # the dense warm-up reads every entry
-                    idx = self.indexer.select(scores.detach(), positions)
+            scores, idx = self.select_entries(prepared, t0, t1, stage) if prepared is not None else (None, None)
             o, cmp_probs = self.attend(q[:, t0:t1], window_keys(kv, t0, t1, self.window), entries, idx, t0)
-            if self.indexer_train and scores is not None:
+            if stage and scores is not None:
                 kl, n = indexer_kl(scores, cmp_probs, idx)
                 kl_sum, kl_count = kl_sum + kl, kl_count + n
             outputs.append(o)
-        if self.indexer_train and prepared is not None:
-            self.indexer_kl = kl_sum / kl_count.clamp(min=1)
+        if stage and prepared is not None:
+            stats.indexer_kl = kl_sum / kl_count.clamp(min=1)
         o = apply_rope(torch.cat(outputs, dim=1), cos[:S, None], sin[:S, None], inverse=True)  # [B, S, H, d]
         return self.project_out(o)
+
+    def select_entries(self, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t0: int, t1: int,
+                       stage: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The lightning indexer's part for queries t0..t1-1, given `Indexer.prepare`'s (q, keys, w) -> (its scores
+        [B, s, T] fp32, or None from the long-context scan; the selected entries [B, s, k], or None in the dense
+        warm-up, which reads every visible entry)."""
+        q, keys, w = prepared
+        positions = torch.arange(t0, t1, device=q.device)
+        if not stage and self.indexer.long(q[:, t0:t1], keys.shape[1]):
+            return None, self.indexer.scan(q[:, t0:t1], w[:, t0:t1], positions, lambda j0, j1: keys[:, j0:j1],
+                                           keys.shape[1])
+        scores = self.indexer.scores(q[:, t0:t1], keys, w[:, t0:t1], positions)  # [B, s, T]
+        return scores, None if stage == "dense" else self.indexer.select(scores.detach(), positions)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor | None, idx: torch.Tensor | None,
                start: int | torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,8 +173,8 @@ class Attention(nn.Module):
         visible entry (HCA, CSA's dense warm-up)."""
         B, s, H, _ = q.shape
         W = self.window
-        fuse = decoding(q, B * s)
-        logits, win_keys = window_scores(q, keys, W, start)  # [B, s, H, 2W]
+        ops = self.ops.for_rows(B * s)  # the products for this many query rows (dsv4.kernels.fused)
+        logits, win_keys = window_scores(q, keys, W, start, ops)  # [B, s, H, 2W]
         parts = [logits]
         if entries is not None:
             T = entries.shape[1]
@@ -177,17 +183,17 @@ class Attention(nn.Module):
                 base = rows if rows is not None else torch.arange(B, device=q.device)
                 flat = (idx.clamp(min=0) + T * base[:, None, None]).flatten()
                 cmp_keys = entries.flatten(0, 1).index_select(0, flat).view(*idx.shape, entries.shape[-1])
-                cmp_logits = contract("bshd,bskd->bshk", q, cmp_keys, fuse)
+                cmp_logits = ops.contract("bshd,bskd->bshk", q, cmp_keys)
                 cmp_logits = cmp_logits.masked_fill_((idx < 0)[:, :, None, :], float("-inf"))
             elif dense:  # CSA with few entries: score them all, keep the selected (same soft-max, no gather)
                 cmp_keys = entries
-                cmp_logits = contract("bshd,btd->bsht", q, entries, fuse)
+                cmp_logits = ops.contract("bshd,btd->bsht", q, entries)
                 chosen = torch.zeros(B, s, T + 1, dtype=torch.bool, device=q.device)
                 chosen = chosen.scatter_(-1, torch.where(idx < 0, T, idx), True)[..., :T]  # -1 -> a dropped slot
                 cmp_logits = cmp_logits.masked_fill_(~chosen[:, :, None, :], float("-inf"))
             else:  # HCA: every closed window
                 cmp_keys = entries
-                cmp_logits = contract("bshd,btd->bsht", q, entries, fuse)
+                cmp_logits = ops.contract("bshd,btd->bsht", q, entries)
                 if isinstance(start, torch.Tensor):
                     positions = start[:, None] + torch.arange(s, device=q.device)  # [B, s]
                 else:
@@ -201,12 +207,12 @@ class Attention(nn.Module):
         nb, width = win_keys.shape[1], win_keys.shape[2]
         rows = W if nb > 1 else s  # queries per block
         p_win = F.pad(probs[..., :width], (0, 0, 0, 0, 0, nb * rows - s)).view(B, nb, rows, H, width)
-        o = contract("bnwhk,bnkd->bnwhd", p_win, win_keys, fuse).reshape(B, nb * rows, H, -1)[:, :s]
+        o = ops.contract("bnwhk,bnkd->bnwhd", p_win, win_keys).reshape(B, nb * rows, H, -1)[:, :s]
         cmp_probs = None
         if entries is not None:
             eq = "bshk,bskd->bshd" if idx is not None and not dense else "bsht,btd->bshd"
             cmp_probs = probs[..., width: -1]
-            o = o + contract(eq, cmp_probs, cmp_keys, fuse)
+            o = o + ops.contract(eq, cmp_probs, cmp_keys)
             if dense:  # report the selected entries' probabilities in idx order, as the gather path does
                 at = idx.clamp(min=0)[:, :, None, :].expand(-1, -1, H, -1)
                 cmp_probs = cmp_probs.detach().gather(-1, at).masked_fill_((idx < 0)[:, :, None, :], 0.0)
@@ -268,4 +274,4 @@ class Attention(nn.Module):
         G = self.o_groups
         o = o.reshape(B, S, G, -1)
         wo_a = self.wo_a.weight.view(G, self.o_lora_rank, -1)  # [G, R, (H/G) d]
-        return self.wo_b(grouped_linear(o, wo_a).flatten(2))
+        return self.wo_b(self.ops.grouped_linear(o, wo_a).flatten(2))

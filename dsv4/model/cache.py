@@ -101,7 +101,8 @@ class KVCache:
         rows = []
         for layer in self.layers:
             rows.append(layer.window[0])
-            rows += [t[0] for state in (layer.compressed, layer.index) if state is not None for t in state.tensors()[1:]]
+            rows += [t[0] for state in (layer.compressed, layer.index) if state is not None
+                     for t in state.tensors()[1:]]
         return sum(t.numel() * t.element_size() for t in rows)
 
 

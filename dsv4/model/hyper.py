@@ -10,30 +10,32 @@ The residual is `n = hc_mult` streams h [B, S, n, D], kept in fp32. Around each 
 
 `HyperHead` collapses the streams once at the end: w = sigmoid(mix * scale + base) + eps, out = sum_j w_j h_j.
 All hyper-connection parameters and math stay in fp32. The [B, S, n, D] tensors are the largest activations of a
-small model, so each step below writes at most one of them.
+small model, so each step below writes at most one of them. The products (`mix`, the collapse sum_j w_j h_j, the
+stream mix comb^T h) go through the module's product set `ops` (dsv4.kernels.fused).
 """
 
 import torch
 from torch import nn
 
-from dsv4.kernels.fused import contract, decoding, linear
+from dsv4.kernels.fused import Products
 
 
-def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float, ops: type[Products]) -> torch.Tensor:
     """[B, S, n, D] fp32 -> [B, S, rows of fn]: rmsnorm(flatten(h)) @ fn^T."""
     x = h.flatten(-2)
     rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
-    return linear(x, fn) * torch.rsqrt(rms.square() + eps)
+    return ops.linear(x, fn) * torch.rsqrt(rms.square() + eps)
 
 
-def _collapse(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _collapse(w: torch.Tensor, h: torch.Tensor, ops: type[Products]) -> torch.Tensor:
     """sum_j w_j h_j:  w [B, S, n], h [B, S, n, D] -> [B, S, D]"""
-    if decoding(h, h.shape[:2].numel()):  # compiled for a decode step: one fused loop (see dsv4.kernels.fused)
-        return contract("bsn,bsnd->bsd", w, h, fuse=True)
-    return (w.unsqueeze(-2) @ h).squeeze(-2)
+    return ops.matmul(w.unsqueeze(-2), h).squeeze(-2)
 
 
 class HyperConnection(nn.Module):
+    ops = Products  # the product set (dsv4.kernels.fused)
+    hot_paths = ("forward", "post")  # what dsv4.kernels.compile.compile_hot_paths compiles
+
     def __init__(self, dim: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
         super().__init__()
         self.n, self.iters, self.hc_eps, self.norm_eps = hc_mult, sinkhorn_iters, hc_eps, norm_eps
@@ -50,7 +52,7 @@ class HyperConnection(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B, S, n, D] fp32 -> (sub-layer input [B, S, D], post [B, S, n], comb [B, S, n, n]), all fp32."""
         n = self.n
-        mix = _mix(h, self.fn, self.norm_eps)
+        mix = _mix(h, self.fn, self.norm_eps, self.ops)
         pre = torch.sigmoid(mix[..., :n] * self.scale[0] + self.base[:n]) + self.hc_eps
         post = 2 * torch.sigmoid(mix[..., n:2 * n] * self.scale[1] + self.base[n:2 * n])
         logits = mix[..., 2 * n:] * self.scale[2] + self.base[2 * n:]
@@ -59,23 +61,24 @@ class HyperConnection(nn.Module):
         for _ in range(self.iters - 1):
             comb = comb / (comb.sum(-1, keepdim=True) + self.hc_eps)
             comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)
-        return _collapse(pre, h), post, comb
+        return _collapse(pre, h, self.ops), post, comb
 
     def post(self, y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """Write the sub-layer output back into the streams (see `hc_post`); a method so it can be compiled."""
-        return hc_post(y, h, post, comb)
+        if self.ops is Products:  # `hc_post` as the reference writes it (tests swap it: parity must catch comb^T)
+            return hc_post(y, h, post, comb)
+        return hc_post(y, h, post, comb, self.ops)
 
 
-def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            ops: type[Products] = Products) -> torch.Tensor:
     """New fp32 streams: post_k * y + sum_j comb[j, k] h_j.   y [B, S, D], h [B, S, n, D] -> [B, S, n, D]."""
-    if decoding(h, h.shape[:2].numel()):
-        out = contract("bsjk,bsjd->bskd", comb, h, fuse=True)
-    else:
-        out = comb.transpose(-1, -2) @ h
-    return out.addcmul_(post.unsqueeze(-1), y.float().unsqueeze(-2))
+    return ops.matmul(comb.transpose(-1, -2), h).addcmul_(post.unsqueeze(-1), y.float().unsqueeze(-2))
 
 
 class HyperHead(nn.Module):
+    ops = Products  # the product set (dsv4.kernels.fused)
+
     def __init__(self, dim: int, hc_mult: int, hc_eps: float, norm_eps: float):
         super().__init__()
         self.hc_eps, self.norm_eps = hc_eps, norm_eps
@@ -90,5 +93,5 @@ class HyperHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """[B, S, n, D] fp32 -> [B, S, D] fp32"""
-        w = torch.sigmoid(_mix(h, self.fn, self.norm_eps) * self.scale + self.base) + self.hc_eps
-        return _collapse(w, h)
+        w = torch.sigmoid(_mix(h, self.fn, self.norm_eps, self.ops) * self.scale + self.base) + self.hc_eps
+        return _collapse(w, h, self.ops)

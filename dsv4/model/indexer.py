@@ -14,7 +14,8 @@ Long contexts (`Indexer.scan`): the entries are read SCAN_BLOCK at a time and ea
 running top-k (exact: by (score, index), so the result is the one-shot selection's), so a chunk of s queries holds
 O(s * SCAN_BLOCK) scores whatever the context. The block (`scan_block`: matmuls in the model's dtype over SCAN_SUB
 entries at a time, then ReLU, the head-weighted sum in fp32, the mask, the top-k and the merge) is the superlinear part
-of a long prefill; `compile_scan` swaps in a torch.compile'd copy that fuses everything after each matmul.
+of a long prefill; `dsv4.kernels.compile.compile_scan` swaps in a torch.compile'd copy that fuses everything after
+each matmul. The top-k with its recency tie-break is dsv4.kernels.topk.
 """
 
 from collections.abc import Callable
@@ -26,59 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
+from dsv4.kernels.fused import Linear, Products
+from dsv4.kernels.topk import exact_key, tied_at_kth, topk_recent_fast
 from dsv4.model.compressor import Compressor
-from dsv4.kernels.fused import Linear, contract, decoding
 from dsv4.model.rope import apply_rope
 
 if TYPE_CHECKING:
     from dsv4.model.cache import CompressedState, Step
-
-
-def topk_recent(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along the last dim; ties go to the higher index (plain twin, sorts all)."""
-    T = scores.shape[-1]
-    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return T - 1 - order
-
-
-def topk_recent_fast(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Same set as `topk_recent` (order not guaranteed): torch.topk, then the rare rows whose k-th value is tied
-    with an unselected entry are redone with an exact (score, index) key. -inf ties are left alone: the caller
-    drops entries that are not visible."""
-    if torch.compiler.is_compiling():  # no data-dependent rows under compile: the exact key for every row
-        return _exact_key(scores).topk(k, dim=-1, sorted=False).indices
-    if scores.device.type == "meta":
-        return scores.topk(k, dim=-1, sorted=False).indices
-    return merge_topk(scores, torch.arange(scores.shape[-1], device=scores.device).expand_as(scores), k)[1]
-
-
-def _tied_at_kth(scores: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Rows whose top-k `vals` leave out a candidate tied with their k-th score (finite ties only: -inf entries are
-    invisible ones, dropped by the caller) -> [...] bool."""
-    kth = vals.min(-1, keepdim=True).values
-    return ((scores == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth[..., 0])
-
-
-def _exact_key(scores: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 keys ordered by (score, index): distinct, so top-k on them has no ties and the more recent entry wins.
-    index: the entries' indices (distinct, >= 0; default: their positions along the last dim)."""
-    bits = scores.float().view(torch.int32).long()
-    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # monotone in the float value
-    if index is None:
-        index = torch.arange(scores.shape[-1], device=scores.device)
-    return key * (1 << 31) + index  # then the higher index wins (|key| < 2^31, index < 2^31: no overflow)
-
-
-def merge_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best candidates by (score, index): scores [..., n] fp32 and their entries' indices [..., n] (distinct)
-    -> (scores [..., k], indices [..., k]), in no particular order. torch.topk first; the rare rows whose k-th score is
-    tied with an unselected candidate are redone on exact keys (-inf ties are left alone: those are invisible)."""
-    vals, at = scores.topk(k, dim=-1, sorted=False)
-    ambiguous = _tied_at_kth(scores, vals)
-    if ambiguous.any():
-        at[ambiguous] = _exact_key(scores[ambiguous], index[ambiguous]).topk(k, dim=-1, sorted=False).indices
-        vals = scores.gather(-1, at)
-    return vals, index.gather(-1, at)
 
 
 def block_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, sub: int | None = None) -> torch.Tensor:
@@ -110,13 +65,10 @@ def scan_block(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, visible: to
     (the block's or the merge's), whose selection the caller redoes on exact (score, index) keys. No host sync."""
     scores = visible_block_scores(q, keys, w, visible, first, sub)
     vals, pos = scores.topk(min(best.shape[-1], scores.shape[-1]), dim=-1, sorted=False)
-    ambiguous = ambiguous | _tied_at_kth(scores, vals)
+    ambiguous = ambiguous | tied_at_kth(scores, vals)
     cand, cand_at = torch.cat([best, vals], dim=-1), torch.cat([best_at, pos + first], dim=-1)
     best, pos = cand.topk(best.shape[-1], dim=-1, sorted=False)
-    return best, cand_at.gather(-1, pos), ambiguous | _tied_at_kth(cand, best)
-
-
-_compiled_scan_block: Callable | None = None
+    return best, cand_at.gather(-1, pos), ambiguous | tied_at_kth(cand, best)
 
 
 @dataclass
@@ -135,6 +87,8 @@ class _QueryGroup:
 
 
 class Indexer(nn.Module):
+    ops = Products  # the product set (dsv4.kernels.fused)
+    scan_block = staticmethod(scan_block)  # one block of the long-context scan; compile_scan gives instances a copy
     # the long-context scan: entries per block (a shorter last block is padded to a power of two >= SCAN_MIN_BLOCK,
     # so a compiled scan has a few shapes), entries per matmul inside a block (`block_scores`' sub), queries per
     # block, and the score count (queries x heads x entries) above which `step` scans instead of scoring every entry
@@ -145,7 +99,6 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.ratio, self.block_size = args.csa_ratio, block_size
-        self.scan_block: Callable = scan_block  # `compile_scan` swaps in the compiled copy
         self.wq_b = Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, bias=False)
         self.weights_proj = Linear(args.dim, args.index_n_heads, bias=False)
         self.compressor = Compressor(args.dim, args.index_head_dim, args.csa_ratio, overlap=True, eps=args.norm_eps)
@@ -162,9 +115,9 @@ class Indexer(nn.Module):
     def scores(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """I[t, s] for queries q [B, s, H, c] (weights w [B, s, H]) at `positions` ([s], or [B, s] when rows
         differ) against keys [B, T, c]: [B, s, T] fp32, -inf on entries not yet visible to the query."""
-        fuse = decoding(q, q.shape[:2].numel())
-        scores = contract("bshc,btc->bsht", q, keys, fuse).relu_()
-        scores = contract("bsht,bsh->bst", scores.float(), w.float(), fuse)
+        ops = self.ops.for_rows(q.shape[:2].numel())  # the products for this many query rows (dsv4.kernels.fused)
+        scores = ops.contract("bshc,btc->bsht", q, keys).relu_()  # [B, s, H, T]
+        scores = ops.contract("bsht,bsh->bst", scores.float(), w.float())
         visible = (positions + 1) // self.ratio
         return scores.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[..., None], float("-inf"))
 
@@ -244,18 +197,9 @@ class Indexer(nn.Module):
             scores = visible_block_scores(q, keys, w, visible, j0)
             cand = torch.cat([best, scores], dim=-1)
             cand_at = torch.cat([best_at, j0 + torch.arange(keys.shape[1], device=q.device).expand_as(scores)], -1)
-            pos = _exact_key(cand, cand_at).topk(min(k, cand.shape[-1]), dim=-1, sorted=False).indices
+            pos = exact_key(cand, cand_at).topk(min(k, cand.shape[-1]), dim=-1, sorted=False).indices
             best, best_at = cand.gather(-1, pos), cand_at.gather(-1, pos)
         return F.pad(best_at[:, 0], (0, k - best_at.shape[-1]), value=-1)
-
-    def compile_scan(self, **options):
-        """Run the scan's blocks through a torch.compile'd `scan_block` (shared by every indexer: a few graphs, one
-        per block shape), which fuses the ReLU, the weighted head sum, the mask, the top-k's bookkeeping and the
-        merge into passes over cache-sized pieces of the block instead of a dozen eager passes over all of it."""
-        global _compiled_scan_block
-        if _compiled_scan_block is None:
-            _compiled_scan_block = torch.compile(scan_block, dynamic=False, **options)
-        self.scan_block = _compiled_scan_block
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], qr [B, S, q_lora] (normed query latent), cos/sin [S, R/2] (compress rope)

@@ -5,7 +5,11 @@ clamped SwiGLU routed experts run grouped by expert, plus an always-on shared ex
     w = s_sel / sum(s_sel) * route_scale                      (the bias chooses experts, never weighs them)
     expert(x) = w2( silu(min(w1 x, L)) * clamp(w3 x, -L, L) )     y = sum_k w_k expert_k(x) + shared(x)
 
-Shape legend: N tokens, D model dim, I expert width, E routed experts, K experts per token, A = N*K assignments.
+In training the layer also reports (into a `dsv4.model.stats.LayerStats`) its expert load [E] and, when asked,
+DeepSeek-V3's sequence-wise balance statistic  mean_b sum_i f_i P_i  (see `sequence_balance`).
+
+Shape legend: N tokens, D model dim, I expert width, E routed experts, K experts per token, A = N*K assignments,
+B sequences of T tokens (N = B*T).
 """
 
 import torch
@@ -13,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
-from dsv4.kernels.fused import Linear, LinearGroup, compiled_on_cpu, linear, matvec
+from dsv4.kernels.fused import Linear, LinearGroup, Products
+from dsv4.model.stats import LayerStats
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -36,6 +41,8 @@ class Expert(nn.Module):
 
 
 class Gate(nn.Module):
+    ops = Products  # the product set (dsv4.kernels.fused)
+
     def __init__(self, args: ModelArgs, hashed: bool):
         super().__init__()
         self.hashed, self.topk, self.score_func, self.route_scale = (
@@ -56,9 +63,10 @@ class Gate(nn.Module):
             table = torch.rand(self.tid2eid.shape[0], self.n_experts, generator=g).argsort(-1)[:, : self.topk]
             self.tid2eid.copy_(table)
 
-    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights [N, K] fp32, expert indices [N, K], scores [N, E] fp32)"""
-        logits_NE = linear(x_ND.float(), self.weight.float())
+        logits_NE = self.ops.linear(x_ND.float(), self.weight.float())
         if self.score_func == "sqrtsoftplus":
             scores_NE = F.softplus(logits_NE).sqrt()
         elif self.score_func == "sigmoid":
@@ -78,6 +86,8 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """E routed experts as grouped weights: w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]."""
+    ops = Products  # the product set (dsv4.kernels.fused)
+    hot_paths = ("act",)  # what dsv4.kernels.compile.compile_hot_paths compiles
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -114,16 +124,13 @@ class Experts(nn.Module):
 
     def forward_gathered(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         """Few assignments (a decode step): run just the chosen experts, each on its token, instead of a grouped GEMM
-        that visits every expert. Compiled on CPU, `matvec` reads the chosen weights in place (no gathered copy);
-        otherwise they are gathered and run as one batched matmul."""
+        that visits every expert (`gathered_linear`: plain, a batched matmul over the gathered weights; a CPU decode
+        step's fused product reads them in place, no gathered copy)."""
         N, K = idx_NK.shape
         flat = idx_NK.flatten()
         x_AD = x_ND.repeat_interleave(K, dim=0)
-        if compiled_on_cpu(x_AD):
-            y_AD = matvec(self.act(matvec(x_AD, self.w13[flat])), self.w2[flat])
-        else:
-            h_A1F = torch.bmm(x_AD[:, None], self.w13[flat].transpose(1, 2))
-            y_AD = torch.bmm(self.act(h_A1F), self.w2[flat].transpose(1, 2))[:, 0]
+        h_A2I = self.ops.gathered_linear(x_AD, self.w13[flat])
+        y_AD = self.ops.gathered_linear(self.act(h_A2I), self.w2[flat])
         return (y_AD.view(N, K, -1) * w_NK[..., None].to(y_AD.dtype)).sum(1)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
@@ -146,10 +153,8 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed + shared experts. In training mode it also keeps the statistics the trainer needs:
-    `load` [E] (assignments per expert in the last forward, for the aux-loss-free bias update) and, when
-    `aux_alpha` > 0, `aux_loss`: DeepSeek-V3's sequence-wise balance loss  alpha * mean_b sum_i f_i P_i  with
-    f_i = E / (K T) * #tokens of the sequence routed to i and P_i = mean_t s_i / sum_j s_j."""
+    """Routed + shared experts. Given a `LayerStats` (training), it reports the layer's expert load and, when asked,
+    its sequence-wise balance statistic."""
 
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -157,41 +162,38 @@ class MoE(nn.Module):
         self.experts = Experts(args)
         self.shared_experts = (Expert(args.dim, args.n_shared_experts * args.moe_inter_dim, args.swiglu_limit)
                                if args.n_shared_experts else None)
-        self.aux_alpha = 0.0  # set by the trainer
-        self.load: torch.Tensor | None = None
-        self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None,
+                stats: LayerStats | None = None) -> torch.Tensor:
+        """x [B, T, D] (input_ids [B, T] for hash routing) -> [B, T, D]"""
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         w_NK, idx_NK, scores_NE = self.gate(x_ND, None if input_ids is None else input_ids.reshape(-1))
-        if self.training:
-            self.record_balance(idx_NK, scores_NE, shape[0])
+        if stats is not None:
+            stats.load = expert_load(idx_NK, scores_NE.shape[-1])
+            if stats.balance:
+                stats.seq_balance = sequence_balance(idx_NK, scores_NE, shape[0])
         y = self.experts(x_ND, w_NK, idx_NK)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_ND)
         return y.view(shape)
 
-    def record_balance(self, idx_NK: torch.Tensor, scores_NE: torch.Tensor, batch: int):
-        E, K = scores_NE.shape[-1], idx_NK.shape[-1]
-        flat = idx_NK.flatten()
-        self.load = torch.zeros(E, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
-        self.aux_loss = None
-        if self.aux_alpha > 0:
-            idx_BTK, s_BTE = idx_NK.view(batch, -1, K), scores_NE.view(batch, -1, E)
-            T = s_BTE.shape[1]
-            hits_BE = torch.zeros(batch, E, device=idx_NK.device).scatter_add_(
-                1, idx_BTK.flatten(1), torch.ones(batch, T * K, device=idx_NK.device))
-            f_BE = hits_BE * E / (K * T)
-            p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
-            self.aux_loss = self.aux_alpha * (f_BE * p_BE).sum(-1).mean()
+
+def expert_load(idx_NK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] fp32 (a static shape under compile, unlike bincount's)."""
+    flat = idx_NK.flatten()
+    return torch.zeros(n_experts, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
 
 
-@torch.no_grad()
-def update_balance_bias(model: nn.Module, gamma: float) -> None:
-    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): after each step, raise the selection bias of experts that
-    received fewer than the mean number of tokens by gamma and lower the others' by gamma. Hash-routed layers have
-    no bias. (With data parallelism, all-reduce `load` first.)"""
-    for module in model.modules():
-        if isinstance(module, MoE) and not module.gate.hashed and module.load is not None:
-            module.gate.bias += gamma * torch.sign(module.load.mean() - module.load)
+def sequence_balance(idx_NK: torch.Tensor, scores_NE: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance statistic, before its weight alpha (eq. 17-20):  mean_b sum_i f_i P_i,
+    f_i = E / (K T) * #tokens of sequence b routed to i,  P_i = mean_t s_i / sum_j s_j. 1 when perfectly balanced
+    with uniform scores, E / K at worst. idx [N, K], scores [N, E] fp32, N = batch * T -> scalar fp32."""
+    E, K = scores_NE.shape[-1], idx_NK.shape[-1]
+    idx_BTK, s_BTE = idx_NK.view(batch, -1, K), scores_NE.view(batch, -1, E)
+    T = s_BTE.shape[1]
+    hits_BE = torch.zeros(batch, E, device=idx_NK.device).scatter_add_(
+        1, idx_BTK.flatten(1), torch.ones(batch, T * K, device=idx_NK.device))
+    f_BE = hits_BE * E / (K * T)
+    p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()

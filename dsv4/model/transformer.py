@@ -6,9 +6,10 @@
     logits = head(norm(hc_head(h)))
     MTP j:  h' = block(e_proj(enorm(embed(t_{i+1+j}))) + h_proj(hnorm(h_i)))  -> its own hc_head + norm -> shared head
 
-The model is pure and single-device: `forward` reads whole sequences; `step` continues sequences from a
-`dsv4.model.cache.KVCache` it is handed (the engine owns the cache, the scheduling and the sampling); sharding and
-quantization act on it from outside.
+The model is pure and single-device: `forward` reads whole sequences (and, handed a `dsv4.model.stats.TrainStats`,
+reports what training needs: expert loads, balance statistics, indexer KLs); `step` continues sequences from a
+`dsv4.model.cache.KVCache` it is handed (the engine owns the cache, the scheduling and the sampling); fast paths
+(dsv4.kernels: compiled blocks, fused products), sharding and quantization act on it from outside.
 References: DeepSeek-V4 release; `transformers.DeepseekV4ForCausalLM` is the numerical reference.
 """
 
@@ -16,14 +17,14 @@ import torch
 from torch import nn
 
 from dsv4.config import ModelArgs
+from dsv4.kernels.fused import Linear
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache, LayerCache, Step
-from dsv4.kernels.fused import Linear, fuse_linear_groups
 from dsv4.model.hyper import HyperConnection, HyperHead
-from dsv4.model.indexer import Indexer
-from dsv4.model.moe import Experts, Gate, MoE
+from dsv4.model.moe import Gate, MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary
+from dsv4.model.stats import LayerStats, TrainStats
 
 # parameters the release keeps in fp32 whatever the compute dtype (hyper-connections, norms, sinks, gate bias)
 FP32_SUFFIXES = (".fn", ".base", ".scale", "attn_sink", ".ape", "norm.weight", "gate.bias")
@@ -43,15 +44,17 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(*hc)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: LayerCache | None = None, step: Step | None = None):
-        """Whole sequences (rope = this kind's (cos, sin)), or with `cache` and `step` one incremental step."""
+                cache: LayerCache | None = None, step: Step | None = None,
+                stats: LayerStats | None = None) -> torch.Tensor:
+        """Streams h [B, S, n, D] fp32 -> new streams: whole sequences (rope = this kind's (cos, sin); training passes
+        `stats` for the block to report into), or with `cache` and `step` one incremental step."""
         dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
         x, post, comb = self.hc_attn(h)
         a = self.attn_norm(x).to(dtype)
-        a = self.attn(a, rope) if cache is None else self.attn.step(a, cache, step)
+        a = self.attn(a, rope, stats) if cache is None else self.attn.step(a, cache, step)
         h = self.hc_attn.post(a, h, post, comb)
         x, post, comb = self.hc_ffn(h)
-        return self.hc_ffn.post(self.ffn(self.ffn_norm(x).to(dtype), ids), h, post, comb)
+        return self.hc_ffn.post(self.ffn(self.ffn_norm(x).to(dtype), ids, stats), h, post, comb)
 
 
 class MTPBlock(Block):
@@ -67,11 +70,12 @@ class MTPBlock(Block):
         self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: LayerCache | None = None, step: Step | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, step: Step | None = None,
+                stats: LayerStats | None = None) -> torch.Tensor:
         """h [B, S, n, D] streams at position i, emb [B, S, D] embedding of token i+1 -> new streams."""
         dtype = self.e_proj.weight.dtype
         x = self.e_proj(self.enorm(emb).to(dtype)).unsqueeze(2) + self.h_proj(self.hnorm(h).to(dtype))
-        return super().forward(x.float(), None, rope, cache, step)
+        return super().forward(x.float(), None, rope, cache, step, stats)
 
 
 class Transformer(nn.Module):
@@ -88,7 +92,6 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + j) for j in range(args.n_mtp_layers))
         self.rope_swa = Rotary(args, args.rope_theta, yarn=False)
         self.rope_compress = Rotary(args, args.compress_rope_theta, yarn=True)
-        self.blocks_compiled = False  # set by compile_blocks()
 
     # --- initialisation and dtype ---
     @torch.no_grad()
@@ -131,7 +134,7 @@ class Transformer(nn.Module):
         if input_ids.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {self.args.max_seq_len}")
 
-    def forward_streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward_streams(self, input_ids: torch.Tensor, stats: TrainStats | None = None) -> tuple[torch.Tensor, dict]:
         """-> (final residual streams [B, S, n, D] before hc_head, rope tables by layer kind)."""
         self.check_ids(input_ids)
         S = input_ids.shape[1]
@@ -141,7 +144,7 @@ class Transformer(nn.Module):
         # fp32 streams; materialised, since batched matmuls over a stride-0 stream dim fall back to per-token copies
         h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for layer in self.layers:
-            h = layer(h, input_ids, ropes[layer.kind])
+            h = layer(h, input_ids, ropes[layer.kind], stats=None if stats is None else stats.layer(layer.layer_id))
         return h, ropes
 
     def hidden(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
@@ -152,11 +155,13 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
         return self.head(self.hidden(h, hc_head, norm))
 
-    def forward(self, input_ids: torch.Tensor, mtp: bool = False, hidden: bool = False):
-        """input_ids [B, S] -> logits [B, S, V] (in the head's dtype). With mtp=True also a list, one per MTP module j, of
-        logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j.
-        hidden=True returns the head's inputs [B, S, D] in place of logits (for a loss fused with the head)."""
-        h, ropes = self.forward_streams(input_ids)
+    def forward(self, input_ids: torch.Tensor, mtp: bool = False, hidden: bool = False,
+                stats: TrainStats | None = None):
+        """input_ids [B, S] -> logits [B, S, V] (in the head's dtype). With mtp=True also a list, one per MTP module j,
+        of logits [B, S-1-j, V] where row i predicts token i+2+j from the streams at i and token i+1+j.
+        hidden=True returns the head's inputs [B, S, D] in place of logits (for a loss fused with the head).
+        stats: training's statistics, filled in per block (see dsv4.model.stats); None for the plain forward."""
+        h, ropes = self.forward_streams(input_ids, stats)
         out = self.hidden if hidden else self.logits
         main = out(h)
         if not mtp:
@@ -167,7 +172,8 @@ class Transformer(nn.Module):
             if n <= 0:
                 outs.append(main.new_zeros(input_ids.shape[0], 0, main.shape[-1]))
                 continue
-            h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind])
+            h = block(h[:, :n], self.embed(input_ids[:, 1 + j: 1 + j + n]), ropes[block.kind],
+                      stats=None if stats is None else stats.layer(block.layer_id))
             outs.append(out(h, block.hc_head, block.norm))
         return main, outs
 
@@ -207,56 +213,6 @@ class Transformer(nn.Module):
         that follow them [B, width] -> the module's streams (its logits predict the token after `next_ids`)."""
         block = self.mtp[0]
         return block(h, self.embed(next_ids), None, cache.mtp[0], step)
-
-    def fuse_projections(self) -> "Transformer":
-        """Run the linear layers that share an input as one product each in `step` and the shared expert (an
-        inference speed-up: fewer, larger matrix products; see dsv4.kernels.fused). Call once the model has its final
-        device and dtype. Returns self."""
-        return fuse_linear_groups(self)
-
-    def compile_hot_paths(self, **options) -> "Transformer":
-        """Opt-in fast path: torch.compile the element-wise-heavy pieces (mHC mixing and Sinkhorn, the attention
-        core, SwiGLU) so their chains of small ops fuse into a few kernels. The code compiled is the eager code
-        (tests compare the two); matmuls are unchanged. Needs a C++ compiler on CPU; the first forward per shape
-        compiles (seconds). Returns self."""
-        options.setdefault("dynamic", False)
-        for module in self.modules():
-            if isinstance(module, HyperConnection):
-                module.forward = torch.compile(module.forward, **options)
-                module.post = torch.compile(module.post, **options)
-            elif isinstance(module, Attention):
-                module.attend = torch.compile(module.attend, **options)
-            elif isinstance(module, Experts):
-                module.act = torch.compile(module.act, **options)
-        return self
-
-    def compile_scan(self, **options) -> "Transformer":
-        """Opt-in fast path for long contexts: every lightning indexer scores its long-context scan blocks through one
-        torch.compile'd function (dsv4.model.indexer.scan_block: a few fixed block shapes, compiled at the first long
-        prefill, then cached on disk). Same code as eager (tests compare the selections). Returns self."""
-        for module in self.modules():
-            if isinstance(module, Indexer):
-                module.compile_scan(**options)
-        return self
-
-    def compile_blocks(self, **options) -> "Transformer":
-        """Opt-in fast path for training: torch.compile every block (main and MTP) whole, so the element-wise work
-        around the matmuls (hyper-connections, norms, RoPE, routing, attention core) fuses in the forward and the
-        backward. The first step per block variant compiles (a minute or two for `small` on 2 CPU cores; cached on
-        disk by inductor after that); layer kinds, hash routing and the indexer's training stage are the variants.
-        The head's input (`hidden`) compiles too, and `dsv4.train.loss.training_loss` compiles its fused head + soft-max
-        when `blocks_compiled` is set.
-        Same code as eager (tests compare losses and gradients). Returns self."""
-        import torch._dynamo.config as dynamo_config
-
-        options.setdefault("dynamic", False)
-        variants = 4 * (len(self.layers) + len(self.mtp))  # blocks x indexer stages x train/eval, generously
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, variants)
-        for block in [*self.layers, *self.mtp]:
-            block.forward = torch.compile(block.forward, **options)
-        self.hidden = torch.compile(self.hidden, **options)  # the streams' collapse and final norm
-        self.blocks_compiled = True
-        return self
 
 
 def stable_hash(name: str) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+
 from dsv4.engine.engine import Engine
 
 log = logging.getLogger("dsv4.serve")
@@ -37,7 +38,7 @@ class EngineRunner:
         self._live: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self.step_seconds = 0.0  # time spent in engine steps (for /metrics)
 
-    def start(self) -> "EngineRunner":
+    def start(self) -> EngineRunner:
         """Drive the engine from a thread of its own (what tests and embedders use; see `run` for the CLI)."""
         self._thread.start()
         return self

@@ -1,9 +1,10 @@
 """Tool calls and thinking in the chat format: how tools and earlier calls are written into the prompt, and how the
 model's output text is split into reasoning, answer and tool calls.
 
-DeepSeek's markup (V3.1 and later) for a turn that calls tools:
+DeepSeek's markup (V3.1 and later) for a turn that calls tools (one line in the output, wrapped here):
 
-    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{"json": "arguments"}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{"json": "arguments"}<｜tool▁call▁end｜>...
+    <｜tool▁calls▁end｜>
 
 and for the results fed back: <｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>. With thinking on, the generation
 prompt ends in `<think>\\n` and the model writes its reasoning up to `</think>`.

@@ -185,7 +185,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
         if use_compile and trainer.step < stage.steps:
-            model.compile_blocks()
+            trainer.compile()
         if progress:
             n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
             print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "

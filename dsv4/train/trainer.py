@@ -3,7 +3,7 @@
 One optimizer step = `grad_accum` micro-batches of `batch_size` x `seq_len` tokens:
     set_lr(step) -> for each micro-batch: training_loss / grad_accum -> backward -> (mixed precision: add the bf16
     grads into fp32 master grads) -> clip -> optimizer step on the masters -> copy masters into the compute weights ->
-    aux-loss-free bias update from the micro-batches' summed expert load
+    aux-loss-free bias update from the micro-batches' summed expert load (reported by the forward: TrainStats)
 Batch k of a stage depends only on (seed, k), and a snapshot holds everything else that changes (weights, optimizer
 moments, routing biases, RNG), so `--resume` after a kill continues with exactly the losses of an uninterrupted run.
 """
@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from dsv4.atomic import atomic_text
-from dsv4.model.attention import Attention
-from dsv4.model.moe import update_balance_bias
+from dsv4.kernels.compile import compile_blocks
+from dsv4.model.moe import Gate
+from dsv4.model.stats import TrainStats
 from dsv4.model.transformer import Transformer
 from dsv4.train.config import StageConfig
 from dsv4.train.loss import cross_entropy, training_loss
@@ -32,6 +33,16 @@ from dsv4.train.precision import MixedPrecision
 from dsv4.train.snapshot import load_latest, save_snapshot, set_rng_state
 
 Batch = tuple[torch.Tensor, ...]  # (ids, targets) or (ids, targets, mask), each [B, T]
+
+
+@torch.no_grad()
+def update_balance_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): after each step, raise the selection bias of the experts that
+    received fewer than the mean number of tokens by gamma and lower the others' by gamma. load [E]: the layer's
+    assignments summed over the step's micro-batches (with data parallelism, all-reduced first). Hash-routed layers
+    have no bias."""
+    if not gate.hashed:
+        gate.bias += gamma * torch.sign(load.mean() - load)
 
 
 class Trainer:
@@ -44,17 +55,24 @@ class Trainer:
         self.batches, self.val, self.meta, self.progress, self.desc = batches, val, meta or {}, progress, desc
         self.device = next(model.parameters()).device
         self.mp = MixedPrecision(model, dtype)
-        ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # Muon's Newton-Schulz is robust in bf16
+        # Muon's Newton-Schulz is robust in bf16
+        ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          ns_dtype=ns_dtype, master=self.mp.master)
         self.params = [self.mp.master(p) for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         blocks = [*model.layers, *model.mtp]
         self.moes, self.moe_layers = [b.ffn for b in blocks], [b.layer_id for b in blocks]
-        self.attns = [m for m in model.modules() if isinstance(m, Attention) and m.indexer is not None]
-        for m in self.moes:
-            m.aux_alpha = cfg.aux_alpha
+        self.compiled = False  # set by compile()
+        self.stage: str | None = None  # the lightning indexer's training stage in the last step (indexer_stage)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0
+
+    def compile(self) -> Trainer:
+        """torch.compile the training step's model parts: every block whole (dsv4.kernels.compile.compile_blocks) and
+        the fused head's chunks. The first steps compile (cached on disk afterwards). Returns self."""
+        compile_blocks(self.model)
+        self.compiled = True
+        return self
 
     # -- state --
     def resume(self) -> bool:
@@ -94,18 +112,17 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     # -- steps --
-    def _set_indexer_stage(self):
-        stage = "dense" if self.step < self.cfg.indexer_warmup else "sparse"
+    def indexer_stage(self) -> str | None:
+        """The lightning indexer's training stage at this step (see dsv4.model.stats.TrainStats)."""
         if self.cfg.indexer_weight == 0:  # indexer not trained: attention runs exactly as at inference
-            stage = None
-        for a in self.attns:
-            a.indexer_train = stage
+            return None
+        return "dense" if self.step < self.cfg.indexer_warmup else "sparse"
 
     def train_step(self, micro: Iterator[Batch]) -> tuple[dict, list[torch.Tensor]]:
         """One optimizer step over grad_accum micro-batches -> (metrics row, summed expert load per MoE layer)."""
         cfg = self.cfg
         self.model.train()
-        self._set_indexer_stage()
+        self.stage = stage = self.indexer_stage()
         lr_mult = set_lr(self.optimizer, self.step, cfg.warmup, cfg.steps, cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
@@ -113,26 +130,28 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = [t.to(self.device, non_blocking=True) for t in next(micro)]
             ids, targets, mask = batch[0], batch[1], batch[2] if len(batch) > 2 else None
+            stats = TrainStats(indexer=stage, balance=cfg.aux_alpha > 0)
             loss, metrics = training_loss(self.model, ids, targets, mask, mtp_weight=cfg.mtp_weight,
-                                          indexer_weight=cfg.indexer_weight)
+                                          indexer_weight=cfg.indexer_weight, aux_alpha=cfg.aux_alpha, stats=stats,
+                                          compiled=self.compiled)
             (loss / cfg.grad_accum).backward()
             self.mp.accumulate()
             metrics["loss"] = loss.item()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-            for acc, m in zip(load, self.moes):
-                if m.load is not None:
-                    acc += m.load
+            loads = stats.collect("load")
+            for acc, layer_id in zip(load, self.moe_layers):
+                if layer_id in loads:  # (MTP layers run only with an MTP loss)
+                    acc += loads[layer_id]
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"{self.desc}: loss is {totals['loss']} at step {self.step}; lower --lr or "
                                      "resume from the last snapshot")
         grad_norm = clip_grad_norm(self.params, cfg.clip)
         self.optimizer.step()
         self.mp.sync()
-        for acc, m in zip(load, self.moes):
-            m.load = acc
         if cfg.balance_gamma > 0:
-            update_balance_bias(self.model, cfg.balance_gamma)
+            for m, acc in zip(self.moes, load):
+                update_balance_bias(m.gate, acc, cfg.balance_gamma)
         self.step += 1
         row = {"step": self.step, **totals, "grad_norm": grad_norm,
                "lr": lr_mult * self.optimizer.param_groups[0]["base_lr"]}
@@ -140,14 +159,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss (CE, mask-aware) on the fixed validation batches, in inference mode."""
+        """Mean loss (CE, mask-aware) on the fixed validation batches, without gradients, with the attention the last
+        training step ran (during the indexer's dense warm-up the compressed-sparse layers attend to every visible
+        entry, as the model being trained does then)."""
         self.model.eval()
         losses = []
         with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile an eval variant for this
             for batch in self.val:
                 batch = [t.to(self.device) for t in batch]
                 mask = batch[2] if len(batch) > 2 else None
-                losses.append(cross_entropy(self.model(batch[0]), batch[1], mask).item())
+                logits = self.model(batch[0], stats=TrainStats(indexer=self.stage))
+                losses.append(cross_entropy(logits, batch[1], mask).item())
         self.model.train()
         return sum(losses) / max(len(losses), 1)
 

@@ -345,3 +345,20 @@ def format_table(info: dict, title: str = "") -> str:
                       f"{human(ck['elements'])} elements, {human_bytes(ck['bytes'])} "
                       f"({', '.join(f'{k} {human_bytes(v)}' for k, v in ck['dtypes'].items())})"]
     return "\n".join(lines)
+
+
+# --- `dsv4 info` ---
+def describe(preset: str | None = None, ckpt: str | os.PathLike | None = None, contexts=CONTEXTS,
+             cache_dtype: str | torch.dtype = "bf16", as_json: bool = False) -> str:
+    """The report on a named preset or a checkpoint directory's config.json (plus its stored tensors), as the table
+    `dsv4 info` prints or as JSON."""
+    from dsv4.device import resolve_dtype
+    from dsv4.weights.checkpoint import read_config
+
+    if (preset is None) == (ckpt is None):
+        raise ValueError("give a preset or a checkpoint directory")
+    args, title = (ModelArgs.from_name(preset), preset) if preset else (read_config(ckpt)[0], ckpt)
+    report = {"name": title, **model_info(args, contexts=contexts, cache_dtype=resolve_dtype(cache_dtype))}
+    if ckpt:
+        report["checkpoint"] = {"path": ckpt, **checkpoint_tensors(ckpt)}
+    return json.dumps(report, indent=2) if as_json else format_table(report, title)

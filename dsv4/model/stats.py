@@ -1,0 +1,51 @@
+"""What a training forward reports, for the loss and the trainer to use: the model itself keeps none of it.
+
+    load_l       [E] assignments per routed expert in MoE layer l            -> the aux-loss-free bias update
+    balance_l    mean over sequences of  sum_i f_i P_i,  f_i = E / (K T) * #tokens of the sequence routed to i,
+                 P_i = mean_t s_i / sum_j s_j     (DeepSeek-V3's sequence-wise balance loss, before its weight alpha)
+    indexer_kl_l mean over queries of KL(main attention || lightning indexer) on compressed-sparse layer l (V3.2)
+
+The caller makes one `TrainStats` per forward, `model(ids, stats=stats)`, and reads its `layers` afterwards; each
+block fills in its own `LayerStats` (a fresh object per call, so a compiled block sees the same types every step and
+writes its results as graph outputs). The weights (alpha, the indexer's) belong to the loss (dsv4.train.loss), the
+bias update to the trainer.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """One block's report. The first two fields are what it is asked for (copied from `TrainStats`)."""
+    indexer: str | None = None
+    balance: bool = False
+    load: torch.Tensor | None = None  # [E] fp32 (every MoE layer, hash-routed ones included)
+    seq_balance: torch.Tensor | None = None  # scalar fp32, only when `balance`
+    indexer_kl: torch.Tensor | None = None  # scalar fp32, compressed-sparse layers in an indexer training stage
+
+
+@dataclass
+class TrainStats:
+    """indexer: the lightning indexer's training stage. None: not trained, attention runs exactly as at inference;
+    "dense" (warm-up): compressed-sparse layers attend to every visible entry and the indexer learns the main
+    attention's distribution through the KL; "sparse": top-k attention, KL on the selected entries. In both stages
+    the indexer's input is detached, so it learns from the KL alone and the LM loss never reaches it.
+    balance: also compute the sequence-wise balance statistic (when the loss weighs it)."""
+    indexer: str | None = None
+    balance: bool = False
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.indexer not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer stage must be None, 'dense' or 'sparse', got {self.indexer!r}")
+
+    def layer(self, layer_id: int) -> LayerStats:
+        """A fresh report for block `layer_id` (main blocks 0.., then the MTP blocks)."""
+        self.layers[layer_id] = LayerStats(self.indexer, self.balance)
+        return self.layers[layer_id]
+
+    def collect(self, name: str) -> dict[int, torch.Tensor]:
+        """{layer id: tensor} of one field ("load", "seq_balance", "indexer_kl") over the layers that reported it."""
+        return {i: getattr(s, name) for i, s in self.layers.items() if getattr(s, name) is not None}
