@@ -1,6 +1,6 @@
 """dsv4: an open, hackable PyTorch implementation of DeepSeek-V4."""
 
-from dsv4.config import ModelArgs, PRESETS
+from dsv4.config import PRESETS, ModelArgs
 from dsv4.model.transformer import Transformer
 
 __all__ = ["ModelArgs", "PRESETS", "Transformer", "from_pretrained", "save_pretrained"]

@@ -132,7 +132,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
+    def from_dict(cls, d: dict) -> ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -140,14 +140,14 @@ class ModelArgs:
         return cls(**d)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     # --- transformers' DeepseekV4Config <-> ModelArgs ---
     @classmethod
-    def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelArgs":
+    def from_hf_config(cls, config: dict | str | os.PathLike) -> ModelArgs:
         """Read a transformers `config.json` (dict, file, or checkpoint directory)."""
         if not isinstance(config, dict):
             path = os.fspath(config)

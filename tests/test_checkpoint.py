@@ -12,10 +12,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv4 import save_pretrained
-from dsv4 import ModelArgs, Transformer
-from dsv4.weights.checkpoint import (INDEX_FILE, Target, detect_layout, export, from_pretrained, load_state_dict, resolve,
-                             save_pretrained, to_layout_name)
+from dsv4 import ModelArgs, Transformer, save_pretrained
+from dsv4.weights.checkpoint import (
+    INDEX_FILE,
+    Target,
+    detect_layout,
+    export,
+    from_pretrained,
+    load_state_dict,
+    resolve,
+    save_pretrained,
+    to_layout_name,
+)
 from tests.helpers import random_model, tiny_args
 from tests.test_quant import ref_dequant_fp4, ref_dequant_fp8
 
@@ -288,7 +296,8 @@ def test_hf_layout_fp8_with_weight_scale_inv(tmp_path):
         q, s = fp8_blocks(tensors[name], 16, 16, e8m0=False)
         tensors[name], tensors[name + "_scale_inv"] = q, s
         expected[ours] = ref_dequant_fp8(q, s, 16, 16)
-    config = {**model.args.to_hf_config(), "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    quantization = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    config = {**model.args.to_hf_config(), "quantization_config": quantization}
     write_checkpoint(tmp_path, tensors, config)
     assert_same_state(from_pretrained(tmp_path), expected)
 

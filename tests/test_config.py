@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsv4.config import PRESETS, ModelArgs
 from dsv4.model.rope import rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding  # noqa: E402
-
 
 # the fields the error cases below are written against, pinned (presets may change)
 BASE = dict(n_layers=4, n_mtp_layers=1, compress_ratios=[0, 4, 16, 4, 0], csa_ratio=4, hca_ratio=16, n_heads=4,

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4.data.corpus import (PackedDataset, SFTDataset, docstring_pairs, load_corpus, load_tokens, split_by_key,
-                       stdlib_files, tokenize_corpus)
+from dsv4.data.corpus import (
+    PackedDataset,
+    SFTDataset,
+    docstring_pairs,
+    load_corpus,
+    load_tokens,
+    split_by_key,
+    stdlib_files,
+    tokenize_corpus,
+)
 from dsv4.tokenizers.text import EOS, Tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

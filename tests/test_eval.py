@@ -81,7 +81,7 @@ def test_sandbox_network_namespace_has_only_loopback():
 
 def test_sandbox_files_stay_in_its_temporary_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = "import os\nopen('pwned.txt', 'w').write('x')\nassert os.getcwd() != {cwd!r}".format(cwd=str(tmp_path))
+    code = f"import os\nopen('pwned.txt', 'w').write('x')\nassert os.getcwd() != {str(tmp_path)!r}"
     assert run_program(code, FAST).passed
     assert os.listdir(tmp_path) == []
     r = run_program("open('big.bin', 'wb').write(b'x' * (64 << 20))", Limits(file_bytes=1 << 20))
@@ -212,7 +212,7 @@ def test_bigram_model_as_logits_fn_equals_bigram_bpb():
         vv, ww = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)
         table = B.bigram_prob(train, V, vv, ww, method).view(V, V)
         assert torch.allclose(table.sum(-1), torch.ones(V, dtype=torch.double))   # each P(. | v) is normalized
-        via_model = B.bits_per_byte(lambda ids: table.log()[ids], val, lengths, seq_len=33)
+        via_model = B.bits_per_byte(lambda ids, table=table: table.log()[ids], val, lengths, seq_len=33)
         direct = B.bigram_bpb(train, val, lengths, V, method)
         assert via_model.bpb == pytest.approx(direct.bpb, rel=1e-6) and via_model.bytes == direct.bytes
 

@@ -113,8 +113,8 @@ def test_checkpoint_tensors(tmp_path):
 
 
 def test_engine_cache_bytes_are_the_real_allocation():
-    from dsv4.weights.info import engine_cache_bytes
     from dsv4.model.cache import KVCache
+    from dsv4.weights.info import engine_cache_bytes
 
     args = ModelArgs.from_name("tiny")
     real = KVCache(args, slots=2, max_len=1000, dtype=torch.bfloat16)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dsv4.weights.checkpoint import from_pretrained
-from dsv4.eval.niah import needle_in_a_haystack, retrieved, write_report
-from dsv4.train.plots import read_metrics
 from dsv4.data.tasks import KINDS, LongContextMix, TaskGenerator
+from dsv4.eval.niah import needle_in_a_haystack, retrieved, write_report
 from dsv4.train.config import StageConfig, TrainConfig
 from dsv4.train.pipeline import run
+from dsv4.train.plots import read_metrics
+from dsv4.weights.checkpoint import from_pretrained
 from tests.helpers import random_model
 from tests.test_data import FEW
 from tests.test_engine import tok  # noqa: F401  (a fixture)

@@ -7,7 +7,7 @@
     cancel(id)                             leaves at the next step; its slot is free at once
     generate(prompts) / stream(prompt)     drive `step` until done
 
-The engine fuses the model's projections that share an input (`Transformer.fuse_projections`: the weights become
+The engine fuses the model's projections that share an input (`dsv4.kernels.fused.prepare_decode`: the weights become
 views of one block per group, nothing is copied). Every running request owns one slot of a preallocated `KVCache`; a
 finished or cancelled request gives its slot back immediately and the next waiting request takes it (continuous
 batching). Each request samples with its own settings and random stream (dsv4.engine.sampling), stops on its own stop
@@ -55,7 +55,8 @@ class Engine:
             raise ValueError("speculative decoding needs a model with an MTP module (n_mtp_layers >= 1)")
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
-        from dsv4.kernels.compile import allow_recompiles, compile_scan as compile_indexer_scan
+        from dsv4.kernels.compile import allow_recompiles
+        from dsv4.kernels.compile import compile_scan as compile_indexer_scan
         from dsv4.kernels.fused import prepare_decode
 
         # projections that share an input fused into one product each; on a CPU, the decode products (fused loops)

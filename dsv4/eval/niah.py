@@ -1,7 +1,7 @@
 """Needle in a haystack: pass-key retrieval accuracy over context lengths and needle depths, as JSON and a heat map.
 
-For every (length, depth) cell, `samples` pass-key prompts (dsv4.data.tasks: the key sentence at that depth of a haystack
-of held-out text, the question at the end) are continued greedily by the inference engine; a sample counts as
+For every (length, depth) cell, `samples` pass-key prompts (dsv4.data.tasks: the key sentence at that depth of a
+haystack of held-out text, the question at the end) are continued greedily by the inference engine; a sample counts as
 retrieved when the first number of the continuation is the key (so " 48213." counts, " 482139" does not). Prompts
 run one at a time through one engine whose cache holds the longest length (the prefill is the engine's chunked,
 bounded-memory path).

@@ -49,7 +49,8 @@ NUMBER_COUNT = 1000  # how often each group is shown to the BPE trainer: far abo
 def special_tokens(n_vis: int = 64) -> list[str]:
     """Our special tokens in id order (they take ids 0..len-1); the visual-code slots come last so a later, larger
     visual codebook can take its own range after the BPE vocabulary without renumbering anything here."""
-    return [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, BOI, EOI, BOV, EOV] + [f"<｜vis_{i}｜>" for i in range(n_vis)]
+    visual = [f"<｜vis_{i}｜>" for i in range(n_vis)]
+    return [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, BOI, EOI, BOV, EOV] + visual
 
 
 @cache

@@ -167,5 +167,5 @@ def load_latest(run_dir: str | os.PathLike) -> dict | None:
         try:
             return load_snapshot(path)
         except ValueError as e:
-            warnings.warn(f"{e}; falling back to the previous snapshot")
+            warnings.warn(f"{e}; falling back to the previous snapshot", stacklevel=2)
     return None

@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv4.weights import quant
-from dsv4.weights.names import LAYOUTS, Target, scale_owner, detect_layout, resolve, to_layout_name
 from dsv4.config import ModelArgs
+from dsv4.weights import quant
+from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -282,7 +282,7 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         args, raw = read_config(path)
         if args.n_mtp_layers and not any(n.removeprefix("model.").startswith("mtp.") for n in _scan(path)):
             warnings.warn(f"{path} holds no MTP weights (transformers does not save them); loading without the "
-                          f"{args.n_mtp_layers} MTP module(s)")
+                          f"{args.n_mtp_layers} MTP module(s)", stacklevel=2)
             args = ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
                                         "compress_ratios": args.compress_ratios[: args.n_layers]})
     else:

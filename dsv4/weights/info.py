@@ -49,10 +49,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsv4.model.cache import bytes_per_token
-
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
+from dsv4.model.cache import bytes_per_token
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import Experts, Gate
 from dsv4.model.norm import RMSNorm
