@@ -15,6 +15,11 @@ PARITY_CONFIGS = {
 }
 
 
+# for tests that torch.compile a model: 3 Sinkhorn iterations instead of 20 build the same graphs with a fraction of
+# the unrolled kernels to generate and compile (cold, the compile tests take a third less time)
+FEW_SINKHORN = dict(hc_sinkhorn_iters=3)
+
+
 def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs.from_name("tiny", **overrides)
 

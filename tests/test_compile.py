@@ -13,7 +13,7 @@ from dsv4.kernels.compile import allow_recompiles, compile_blocks, compile_hot_p
 from dsv4.model.indexer import Indexer, scan_block
 from dsv4.model.stats import TrainStats
 from dsv4.train.loss import training_loss
-from tests.helpers import random_ids, random_model
+from tests.helpers import FEW_SINKHORN, random_ids, random_model
 
 
 def test_allow_recompiles_only_raises_the_limit():
@@ -55,7 +55,7 @@ def test_compiled_blocks_report_what_eager_blocks_report_without_recompiling():
     ids = random_ids(random_model().args, 2, 65)
     results = []
     for compile_it in (False, True):
-        model = random_model(seed=5).train()
+        model = random_model(seed=5, **FEW_SINKHORN).train()
         if compile_it:
             compile_blocks(model)
         counters.clear()

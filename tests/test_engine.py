@@ -8,7 +8,7 @@ from dsv4 import save_pretrained
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams, speculative_verify
 from dsv4.tokenizers.text import Tokenizer
-from tests.helpers import random_model
+from tests.helpers import FEW_SINKHORN, random_model
 from tests.test_data import FEW
 
 PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n    def __init__(self):\n        self.x = 1\n" * 3,
@@ -67,10 +67,12 @@ def test_batched_greedy_equals_alone(model, tok, alone, speculative):
 
 
 @pytest.mark.slow
-def test_compiled_engine_equals_eager(model, tok):
+def test_compiled_engine_equals_eager(tok):
     """compile=True runs different products (one-row loops, fused contractions, experts read in place: see
     dsv4.kernels.fused): plain decoding (width 1) and speculation (width-2 verify steps, MTP drafts) give the eager
     engine's tokens and log-probabilities. (Batch 1 only: each batch size is another compile, ~30 s cold.)"""
+    model = random_model(0, **FEW_SINKHORN)
+
     def run(compile, speculative, prompts):
         engine = Engine(model, tok, max_batch=1, prefill_chunk=16, speculative=speculative, compile=compile)
         return engine.generate(prompts, GREEDY, max_new_tokens=10, logprobs=0, ignore_eos=True)

@@ -22,7 +22,7 @@ from dsv4.train.pipeline import build_model, run
 from dsv4.train.plots import read_metrics
 from dsv4.train.precision import MixedPrecision
 from dsv4.train.trainer import Trainer
-from tests.helpers import random_model
+from tests.helpers import FEW_SINKHORN, random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -235,7 +235,7 @@ def test_compiled_blocks_train_like_eager():
 
     results = []
     for compiled in (False, True):
-        model = random_model(seed=4).train()
+        model = random_model(seed=4, **FEW_SINKHORN).train()
         if compiled:
             compile_blocks(model)
         ids = torch.randint(0, model.args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
