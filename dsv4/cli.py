@@ -323,12 +323,17 @@ def run_serve(opts) -> int:
 COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in plain PyTorch")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def parser() -> argparse.ArgumentParser:
+    """The `dsv4` command line: one sub-command per entry of COMMANDS, each naming the function that runs it."""
+    p = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in plain PyTorch")
+    subparsers = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
-    opts = parser.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
     tune_cpu_allocator()  # process-wide, so here at the entry point and never inside the library
     try:
         return opts.run(opts)

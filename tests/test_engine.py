@@ -271,10 +271,8 @@ def test_cli_chat_keeps_history_and_resets(ckpt, tok, model, capsys, monkeypatch
         return line
 
     monkeypatch.setattr(Engine, "stream", spy)
-    opts = cli.main.__globals__["argparse"].Namespace(
-        ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        seed=None, stop=[], speculative=True, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
-        compile=False, context_dir=None)
+    opts = cli.parser().parse_args(["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0",
+                                    "--speculative", "--dtype", "fp32"])
     assert cli.run_chat(opts, read=read) == 0
     out = capsys.readouterr().out
     assert out.count("dsv4> ") == 3
@@ -306,10 +304,8 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch
         return Stream()
 
     monkeypatch.setattr(Engine, "stream", interrupted)
-    opts = cli.main.__globals__["argparse"].Namespace(
-        ckpt=str(ckpt), max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
-        seed=None, stop=[], speculative=False, max_len=None, device=None, dtype="fp32", system=None, thinking=False,
-        compile=False, context_dir=None)
+    opts = cli.parser().parse_args(["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0",
+                                    "--no-speculative", "--dtype", "fp32"])
     assert cli.run_chat(opts, read=lambda _: next(lines)) == 0
     out = capsys.readouterr().out
     assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question

@@ -17,7 +17,7 @@ class StageConfig:
     """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are the one-command run's
     pretraining of `small` (100 steps x 4096 tokens: 14 minutes on a 2-core CPU with bf16 matmuls, 3 of them
     compiling); `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what a short sweep
-    picked (README, "The one-command training run")."""
+    picked (docs/NOTES.md, "The one-command training run")."""
     steps: int = 100
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
