@@ -229,6 +229,52 @@ def test_bigram_baseline_beats_uniform_on_repetitive_stream():
     assert B.bigram_bpb(train, val, ones, V).bpb < B.bigram_bpb(train, val, ones, V, "add_one").bpb
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_kneser_ney_ngram_of_order_2_is_the_bigram(seed):
+    g = torch.Generator().manual_seed(seed)
+    V = 30
+    train, val = torch.randint(0, V, (4000,), generator=g) % (7 + seed), torch.randint(0, V, (600,), generator=g)
+    lengths = torch.randint(0, 4, (V,), generator=g)
+    v, w = torch.randint(0, V, (500,), generator=g), torch.randint(0, V, (500,), generator=g)
+    torch.testing.assert_close(B.ngram_prob(train, V, v[:, None], w, order=2), B.bigram_prob(train, V, v, w))
+    assert B.ngram_bpb(train, val, lengths, V, order=2).bpb == pytest.approx(B.bigram_bpb(train, val, lengths, V).bpb)
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_kneser_ney_ngram_distributions_are_normalised(order):
+    """P(. | h) sums to 1 for contexts seen in training, unseen ones and ones cut by the stream's start (-1)."""
+    g = torch.Generator().manual_seed(order)
+    V = 12
+    train = torch.randint(0, V, (3000,), generator=g) % 5  # tokens 5..11 never occur
+    seen = train[:order - 1 + 40].unfold(0, order - 1, 1)[:40]
+    unseen = torch.randint(0, V, (20, order - 1), generator=g)
+    cut = torch.randint(0, V, (10, order - 1), generator=g)
+    cut[:, : order - 2] = -1
+    contexts = torch.cat([seen, unseen, cut])
+    p = B.ngram_prob(train, V, contexts.repeat_interleave(V, 0), torch.arange(V).repeat(len(contexts)), order)
+    assert (p > 0).all()
+    torch.testing.assert_close(p.view(-1, V).sum(-1), torch.ones(len(contexts), dtype=torch.double))
+
+
+def test_higher_order_ngram_counts_phrases_the_bigram_cannot():
+    """A stream whose next token is fixed by the two before it (and not by one): the trigram nearly knows it, the
+    bigram does not; the 4-gram does no worse than the trigram."""
+    g = torch.Generator().manual_seed(0)
+    V = 16
+    stream = [int(t) for t in torch.randint(0, V, (2,), generator=g)]
+    for noise in torch.randint(0, V, (6000,), generator=g).tolist():
+        stream.append((stream[-1] * 3 + stream[-2] * 5) % V if len(stream) % 3 else noise)
+    stream = torch.tensor(stream)
+    train, val, ones = stream[:5000], stream[5000:], torch.ones(V)
+    bi, tri, four = (B.ngram_bpb(train, val, ones, V, order=n).bpb for n in (2, 3, 4))
+    assert tri < 0.6 * bi and four < 1.05 * tri, (bi, tri, four)
+
+
+def test_ngram_order_must_fit_the_integer_keys():
+    with pytest.raises(ValueError, match="order must be >= 2"):
+        B.ngram_prob(torch.arange(10), 70000, torch.zeros(1, 3), torch.zeros(1), order=4)
+
+
 def test_token_byte_lengths_of_byte_level_bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())

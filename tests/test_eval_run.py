@@ -30,12 +30,16 @@ def test_cli_eval_reports_bpb_and_samples(ckpt, corpus, tmp_path, capsys):  # no
             "--max-tokens", "256", "--dtype", "fp32", "--device", "cpu", "--json", str(report_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "held-out bits per byte:" in out and "bigram baseline" in out
+    assert "held-out bits per byte:" in out and "Kneser-Ney baselines: bigram" in out and "4-gram" in out
     report = json.loads(report_path.read_text())
     assert report["ckpt"] == str(ckpt) and "humaneval" not in report and "niah" not in report
     bpb = report["bpb"]
-    assert bpb["val_tokens"] <= 256 and bpb["bpb"] > 0 and bpb["bigram_bpb"] > 0 and bpb["val_files"] >= 1
+    assert bpb["val_tokens"] <= 256 and bpb["bpb"] > 0 and bpb["val_files"] >= 1
+    assert all(bpb[k] > 0 for k in ("bigram_bpb", "kn3_bpb", "kn4_bpb"))
     assert [s["mode"] for s in report["samples"]] == ["raw"] * len(ev.COMPLETION_PROMPTS) + ["chat"]
+    syntax = report["syntax"]  # the held-out files' functions, completed by an untrained model
+    assert syntax["signatures"] > 0 and 0 <= syntax["parsed"] <= syntax["ended"] <= syntax["signatures"]
+    assert all(c["signature"].startswith(("def ", "async def ")) for c in syntax["cases"]) and "syntax:" in out
     for s in report["samples"]:
         assert f"----- {s['mode']}: {s['prompt']!r}" in out
 

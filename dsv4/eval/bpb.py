@@ -8,7 +8,8 @@ bytes (special tokens: BOS/EOS, chat markers) carry no text; as in nanochat's `e
 sums, so bpb measures the text alone.
 
 `bigram_bpb` is the baseline to beat: an interpolated Kneser-Ney bigram (Chen & Goodman 1998, one discount d, no
-modified counts) or an add-one bigram, fit on train tokens and scored on the same val tokens.
+modified counts) or an add-one bigram, fit on train tokens and scored on the same val tokens. `ngram_bpb` is the
+same smoothing at any order (3 or 4: "counts phrases" where the bigram "counts pairs"); at order 2 it is the bigram.
 """
 
 import math
@@ -105,6 +106,61 @@ def bigram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Te
     """bpb on the 1-D stream `val` of the bigram model `bigram_prob` fit on the 1-D stream `train`."""
     val = val.to(torch.long)
     p = bigram_prob(train, vocab_size, val[:-1], val[1:], method, discount)
+    return _result(*_summed(-torch.log(p), val[1:], bytes_per_token.to(torch.long)))
+
+
+def _lookup(keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """values[i] where keys[i] == q (keys sorted), else 0."""
+    if not len(keys):
+        return torch.zeros(len(q), dtype=torch.double)
+    pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
+    return torch.where(keys[pos] == q, values[pos], 0).double()
+
+
+def ngram_prob(train: torch.Tensor, vocab_size: int, contexts: torch.Tensor, w: torch.Tensor, order: int,
+               discount: float = 0.75) -> torch.Tensor:
+    """P(w | context) under an interpolated Kneser-Ney n-gram of `order` fit on the 1-D stream `train`:
+
+        P_k(w | h) = max(c_k(h w) - d, 0) / c_k(h .) + d * N1+(h .) / c_k(h .) * P_{k-1}(w | h[1:])
+        P_1(w)     = (N1+(. w) + 1) / (N1+(. .) + V)
+
+    where c_k is the raw count at the highest order and the continuation count N1+(. h w) (how many distinct tokens
+    precede it) below; an unseen context h falls back to P_{k-1}. `contexts` [N, order - 1] holds the tokens before
+    each w, the last one nearest; -1 marks a position before the stream's start (those queries use a lower order).
+    n-grams are kept as sorted base-V integers (V^order must fit in int64), so memory is O(len(train))."""
+    V = vocab_size
+    if order < 2 or V ** order >= 2**63:
+        raise ValueError(f"order must be >= 2 with vocab_size ** order < 2**63, got order {order}, vocab {V}")
+    train, w = train.to(torch.long), w.to(torch.long)
+    contexts = contexts.to(torch.long).reshape(len(w), order - 1)
+    grams = {order: torch.unique((train.unfold(0, order, 1) * V ** torch.arange(order - 1, -1, -1)).sum(-1),
+                                 return_counts=True)}                          # (sorted keys, raw counts)
+    for k in range(order - 1, 0, -1):  # continuation counts: distinct tokens before each k-gram
+        grams[k] = torch.unique(grams[k + 1][0] % V**k, return_counts=True)
+    unigram_keys, preceders = grams[1]
+    p = (_lookup(unigram_keys, preceders, w) + 1) / (len(grams[2][0]) + V)
+    for k in range(2, order + 1):
+        keys, counts = grams[k]
+        h = contexts[:, order - k:]                                            # the last k - 1 tokens
+        known = (h >= 0).all(-1)
+        hq = (h.clamp(min=0) * V ** torch.arange(k - 2, -1, -1)).sum(-1)
+        prefix, first = torch.unique_consecutive(keys // V, return_counts=True)  # keys sorted: prefixes grouped
+        totals = torch.zeros(len(prefix), dtype=torch.long).index_add_(0, torch.repeat_interleave(
+            torch.arange(len(prefix)), first), counts)                         # c_k(h .)
+        c_h, followers = _lookup(prefix, totals, hq), _lookup(prefix, first, hq)
+        c_hw = _lookup(keys, counts, hq * V + w)
+        safe = c_h.clamp(min=1)
+        p_k = (c_hw - discount).clamp(min=0) / safe + discount * followers / safe * p
+        p = torch.where(known & (c_h > 0), p_k, p)
+    return p
+
+
+def ngram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Tensor, vocab_size: int,
+              order: int = 3, discount: float = 0.75) -> Bpb:
+    """bpb on the 1-D stream `val` (every token after the first is a target) of `ngram_prob` fit on `train`."""
+    val = val.to(torch.long)
+    padded = torch.cat([torch.full((order - 2,), -1, dtype=torch.long), val[:-1]])
+    p = ngram_prob(train, vocab_size, padded.unfold(0, order - 1, 1), val[1:], order, discount)
     return _result(*_summed(-torch.log(p), val[1:], bytes_per_token.to(torch.long)))
 
 

@@ -66,9 +66,10 @@ def _token_stream(docs, tok, cache: Path) -> torch.Tensor:
 
 def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max_tokens: int | None = None,
                 cache_dir: Path | None = None) -> dict:
-    """bpb of the model and of a Kneser-Ney bigram (fit on the train split) on the same held-out tokens."""
+    """bpb of the model and of interpolated Kneser-Ney n-grams of order 2, 3 and 4 (fit on the train split) on the
+    same held-out tokens: where the model stands between counting pairs and counting phrases."""
     from dsv4.data.corpus import load_corpus
-    from dsv4.eval.bpb import bigram_bpb, bits_per_byte, token_byte_lengths
+    from dsv4.eval.bpb import bigram_bpb, bits_per_byte, ngram_bpb, token_byte_lengths
 
     train_docs, val_docs = load_corpus(data, val_frac)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +82,9 @@ def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max
     device = next(model.parameters()).device
     ours = bits_per_byte(lambda ids: model(ids.to(device)), val, nbytes, seq_len)
     bigram = bigram_bpb(train, val, nbytes, tok.vocab_size)
-    return {"bpb": ours.bpb, "bigram_bpb": bigram.bpb, "val_tokens": ours.tokens, "val_bytes": ours.bytes,
+    higher = {f"kn{n}_bpb": ngram_bpb(train, val, nbytes, tok.vocab_size, order=n).bpb
+              if tok.vocab_size ** n < 2**63 else None for n in (3, 4)}  # None: a vocabulary too large for the keys
+    return {"bpb": ours.bpb, "bigram_bpb": bigram.bpb, **higher, "val_tokens": ours.tokens, "val_bytes": ours.bytes,
             "val_files": len(val_docs), "nats_per_token": ours.nats_per_token}
 
 
@@ -143,8 +146,10 @@ def settled(cfg: TrainedOn | None, data: str | None, val_frac: float | None, seq
 
 def report_bpb(model, tok, on: TrainedOn, max_tokens: int, cache: Path | None) -> dict:
     r = heldout_bpb(model, tok, on.data, on.val_frac, on.seq_len, max_tokens or None, cache)
-    print(f"held-out bits per byte: {r['bpb']:.4f}   (bigram baseline {r['bigram_bpb']:.4f}; "
-          f"{r['val_tokens']} tokens, {r['val_bytes']} bytes of {r['val_files']} files never trained on)")
+    grams = ", ".join(f"{n}-gram {r[f'kn{n}_bpb']:.4f}" for n in (3, 4) if r[f"kn{n}_bpb"] is not None)
+    print(f"held-out bits per byte: {r['bpb']:.4f}   (Kneser-Ney baselines: bigram {r['bigram_bpb']:.4f}"
+          f"{', ' + grams if grams else ''}; {r['val_tokens']} tokens, {r['val_bytes']} bytes"
+          f" of {r['val_files']} files never trained on)")
     return r
 
 
@@ -153,6 +158,18 @@ def report_samples(model, tok) -> list[dict]:
     for s in samples:
         print(f"\n----- {s['mode']}: {s['prompt']!r}\n{s['prompt'] if s['mode'] == 'raw' else ''}{s['completion']}")
     return samples
+
+
+def report_syntax(model, tok, on: TrainedOn) -> dict:
+    """Greedy bodies for held-out function signatures, checked with ast (dsv4.eval.syntax)."""
+    from dsv4.data.corpus import load_corpus, read_doc
+    from dsv4.eval.syntax import syntax_check
+
+    _, val_docs = load_corpus(on.data, on.val_frac)
+    r = syntax_check(model, tok, (read_doc(d) for d in val_docs))  # sources that do not parse are skipped
+    print(f"\nsyntax: {r['parsed']}/{r['signatures']} greedy bodies of held-out function signatures parse "
+          f"({r['ended']} ended within the token budget)")
+    return r
 
 
 def report_humaneval(model, tok, max_new_tokens: int, limit: int | None) -> dict:
@@ -216,6 +233,7 @@ def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: floa
         report["bpb"] = report_bpb(model, tok, on, max_tokens, cache)
     if samples:
         report["samples"] = report_samples(model, tok)
+        report["syntax"] = report_syntax(model, tok, on)
     if humaneval:  # (the flag; the function of that name runs in report_humaneval)
         report["humaneval"] = report_humaneval(model, tok, max_new_tokens, humaneval_limit)
     if niah:
