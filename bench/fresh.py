@@ -4,6 +4,7 @@ cache empty, each timed from outside. For `make test` the report also carries py
 tests.
 
     python bench/fresh.py --target test --json bench/results/make_test.json
+    python bench/fresh.py --target run --json bench/results/make_run.json --png bench/results/make_run_loss.png
 """
 
 import argparse
@@ -36,10 +37,40 @@ def pytest_summary(output: str) -> dict:
     return {"counts": counts, "slowest": slowest}
 
 
+def run_results(clone: str, png: str | None) -> dict:
+    """What `make run` left in the clone's runs/NAME: its eval report, pretraining's last metrics row and budget
+    decision, the fine-tuning's validation loss before and after; the pretraining loss curve copied to `png`."""
+    import glob
+    import json
+    import shutil
+
+    found = sorted(glob.glob(os.path.join(clone, "runs", "*", "eval.json")))
+    if not found:
+        return {}
+    run = os.path.dirname(found[0])
+    ev = json.load(open(found[0]))
+    rows = {s: [json.loads(x) for x in open(os.path.join(run, s, "metrics.jsonl"))]
+            for s in ("pretrain", "sft") if os.path.exists(os.path.join(run, s, "metrics.jsonl"))}
+    res = {"run": os.path.relpath(run, clone), "eval": {k: v for k, v in ev.items() if k != "ckpt"},
+           "pretrain_last": rows.get("pretrain", [{}])[-1]}
+    budget = os.path.join(run, "pretrain", "budget.json")
+    if os.path.exists(budget):
+        res["budget_decision"] = json.load(open(budget))
+    if rows.get("sft"):
+        res["sft_val_loss"] = {"before": rows["sft"][0].get("val_loss_start"), "after": rows["sft"][-1].get("val_loss")}
+    if png:
+        shutil.copy(os.path.join(run, "final", "pretrain_loss.png"), png)
+        res["png"] = png
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=("test", "run"), default="test")
     p.add_argument("--json", metavar="PATH", help="also write the report here (bench/results/NAME.json)")
+    p.add_argument("--make-var", action="append", default=[], metavar="NAME=VALUE",
+                   help="passed to make, e.g. DTYPE=fp32 (the run of a CPU without fast bf16)")
+    p.add_argument("--png", metavar="PATH", help="--target run: copy the run's pretraining loss curve here")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dsv4-fresh-") as tmp:
@@ -51,8 +82,9 @@ def main():
         install, rc, out = timed(["make", "venv"], clone, env)
         if rc:
             sys.exit(f"make venv failed:\n{out[-3000:]}")
-        target, rc, out = timed(["make", args.target], clone, env)
+        target, rc, out = timed(["make", args.target, *args.make_var], clone, env)
         report = {"benchmark": f"make {args.target} from a fresh clone, torch.compile cache empty",
+                  "make_vars": args.make_var,
                   "install_s": round(install, 1), f"make_{args.target}_s": round(target, 1),
                   "total_s": round(install + target, 1), "total_min": round((install + target) / 60, 2),
                   "exit_code": rc}
@@ -60,6 +92,7 @@ def main():
             report["pytest"] = pytest_summary(out)
         else:
             report["output_tail"] = out[-4000:]
+            report.update(run_results(clone, args.png))
     emit(report, args.json)
     sys.exit(rc)
 

@@ -69,12 +69,17 @@ def add_train(subparsers):
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or reuse it when finished)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("pretraining")
-    g.add_argument("--steps", type=int, default=pre.steps)
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {pre.steps}; fixed, for exact reproduction)")
+    g.add_argument("--time-budget", metavar="DURATION", default=None,
+                   help="instead of --steps: end the whole run in this time (10m, 90s, 1h30m), pretraining's steps "
+                        "and schedule measured to fit after its first steps on this machine")
     g.add_argument("--batch-size", type=int, default=pre.batch_size, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=pre.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--seq-len", type=int, default=pre.seq_len)
     g.add_argument("--optimizer", default=pre.optimizer, choices=("muon", "adamw"))
-    g.add_argument("--lr", type=float, default=pre.lr, help="peak learning rate (AdamW and Muon)")
+    g.add_argument("--lr", type=float, default=pre.lr, help="peak learning rate (AdamW, and Muon unless --muon-lr)")
+    g.add_argument("--muon-lr", type=float, default=pre.muon_lr, help="Muon's peak learning rate (hidden matrices)")
     g.add_argument("--weight-decay", type=float, default=pre.weight_decay)
     g.add_argument("--warmup", type=int, default=pre.warmup, help="warm-up steps")
     g.add_argument("--schedule", default=pre.schedule, choices=("cosine", "wsd"))
@@ -118,14 +123,18 @@ def train_config(opts):
     """The TrainConfig the `train` options describe."""
     import dataclasses
 
+    from dsv4.train.budget import parse_duration
     from dsv4.train.config import TrainConfig
 
+    if opts.steps is not None and opts.time_budget is not None:
+        raise ValueError("give --steps (a fixed number of steps) or --time-budget (steps that fit the time), not both")
     d = TrainConfig()
     shared = dict(optimizer=opts.optimizer, weight_decay=opts.weight_decay, clip=opts.clip,
                   balance_gamma=opts.gamma, aux_alpha=opts.aux_alpha, mtp_weight=opts.mtp_weight,
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
-    pretrain = dataclasses.replace(d.pretrain, steps=opts.steps, batch_size=opts.batch_size,
-                                   grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
+    steps = d.pretrain.steps if opts.steps is None else opts.steps
+    pretrain = dataclasses.replace(d.pretrain, steps=0 if opts.time_budget else steps, batch_size=opts.batch_size,
+                                   grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr, muon_lr=opts.muon_lr,
                                    warmup=opts.warmup, schedule=opts.schedule,
                                    indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
@@ -134,7 +143,8 @@ def train_config(opts):
                                   batch_size=opts.longctx_batch_size, lr=opts.longctx_lr,
                                   indexer_warmup=opts.longctx_indexer_warmup, grad_accum=opts.grad_accum,
                                   **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
-    return TrainConfig(out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
+    return TrainConfig(time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
+                       out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
                        longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
                        longctx_edge_frac=opts.longctx_edge_frac, sft=sft)

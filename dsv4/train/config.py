@@ -23,16 +23,17 @@ class StageConfig:
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 512
     optimizer: str = "muon"           # muon (hidden matrices; AdamW for the rest) | adamw
-    lr: float = 3e-3
+    lr: float = 3e-3                  # peak lr of AdamW (embedding, head, norms, router, mHC scalars) and of Muon
+    muon_lr: float | None = None      # Muon's own peak lr (hidden matrices); None = lr
     weight_decay: float = 0.1
     warmup: int = 10
-    schedule: str = "cosine"          # cosine | wsd
+    schedule: str = "wsd"             # wsd | cosine (wsd: a --time-budget decides the length late)
     min_lr_ratio: float = 0.1
     clip: float = 1.0                 # max global grad norm (0 = off)
     balance_gamma: float = 1e-3       # aux-loss-free bias step per optimizer step (0 = off)
     aux_alpha: float = 1e-4           # sequence-wise balance loss weight (0 = off)
     mtp_weight: float = 0.3           # lambda of the MTP loss (0 = MTP off)
-    indexer_warmup: int = 20          # steps of dense indexer warm-up (KL to the main attention); then sparse
+    indexer_warmup: int = 0           # steps of dense indexer warm-up (KL to the main attention); then sparse
     indexer_weight: float = 1.0       # weight of the indexer KL
     eval_every: int = 25              # validation loss every N steps (and at the end)
     eval_batches: int = 4
@@ -57,6 +58,7 @@ class TrainConfig:
     compile: str = "auto"             # torch.compile the blocks: on | off | auto (on where a compiler backend exists)
     init_seed: int = 0
     init: str | None = None           # a checkpoint directory to start from (its weights and tokenizer)
+    time_budget: float | None = None  # seconds for the whole run; pretraining's steps are then measured to fit
     pretrain: StageConfig = field(default_factory=StageConfig)
     longctx: StageConfig = field(default_factory=lambda: StageConfig(
         steps=0, batch_size=1, seq_len=8192, lr=1e-3, warmup=5, indexer_warmup=20, mtp_weight=0.0, eval_every=50,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from dsv4.config import ModelArgs
 from dsv4.data.tasks import LongContextMix
 from dsv4.device import can_compile, default_device, resolve_dtype
 from dsv4.model.transformer import Transformer
+from dsv4.train.budget import StepBudget
 from dsv4.train.config import StageConfig, TrainConfig
 from dsv4.train.snapshot import list_snapshots, load_latest
 from dsv4.train.trainer import Batch, Trainer
@@ -105,14 +107,20 @@ def initial_weights(path: str, args: ModelArgs, device: torch.device) -> Transfo
     return model
 
 
-def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+COMPILE_MIN_STEPS = 50  # --compile auto: a stage of fewer steps would spend more time compiling than it saves
+EAGER_OVER_COMPILED = 2.0  # eager / compiled seconds per training token, measured on the small presets (bf16)
+
+
+def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, steps: int | None = None) -> bool:
     """--compile on|off|auto; auto = on for bf16 training on CUDA or on a CPU with a C++ compiler (inductor's CPU
-    backend). Not auto in fp32: compiled, the routed experts run dense (grouped GEMM compiles only in bf16)."""
+    backend), for stages of at least COMPILE_MIN_STEPS steps (`steps` None: open, sized by a time budget). Not auto
+    in fp32: compiled, the routed experts run dense (grouped GEMM compiles only in bf16). A stage compiles its own
+    graphs (fine-tuning's masked loss is another graph than pretraining's), cold in minutes on a 2-core CPU."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    return dtype == torch.bfloat16 and can_compile(device)
+    return dtype == torch.bfloat16 and can_compile(device) and (steps is None or steps >= COMPILE_MIN_STEPS)
 
 
 def pretrain_source(token_file: Path, stage: StageConfig):
@@ -149,6 +157,45 @@ def stage_data(name: str, stage: StageConfig, cfg: TrainConfig, tok, docs: tuple
             fixed_val(val_ds.batches(stage.batch_size, seed=1234), stage.eval_batches))
 
 
+def check_budget(cfg: TrainConfig) -> None:
+    if not cfg.time_budget:
+        return
+    if cfg.time_budget <= 0:
+        raise ValueError(f"--time-budget must be positive, got {cfg.time_budget} s")
+    pre = cfg.pretrain
+    if pre.schedule == "cosine" and pre.warmup < 4:
+        raise ValueError(f"--time-budget measures the step time during the warm-up, which needs >= 4 steps with the "
+                         f"cosine schedule (--warmup {pre.warmup}); raise --warmup or use --schedule wsd")
+
+
+def stage_budget(cfg: TrainConfig, name: str, stages: list, out: Path, started: float,
+                 compiled: bool) -> StepBudget | None:
+    """With --time-budget: pretraining's StepBudget, which keeps time for the stages after it (at pretraining's
+    measured speed; a later stage too short to compile runs eagerly, slower per token when pretraining compiled)."""
+    if not cfg.time_budget or name != "pretrain":
+        return None
+    stage = cfg.pretrain
+    slower = EAGER_OVER_COMPILED if compiled else 1.0
+    later = sum(s.steps * s.tokens_per_step * (1.0 if s.steps >= COMPILE_MIN_STEPS else slower)
+                for n, s in stages if n != "pretrain")
+    return StepBudget(deadline=started + cfg.time_budget, path=out / name / "budget.json",
+                      tokens_per_step=stage.tokens_per_step, schedule=stage.schedule, warmup=stage.warmup,
+                      reserve_tokens=later)
+
+
+def throughput(last: dict, args: ModelArgs, train_file: Path) -> str:
+    """What pretraining saw: tokens, epochs of the corpus, tokens/s, tokens per (active) parameter."""
+    from dsv4.data.corpus import load_tokens
+    from dsv4.weights.info import Count, count_params, meta_model
+
+    main = sum(count_params(meta_model(args))["main"].values(), Count())
+    seen, corpus = last.get("tokens", 0), len(load_tokens(train_file))
+    return (f"pretrain: {seen / 1e6:.2f}M tokens seen ({seen / corpus:.2f} epochs of {corpus / 1e6:.2f}M), "
+            f"{last.get('tok_per_s', 0):.0f} tokens/s, {seen / main.total:.2f} tokens per parameter "
+            f"({seen / main.active:.1f} per active parameter; {main.total / 1e6:.1f}M total, "
+            f"{main.active / 1e6:.1f}M active without MTP)")
+
+
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or continue, or reuse) the whole pipeline; returns the final checkpoint directory."""
     from dsv4.train.plots import plot_run
@@ -160,7 +207,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             print(f"{final} is complete; reusing it (delete it or choose another --out to train again)")
             return final
         raise ValueError(f"{out} already holds a finished run; pass --resume to reuse it or choose another --out")
-    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES if getattr(cfg, name).steps > 0]
+    started = time.monotonic()
+    stages = [(name, getattr(cfg, name)) for name in TrainConfig.STAGES
+              if getattr(cfg, name).steps > 0 or (name == "pretrain" and cfg.time_budget)]
+    check_budget(cfg)
     if not stages and not cfg.init:
         raise ValueError("every stage has 0 steps: nothing to train (--steps, --longctx-steps, --sft-steps)")
     _check_resume(out, cfg, resume)
@@ -176,7 +226,6 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
-    use_compile = compile_enabled(cfg.compile, device, dtype)
     model = build_model(args, device, cfg.init_seed)
     if cfg.init:
         model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
@@ -184,18 +233,25 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         batches, val = stage_data(name, stage, cfg, tok, (train_docs, val_docs), (train_file, val_file))
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
-        if use_compile and trainer.step < stage.steps:
+        budgeted = bool(cfg.time_budget) and name == "pretrain"
+        use_compile = compile_enabled(cfg.compile, device, dtype, None if budgeted else stage.steps)
+        budget = stage_budget(cfg, name, stages, out, started, use_compile)
+        if use_compile and (budget or trainer.step < stage.steps):
             trainer.compile()
         if progress:
             n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
+            steps = (f"steps sized to end {cfg.time_budget / 60:.1f} min after the start" if budget else
+                     f"{stage.steps} steps")
             print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
-                  f"{device.type}), {stage.steps} steps x {stage.tokens_per_step} tokens"
+                  f"{device.type}), {steps} x {stage.tokens_per_step} tokens"
                   + (f", resuming at step {trainer.step}" if trainer.step else "")
                   + (" (compiled: the first steps include compilation)" if use_compile else ""), flush=True)
-        last = trainer.fit()
+        last = trainer.fit(budget)
         if progress and last:
             print(f"{name}: step {last.get('step')} train ce {last.get('ce', float('nan')):.4f} "
                   f"val {last.get('val_loss', float('nan')):.4f}", flush=True)
+            if name == "pretrain":
+                print(throughput(last, args, train_file), flush=True)
         # the next stage starts from this one's final weights at full precision
         model = build_model(args, device, cfg.init_seed)
         model.load_state_dict(load_latest(out / name)["model"])

@@ -51,6 +51,8 @@ def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
 
     steps, loss = _series(rows, "loss")
     vsteps, vloss = _series(rows, "val_loss")
+    start = [r["val_loss_start"] for r in rows[:1] if "val_loss_start" in r]  # before the first step
+    vsteps, vloss = [0] * len(start) + vsteps, start + vloss
     if steps or vsteps:
         fig, ax = plt.subplots(figsize=(7, 4))
         if steps:

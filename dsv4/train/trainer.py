@@ -26,6 +26,7 @@ from dsv4.kernels.compile import compile_blocks
 from dsv4.model.moe import Gate
 from dsv4.model.stats import TrainStats
 from dsv4.model.transformer import Transformer
+from dsv4.train.budget import OPEN, StepBudget
 from dsv4.train.config import StageConfig
 from dsv4.train.loss import cross_entropy, training_loss
 from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
@@ -58,7 +59,7 @@ class Trainer:
         # Muon's Newton-Schulz is robust in bf16
         ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         ns_dtype=ns_dtype, master=self.mp.master)
+                                         muon_lr=cfg.muon_lr, ns_dtype=ns_dtype, master=self.mp.master)
         self.params = [self.mp.master(p) for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         blocks = [*model.layers, *model.mtp]
         self.moes, self.moe_layers = [b.ffn for b in blocks], [b.layer_id for b in blocks]
@@ -173,22 +174,34 @@ class Trainer:
         self.model.train()
         return sum(losses) / max(len(losses), 1)
 
-    def fit(self) -> dict:
-        """Train from self.step to cfg.steps; snapshots, metrics, plots. Ctrl-C saves a snapshot and re-raises."""
+    def fit(self, budget: StepBudget | None = None) -> dict:
+        """Train from self.step to cfg.steps; snapshots, metrics, plots. Ctrl-C saves a snapshot and re-raises.
+        With a `budget` (dsv4.train.budget) the number of steps is open until the budget decides it (or is the one
+        an earlier try of this run decided)."""
         from dsv4.train.plots import plot_run
 
+        decided = budget.load() if budget else None
+        if budget:
+            self.cfg = dataclasses.replace(self.cfg, steps=decided.steps if decided else OPEN)
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         last: dict = {}
         if self.step >= cfg.steps:
             return self._last_row()
+        # where the stage starts from (the baseline its validation loss improves on), kept in the first step's row
+        start = {"val_loss_start": self.evaluate()} if self.step == 0 else {}
         micro = self.batches(self.step * cfg.grad_accum)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=None if cfg.steps == OPEN else cfg.steps, initial=self.step, desc=self.desc, unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
         tokens_done, t_start = 0, time.perf_counter()
         try:
             while self.step < cfg.steps:
                 row, load = self.train_step(micro)
+                row.update(start)
+                start = {}
+                if budget and cfg.steps == OPEN:
+                    self._budget_step(budget, bar)
+                    cfg = self.cfg
                 tokens_done += cfg.tokens_per_step
                 elapsed = time.perf_counter() - t_start
                 row["tokens"] = self.step * cfg.tokens_per_step
@@ -212,6 +225,19 @@ class Trainer:
             raise
         bar.close()
         return last
+
+    def _budget_step(self, budget: StepBudget, bar: tqdm) -> None:
+        """Let the budget see this step; once it decides, the stage has that many steps."""
+        decision = budget.observe(self.step)
+        if decision is not None:
+            self.cfg = dataclasses.replace(self.cfg, steps=decision.steps)
+            if self.progress:
+                tqdm.write(f"{self.desc}: {decision.sec_per_step:.2f} s a step ({decision.tokens_per_s:.0f} tokens/s) "
+                           f"-> {decision.steps} steps to end on time ({decision.seconds_left:.0f} s left, "
+                           f"{decision.reserved_s:.0f} s of them for the stages after this one)")
+        est = budget.estimate()
+        bar.total = self.cfg.steps if self.cfg.steps != OPEN else (est[1] if est else None)
+        bar.refresh()
 
     def _last_row(self) -> dict:
         from dsv4.train.plots import read_metrics

@@ -1,0 +1,137 @@
+"""`dsv4 train --time-budget`: durations, the one decision of the number of steps (on a simulated clock, over many
+machines), and a trainer that keeps an earlier decision and ends on time."""
+
+import dataclasses
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from dsv4.cli import parser
+from dsv4.config import ModelArgs
+from dsv4.train.budget import OPEN, StepBudget, parse_duration
+from dsv4.train.optim import wsd_schedule
+from dsv4.train.pipeline import build_model
+from dsv4.train.plots import read_metrics
+from dsv4.train.trainer import Trainer
+from tests.test_train import fixed_batches
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("90s", 90), ("1h30m", 5400), ("600", 600), ("1.5m", 90),
+                                           (" 2h ", 7200), ("1m 30s", 90), (45, 45)])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "ten", "-5m", "0", "0m", "10x", "m", "5m later", -3])
+def test_bad_durations_are_refused(bad):
+    with pytest.raises(ValueError, match="duration|positive"):
+        parse_duration(bad)
+
+
+def simulate(b: StepBudget, rng: random.Random, compile_s: float, dt: float, jitter: float):
+    """Steps on a fake clock until the budget decides: the first step compiles, then dt +- jitter each."""
+    now, step, decision = b.started, 0, None
+    while decision is None:
+        step += 1
+        now += compile_s + dt if step == 1 else dt * rng.uniform(1 - jitter, 1 + jitter)
+        decision = b.observe(step, now)
+        assert step < 10**6
+    return decision, step, now
+
+
+def test_the_decided_steps_fill_the_budget_and_no_more(tmp_path):
+    rng = random.Random(0)
+    for i in range(300):
+        total, tokens = rng.uniform(60, 3600), rng.choice([2048, 4096, 16384])
+        dt = rng.uniform(total / 5000, total / 150)
+        reserve = rng.choice([0, 20 * tokens, 60 * tokens])
+        b = StepBudget(deadline=total, path=tmp_path / f"{i}.json", tokens_per_step=tokens,
+                       schedule=rng.choice(["cosine", "wsd"]), warmup=rng.randint(4, 30), reserve_tokens=reserve,
+                       started=0.0)
+        decision, step, now = simulate(b, rng, compile_s=rng.uniform(0, 0.25 * total), dt=dt, jitter=0.02)
+        finish = now + (decision.steps - step) * dt + reserve / tokens * dt
+        assert finish <= total, (i, finish, total)  # ends on time ...
+        assert finish >= total - (b.margin + 0.03) * (total - now) - dt, (i, finish, total)  # ... using the time
+        if b.schedule == "cosine":  # decided when the warm-up ends: no step ran with an lr that depends on it
+            assert decision.at_step == b.warmup
+        else:  # decided before the decay starts: every step so far had lr 1 (flat), whatever the total
+            assert all(wsd_schedule(s, b.warmup, decision.steps) == 1.0 for s in range(b.warmup, step + 1))
+            assert now >= b.measure * total
+        assert json.loads(b.path.read_text())["steps"] == decision.steps == b.load().steps
+
+
+def test_a_budget_too_small_still_trains_past_the_decision(tmp_path):
+    b = StepBudget(deadline=10.0, path=tmp_path / "b.json", tokens_per_step=4096, schedule="wsd", warmup=5,
+                   started=0.0)
+    decision, step, _ = simulate(b, random.Random(1), compile_s=30.0, dt=1.0, jitter=0.0)
+    assert decision.steps > step and decision.seconds_left < 0
+
+
+def tiny_trainer(tmp_path, **stage):
+    from dsv4.train.config import StageConfig
+
+    args = ModelArgs.from_name("tiny")
+    cfg = StageConfig(batch_size=2, seq_len=32, warmup=4, eval_every=1000, save_every=1000, eval_batches=1,
+                      indexer_warmup=0, **stage)
+    data = fixed_batches(args, 400, 2, 32)
+    val = list(data(0))[:1]
+    model = build_model(args, torch.device("cpu"), seed=0)
+    return Trainer(model, cfg, tmp_path, data, val, torch.float32, progress=False)
+
+
+def test_a_trainer_ends_on_time_and_a_resumed_one_keeps_the_decision(tmp_path):
+    t = tiny_trainer(tmp_path / "a", schedule="cosine")
+    budget = StepBudget(deadline=time.monotonic() + 4.0, path=tmp_path / "a" / "budget.json",
+                        tokens_per_step=t.cfg.tokens_per_step, schedule="cosine", warmup=4)
+    start = time.monotonic()
+    t.fit(budget)
+    elapsed = time.monotonic() - start
+    decided = budget.load()
+    rows = read_metrics(t.metrics_path)
+    assert decided.at_step == 4 and decided.steps > 8 and [r["step"] for r in rows] == list(range(1, decided.steps + 1))
+    assert elapsed < 4.0 + 1.5  # the budget plus the final evaluation and snapshot
+    assert "val_loss_start" in rows[0] and rows[0]["val_loss_start"] > rows[-1]["val_loss"]
+
+    # a run whose budget.json exists (a killed try decided already) trains exactly that many steps, on any clock
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "budget.json").write_text(json.dumps({**dataclasses.asdict(decided), "steps": 7}))
+    t = tiny_trainer(tmp_path / "b", schedule="cosine")
+    late = StepBudget(deadline=time.monotonic() - 100, path=tmp_path / "b" / "budget.json",
+                      tokens_per_step=t.cfg.tokens_per_step, schedule="cosine", warmup=4)
+    t.fit(late)
+    assert t.step == t.cfg.steps == 7 and t.cfg.steps != OPEN
+
+
+def test_steps_and_a_time_budget_together_are_refused():
+    from dsv4.cli import train_config
+
+    opts = parser().parse_args(["train", "--steps", "50", "--time-budget", "10m"])
+    with pytest.raises(ValueError, match="not both"):
+        train_config(opts)
+    cfg = train_config(parser().parse_args(["train", "--time-budget", "1h30m"]))
+    assert cfg.time_budget == 5400 and cfg.pretrain.steps == 0
+    assert train_config(parser().parse_args(["train"])).time_budget is None
+
+
+def test_a_cosine_budget_needs_a_warm_up_to_measure_in(tmp_path):
+    from dsv4.train.config import StageConfig, TrainConfig
+    from dsv4.train.pipeline import run
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), preset="tiny", time_budget=60.0,
+                      pretrain=StageConfig(steps=0, schedule="cosine", warmup=2))
+    with pytest.raises(ValueError, match="warm-up"):
+        run(cfg, progress=False)
+
+
+def test_short_stages_run_eagerly_unless_told_otherwise():
+    from dsv4.train.pipeline import COMPILE_MIN_STEPS, compile_enabled
+
+    cpu = torch.device("cpu")
+    assert not compile_enabled("auto", cpu, torch.bfloat16, COMPILE_MIN_STEPS - 1)  # compiling would cost more
+    assert not compile_enabled("auto", cpu, torch.float32, None)
+    assert compile_enabled("on", cpu, torch.float32, 1) and not compile_enabled("off", cpu, torch.bfloat16, None)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        compile_enabled("yes", cpu, torch.bfloat16, None)
