@@ -22,9 +22,15 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q
 
-# the one-command CPU run: tokenizer, pretraining and fine-tuning of `small` (~18 min on 2 cores, 3 of them compiling), then held-out
-# bits-per-byte and sample completions; a finished run in runs/small is reused, a killed one continues
+# the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-3m` in 10 minutes on this machine (the steps
+# are sized by the measured step time), then held-out bits-per-byte and sample completions; a finished run in
+# runs/v4-3m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
+# Preset and windows: what bench/scaling.py found best in equal wall-clock (bench/results/scaling.json).
+RUN_PRESET ?= v4-3m
+RUN_BUDGET ?= 10m
+DTYPE ?= auto
+RUN_ARGS ?= --seq-len 256 --batch-size 16
 run: venv
-	$(VENV)/bin/dsv4 info --preset small
-	$(VENV)/bin/dsv4 train --preset small --out runs/small --resume
-	$(VENV)/bin/dsv4 eval --ckpt runs/small/final --json runs/small/eval.json
+	$(VENV)/bin/dsv4 info --preset $(RUN_PRESET)
+	$(VENV)/bin/dsv4 train --preset $(RUN_PRESET) --out runs/$(RUN_PRESET) --time-budget $(RUN_BUDGET) --dtype $(DTYPE) $(RUN_ARGS) --resume
+	$(VENV)/bin/dsv4 eval --ckpt runs/$(RUN_PRESET)/final --dtype $(DTYPE) --json runs/$(RUN_PRESET)/eval.json

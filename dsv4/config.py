@@ -388,6 +388,14 @@ PRESETS: dict[str, dict] = {
         n_routed_experts=240, moe_inter_dim=3072, route_scale=2.5,
     ),
 }
+# what `make run` trains: the V4 architecture whole (mHC, SWA + CSA with the indexer + HCA, hash then routed + shared
+# experts, MTP) at the size that learned most in a fixed wall-clock on a 2-core CPU (bench/scaling.py: 3.3M total,
+# 1.6M active parameters, a 4096-token vocabulary)
+PRESETS["v4-3m"] = {
+    **PRESETS["small"], "vocab_size": 4096, "dim": 128, "n_layers": 4, "n_heads": 2, "head_dim": 64,
+    "rope_head_dim": 32, "q_lora_rank": 64, "o_groups": 2, "o_lora_rank": 64, "compress_ratios": [0, 4, 128, 4, 0],
+    "index_n_heads": 4, "index_head_dim": 64, "index_topk": 32, "n_routed_experts": 8, "moe_inter_dim": 128,
+}
 # long-context retrieval on a 2-core CPU (~15M parameters): small's trunk at half the width and depth, with wide heads
 # (a compressed entry is one 128-wide vector for 4-8 tokens) and a 64-token window, so a needle is reached through
 # CSA's top-32 entries (or HCA) from a few hundred tokens on
