@@ -14,10 +14,11 @@ from dsv4.data.tasks import KINDS
 
 @dataclass
 class StageConfig:
-    """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are the one-command run's
-    pretraining of `small` (100 steps x 4096 tokens: 14 minutes on a 2-core CPU with bf16 matmuls, 3 of them
-    compiling); `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what a short sweep
-    picked (docs/NOTES.md, "The one-command training run")."""
+    """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are a fixed-step pretraining
+    of `small` (100 steps x 4096 tokens: 14 minutes on a 2-core CPU with bf16 matmuls, 3 of them compiling);
+    `make run` trains `v4-3m` with `--time-budget 10m --seq-len 256 --batch-size 16` instead (docs/NOTES.md, "Sizing
+    the `make run` model"). `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what two
+    short sweeps picked."""
     steps: int = 100
     batch_size: int = 8               # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step

@@ -49,16 +49,19 @@ def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
     os.makedirs(out_dir, exist_ok=True)
     written = []
 
-    steps, loss = _series(rows, "loss")
+    # the validation loss is the main model's cross-entropy: compare it with the same term of the training loss
+    # (the total adds the MTP, balance and indexer terms)
+    key = "ce" if any("ce" in r for r in rows) else "loss"
+    steps, loss = _series(rows, key)
     vsteps, vloss = _series(rows, "val_loss")
     start = [r["val_loss_start"] for r in rows[:1] if "val_loss_start" in r]  # before the first step
     vsteps, vloss = [0] * len(start) + vsteps, start + vloss
     if steps or vsteps:
         fig, ax = plt.subplots(figsize=(7, 4))
         if steps:
-            ax.plot(steps, loss, label="train", lw=1)
+            ax.plot(steps, loss, label="train CE" if key == "ce" else "train", lw=1)
         if vsteps:
-            ax.plot(vsteps, vloss, "o-", label="val", ms=3)
+            ax.plot(vsteps, vloss, "o-", label="validation CE", ms=3)
         ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
         ax.grid(alpha=0.3)
         ax.legend()
