@@ -91,7 +91,8 @@ def main():
         if args.target == "test":
             report["pytest"] = pytest_summary(out)
         else:
-            report["output_tail"] = out[-4000:]
+            # progress bars redraw with \r: keep what each line ended as, so the tail shows the run's messages
+            report["output_tail"] = "\n".join(line.rsplit("\r", 1)[-1] for line in out.split("\n"))[-4000:]
             report.update(run_results(clone, args.png))
     emit(report, args.json)
     sys.exit(rc)
