@@ -25,35 +25,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (ModelArgs overrides on `small`, training overrides). `small` itself is the largest point.
 BASE = dict(window_size=128, original_seq_len=8192, n_hash_layers=1, hc_mult=4, n_activated_experts=2)
+
+
+def trunk(dim: int, layers: int, vocab: int, heads: int, experts: int = 8) -> dict:
+    """`layers` blocks (SWA first, then CSA and HCA alternating, the MTP block SWA), 64-wide heads, low-rank
+    projections of dim / 2, experts of width dim, the indexer's top-32 of 4 heads."""
+    ratios = [0] + [4 if i % 2 else 128 for i in range(1, layers)] + [0]
+    return dict(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, head_dim=64, rope_head_dim=32,
+                q_lora_rank=dim // 2, o_groups=2, o_lora_rank=dim // 2, compress_ratios=ratios, index_n_heads=4,
+                index_head_dim=64, index_topk=32, n_routed_experts=experts, moe_inter_dim=dim)
+
+
 CANDIDATES = {
-    "d128-l4-v4k": (dict(vocab_size=4096, dim=128, n_layers=4, n_heads=2, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=64, o_groups=2, o_lora_rank=64, compress_ratios=[0, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
-                         moe_inter_dim=128), {}),
-    "d192-l4-v4k": (dict(vocab_size=4096, dim=192, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=96, o_groups=2, o_lora_rank=96, compress_ratios=[0, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
-                         moe_inter_dim=192), {}),
-    "d256-l4-v8k": (dict(vocab_size=8192, dim=256, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=128, o_groups=2, o_lora_rank=128, compress_ratios=[0, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
-                         moe_inter_dim=256), {}),
-    "d256-l4-v4k": (dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=128, o_groups=2, o_lora_rank=128, compress_ratios=[0, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
-                         moe_inter_dim=256), {}),
-    "d256-l6-v4k": (dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=128, o_groups=2, o_lora_rank=128, compress_ratios=[0, 4, 128, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=8,
-                         moe_inter_dim=256), {}),
-    "d384-l6-v8k": (dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, head_dim=64, rope_head_dim=32,
-                         q_lora_rank=192, o_groups=2, o_lora_rank=192, compress_ratios=[0, 4, 128, 4, 128, 4, 0],
-                         index_n_heads=4, index_head_dim=64, index_topk=32, n_routed_experts=16,
-                         moe_inter_dim=384), {}),
+    "d128-l4-v4k": (trunk(128, 4, 4096, heads=2), {}),  # became the preset v4-3m
+    "d192-l4-v4k": (trunk(192, 4, 4096, heads=4), {}),
+    "d256-l4-v8k": (trunk(256, 4, 8192, heads=4), {}),
+    "d256-l4-v4k": (trunk(256, 4, 4096, heads=4), {}),
+    "d256-l6-v4k": (trunk(256, 6, 4096, heads=4), {}),
+    "d384-l6-v8k": (trunk(384, 6, 8192, heads=6, experts=16), {}),
     "small": ({}, {}),
     # variants of one model: "<model>-<what changes>"
     "d256-l4-v4k-seq256": (None, dict(seq_len=256, batch_size=16)),  # shorter windows, same tokens per step
-    "d256-l4-v4k-b4": (None, dict(batch_size=4)),  # half the tokens per step, twice the steps
     "d128-l4-v4k-seq256": (None, dict(seq_len=256, batch_size=16)),
     "d128-l4-v4k-hilr": (None, dict(lr=1e-2)),  # 3.3x the default peak lr (AdamW and Muon)
     "d128-l4-v4k-hilr256": (None, dict(lr=1e-2, seq_len=256, batch_size=16)),

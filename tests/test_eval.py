@@ -230,13 +230,27 @@ def test_bigram_baseline_beats_uniform_on_repetitive_stream():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_kneser_ney_ngram_of_order_2_is_the_bigram(seed):
+def test_kneser_ney_bigram_is_the_textbook_formula(seed):
+    """ngram_prob at order 2 (the bigram baseline) against the interpolated Kneser-Ney formula counted by hand."""
     g = torch.Generator().manual_seed(seed)
-    V = 30
-    train, val = torch.randint(0, V, (4000,), generator=g) % (7 + seed), torch.randint(0, V, (600,), generator=g)
-    lengths = torch.randint(0, 4, (V,), generator=g)
-    v, w = torch.randint(0, V, (500,), generator=g), torch.randint(0, V, (500,), generator=g)
-    torch.testing.assert_close(B.ngram_prob(train, V, v[:, None], w, order=2), B.bigram_prob(train, V, v, w))
+    V, d = 9, 0.75
+    train = torch.randint(0, V, (400,), generator=g) % (5 + seed)  # some tokens never occur, some contexts unseen
+    pairs = list(zip(train[:-1].tolist(), train[1:].tolist()))
+    c = {}
+    for a, b in pairs:
+        c[a, b] = c.get((a, b), 0) + 1
+    types = set(c)
+    p_cont = {w: (len({a for a, b in types if b == w}) + 1) / (len(types) + V) for w in range(V)}
+    expected = torch.zeros(V, V, dtype=torch.double)
+    for v in range(V):
+        c_v = sum(n for (a, _), n in c.items() if a == v)
+        followers = len({b for a, b in types if a == v})
+        for w in range(V):
+            expected[v, w] = (p_cont[w] if c_v == 0 else
+                              max(c.get((v, w), 0) - d, 0) / c_v + d * followers / c_v * p_cont[w])
+    vv, ww = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)
+    torch.testing.assert_close(B.ngram_prob(train, V, vv[:, None], ww, order=2, discount=d).view(V, V), expected)
+    val, lengths = torch.randint(0, V, (300,), generator=g), torch.randint(0, 4, (V,), generator=g)
     assert B.ngram_bpb(train, val, lengths, V, order=2).bpb == pytest.approx(B.bigram_bpb(train, val, lengths, V).bpb)
 
 

@@ -75,30 +75,19 @@ def bigram_prob(train: torch.Tensor, vocab_size: int, v: torch.Tensor, w: torch.
                 method: str = "kneser_ney", discount: float = 0.75) -> torch.Tensor:
     """P(w | v) elementwise for query pairs v, w (1-D) under a bigram model fit on the 1-D stream `train`.
     method "add_one":    P(w | v) = (c(v, w) + 1) / (c(v) + V)
-    method "kneser_ney": P(w | v) = max(c(v, w) - d, 0) / c(v) + d * N1+(v .) / c(v) * P_cont(w),
-                         P_cont(w) = (N1+(. w) + 1) / (N1+(. .) + V)   (add-one so unseen tokens keep some mass);
-                         an unseen context v falls back to P_cont(w).
+    method "kneser_ney": `ngram_prob` of order 2, i.e. P(w | v) = max(c(v, w) - d, 0) / c(v) + d * N1+(v .) / c(v) *
+                         P_cont(w), P_cont(w) = (N1+(. w) + 1) / (N1+(. .) + V) (add-one so unseen tokens keep some
+                         mass); an unseen context v falls back to P_cont(w).
     Counts are kept as sorted pair keys v * V + w, so memory is O(len(train)), not O(V^2)."""
     if method not in ("add_one", "kneser_ney"):
         raise ValueError(f"unknown method {method!r}")
     V = vocab_size
     train, v, w = train.to(torch.long), v.to(torch.long), w.to(torch.long)
+    if method == "kneser_ney":
+        return ngram_prob(train, V, v[:, None], w, order=2, discount=discount)
     keys, pair_counts = torch.unique(train[:-1] * V + train[1:], return_counts=True)  # sorted
-    context_counts = torch.bincount(train[:-1], minlength=V).double()                  # c(v)
-    q = v * V + w
-    c_vw = torch.zeros(len(q), dtype=torch.double)
-    if len(keys):
-        pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
-        c_vw = torch.where(keys[pos] == q, pair_counts[pos], 0).double()
-    c_v = context_counts[v]
-    if method == "add_one":
-        return (c_vw + 1) / (c_v + V)
-    followers = torch.bincount(keys // V, minlength=V).double()   # N1+(v .): distinct tokens seen after v
-    preceders = torch.bincount(keys % V, minlength=V).double()    # N1+(. w): distinct tokens seen before w
-    p_cont = (preceders + 1) / (len(keys) + V)
-    safe = c_v.clamp(min=1)
-    p_seen = (c_vw - discount).clamp(min=0) / safe + discount * followers[v] / safe * p_cont[w]
-    return torch.where(c_v > 0, p_seen, p_cont[w])
+    c_v = torch.bincount(train[:-1], minlength=V).double()[v]                           # c(v)
+    return (_lookup(keys, pair_counts, v * V + w) + 1) / (c_v + V)
 
 
 def bigram_bpb(train: torch.Tensor, val: torch.Tensor, bytes_per_token: torch.Tensor, vocab_size: int,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsv4.atomic import atomic_text
+from dsv4.train.optim import WSD_DECAY_FRAC
 
 OPEN = 10**9  # the step count of a stage whose length is not decided yet
 
@@ -73,7 +74,7 @@ class StepBudget:
     margin: float = 0.04
     skip: int = 2
     measure: float = 0.35
-    decay_frac: float = 0.2
+    decay_frac: float = WSD_DECAY_FRAC
     started: float = field(default_factory=time.monotonic)
     _times: list[tuple[int, float]] = field(default_factory=list)
 
@@ -83,6 +84,10 @@ class StepBudget:
             return None
         return Decision(**json.loads(self.path.read_text()))
 
+    def reserved(self, dt: float) -> float:
+        """Seconds the later stages need at `dt` seconds per step."""
+        return self.reserve_tokens / self.tokens_per_step * dt
+
     def estimate(self) -> tuple[float, int] | None:
         """(seconds per step, steps that fit) from the steps seen so far; None before two measured steps."""
         if len(self._times) < 2:
@@ -91,9 +96,7 @@ class StepBudget:
         if s1 <= s0:
             return None
         dt = (t1 - t0) / (s1 - s0)
-        left = self.deadline - t1
-        reserved = self.reserve_tokens / self.tokens_per_step * dt
-        fit = int((left * (1 - self.margin) - reserved) / dt)
+        fit = int(((self.deadline - t1) * (1 - self.margin) - self.reserved(dt)) / dt)
         return dt, s1 + max(fit, 0)
 
     def observe(self, step: int, now: float | None = None) -> Decision | None:
@@ -110,10 +113,9 @@ class StepBudget:
         if self.schedule == "wsd":  # the decay must start after this step, as it would have with the open count
             steps = max(steps, math.ceil((step + 1) / (1 - self.decay_frac)) + 1)
         steps = max(steps, step + 1)
-        left = self.deadline - now
         decision = Decision(steps=steps, at_step=step, sec_per_step=round(dt, 4),
-                            tokens_per_s=round(self.tokens_per_step / dt, 1), seconds_left=round(left, 1),
-                            reserved_s=round(self.reserve_tokens / self.tokens_per_step * dt, 1))
+                            tokens_per_s=round(self.tokens_per_step / dt, 1),
+                            seconds_left=round(self.deadline - now, 1), reserved_s=round(self.reserved(dt), 1))
         atomic_text(self.path, json.dumps(asdict(decision), indent=1))
         return decision
 

@@ -194,7 +194,11 @@ def cosine_schedule(step: int, warmup: int, total: int, min_lr_ratio: float = 0.
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def wsd_schedule(step: int, warmup: int, total: int, decay_frac: float = 0.2, min_lr_ratio: float = 0.0) -> float:
+WSD_DECAY_FRAC = 0.2  # the share of the steps over which warmup-stable-decay decays
+
+
+def wsd_schedule(step: int, warmup: int, total: int, decay_frac: float = WSD_DECAY_FRAC,
+                 min_lr_ratio: float = 0.0) -> float:
     """Warmup-stable-decay (arXiv:2404.06395): linear warmup, flat at 1, linear decay to min_lr_ratio over the last
     decay_frac of training."""
     if step < warmup:

@@ -108,7 +108,7 @@ def initial_weights(path: str, args: ModelArgs, device: torch.device) -> Transfo
 
 
 COMPILE_MIN_STEPS = 50  # --compile auto: a stage of fewer steps would spend more time compiling than it saves
-EAGER_OVER_COMPILED = 2.0  # eager / compiled seconds per training token, measured on the small presets (bf16)
+EAGER_OVER_COMPILED = 2.0  # eager / compiled seconds per training token of v4-3m (bf16: 1.6 s / 0.82 s a step)
 
 
 def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, steps: int | None = None) -> bool:
