@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dsv4.kernels.fused import Products
+from dsv4.kernels.sinkhorn import sinkhorn as fast_sinkhorn
 
 
 def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float, ops: type[Products]) -> torch.Tensor:
@@ -25,6 +26,16 @@ def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float, ops: type[Products]) -> 
     x = h.flatten(-2)
     rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
     return ops.linear(x, fn) * torch.rsqrt(rms.square() + eps)
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """[..., n, n] -> (nearly) doubly stochastic: columns, then (rows, columns) x (iters - 1), each sum + eps. The
+    reference loop; the model runs `dsv4.kernels.sinkhorn.sinkhorn`, the same steps with a faster backward."""
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
 
 
 def _collapse(w: torch.Tensor, h: torch.Tensor, ops: type[Products]) -> torch.Tensor:
@@ -57,10 +68,7 @@ class HyperConnection(nn.Module):
         post = 2 * torch.sigmoid(mix[..., n:2 * n] * self.scale[1] + self.base[n:2 * n])
         logits = mix[..., 2 * n:] * self.scale[2] + self.base[2 * n:]
         comb = torch.softmax(logits.unflatten(-1, (n, n)), dim=-1) + self.hc_eps
-        comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)  # Sinkhorn: columns, then (rows, columns) x iters-1
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + self.hc_eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + self.hc_eps)
+        comb = fast_sinkhorn(comb, self.iters, self.hc_eps)
         return _collapse(pre, h, self.ops), post, comb
 
     def post(self, y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
