@@ -127,11 +127,14 @@ def test_a_cosine_budget_needs_a_warm_up_to_measure_in(tmp_path):
 
 
 def test_short_stages_run_eagerly_unless_told_otherwise():
-    from dsv4.train.pipeline import COMPILE_MIN_STEPS, compile_enabled
+    from dsv4.device import can_compile
+    from dsv4.train.pipeline import COMPILE_MIN_BUDGET, COMPILE_MIN_STEPS, compile_enabled
 
     cpu = torch.device("cpu")
     assert not compile_enabled("auto", cpu, torch.bfloat16, COMPILE_MIN_STEPS - 1)  # compiling would cost more
     assert not compile_enabled("auto", cpu, torch.float32, None)
+    assert not compile_enabled("auto", cpu, torch.bfloat16, None, 600.0)  # make run's 10 minutes: eager is faster
+    assert compile_enabled("auto", cpu, torch.bfloat16, None, COMPILE_MIN_BUDGET) == can_compile(cpu)
     assert compile_enabled("on", cpu, torch.float32, 1) and not compile_enabled("off", cpu, torch.bfloat16, None)
     with pytest.raises(ValueError, match="auto, on or off"):
         compile_enabled("yes", cpu, torch.bfloat16, None)

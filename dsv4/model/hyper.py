@@ -30,7 +30,8 @@ def _mix(h: torch.Tensor, fn: torch.Tensor, eps: float, ops: type[Products]) -> 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """[..., n, n] -> (nearly) doubly stochastic: columns, then (rows, columns) x (iters - 1), each sum + eps. The
-    reference loop; the model runs `dsv4.kernels.sinkhorn.sinkhorn`, the same steps with a faster backward."""
+    reference loop, and what torch.compile fuses; eager, the model runs `dsv4.kernels.sinkhorn.sinkhorn`, the same
+    steps with a faster backward."""
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
@@ -68,7 +69,8 @@ class HyperConnection(nn.Module):
         post = 2 * torch.sigmoid(mix[..., n:2 * n] * self.scale[1] + self.base[n:2 * n])
         logits = mix[..., 2 * n:] * self.scale[2] + self.base[2 * n:]
         comb = torch.softmax(logits.unflatten(-1, (n, n)), dim=-1) + self.hc_eps
-        comb = fast_sinkhorn(comb, self.iters, self.hc_eps)
+        # compiled, inductor fuses the plain loop (forward and backward) into a few kernels; eager, the kernel twin
+        comb = (sinkhorn if torch.compiler.is_compiling() else fast_sinkhorn)(comb, self.iters, self.hc_eps)
         return _collapse(pre, h, self.ops), post, comb
 
     def post(self, y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

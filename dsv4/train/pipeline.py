@@ -108,19 +108,24 @@ def initial_weights(path: str, args: ModelArgs, device: torch.device) -> Transfo
 
 
 COMPILE_MIN_STEPS = 50  # --compile auto: a stage of fewer steps would spend more time compiling than it saves
-EAGER_OVER_COMPILED = 2.0  # eager / compiled seconds per training token of v4-3m (bf16: 1.6 s / 0.82 s a step)
+COMPILE_MIN_BUDGET = 1800.0  # --compile auto with --time-budget: seconds from which compiling pays off (see below)
+EAGER_OVER_COMPILED = 1.27  # eager / compiled seconds per training token of v4-3m (bf16, 16 x 256: 0.94 / 0.74 s)
 
 
-def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, steps: int | None = None) -> bool:
+def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, steps: int | None = None,
+                    budget: float | None = None) -> bool:
     """--compile on|off|auto; auto = on for bf16 training on CUDA or on a CPU with a C++ compiler (inductor's CPU
-    backend), for stages of at least COMPILE_MIN_STEPS steps (`steps` None: open, sized by a time budget). Not auto
-    in fp32: compiled, the routed experts run dense (grouped GEMM compiles only in bf16). A stage compiles its own
-    graphs (fine-tuning's masked loss is another graph than pretraining's), cold in minutes on a 2-core CPU."""
+    backend), for stages of at least COMPILE_MIN_STEPS steps or, sized by a time budget (`steps` None), of at least
+    COMPILE_MIN_BUDGET seconds: a cold compile of v4-3m takes ~190 s on 2 cores and then saves 1 - 1/1.27 of each
+    step, so it breaks even after ~15 min. Not auto in fp32: compiled, the routed experts run dense (grouped GEMM
+    compiles only in bf16). A stage compiles its own graphs (fine-tuning's masked loss is another graph than
+    pretraining's)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    return dtype == torch.bfloat16 and can_compile(device) and (steps is None or steps >= COMPILE_MIN_STEPS)
+    long_enough = budget is not None and budget >= COMPILE_MIN_BUDGET if steps is None else steps >= COMPILE_MIN_STEPS
+    return dtype == torch.bfloat16 and can_compile(device) and long_enough
 
 
 def pretrain_source(token_file: Path, stage: StageConfig):
@@ -234,7 +239,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
         budgeted = bool(cfg.time_budget) and name == "pretrain"
-        use_compile = compile_enabled(cfg.compile, device, dtype, None if budgeted else stage.steps)
+        use_compile = compile_enabled(cfg.compile, device, dtype, *((None, cfg.time_budget) if budgeted else (stage.steps,)))
         budget = stage_budget(cfg, name, stages, out, started, use_compile)
         if use_compile and (budget or trainer.step < stage.steps):
             trainer.compile()
