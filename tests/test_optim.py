@@ -81,6 +81,25 @@ def test_muon_update_matches_definition():
     assert 0.1 < rms < 0.3  # Moonlight scaling: update RMS ~0.2
 
 
+def test_muon_groups_same_shaped_matrices_exactly():
+    """Matrices of one shape are orthogonalised together; each moves as it would alone (and other shapes too)."""
+    torch.manual_seed(1)
+    shapes = [(16, 24), (16, 24), (8, 16), (16, 24), (2, 8, 16)]
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in ps]
+    together = Muon(ps, lr=0.05, weight_decay=0.1)
+    singles = [Muon([p], lr=0.05, weight_decay=0.1) for p in alone]
+    for _ in range(3):
+        for p, q, g in zip(ps, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        together.step()
+        for opt in singles:
+            opt.step()
+    for p, q in zip(ps, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_muon_reduces_least_squares_loss():
     g = torch.Generator().manual_seed(4)
     X, W_true = torch.randn(256, 32, generator=g), 0.3 * torch.randn(16, 32, generator=g)

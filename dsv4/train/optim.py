@@ -63,7 +63,8 @@ def muon_scale(shape: torch.Size) -> float:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D matrices and [E, out, in] stacks (each expert matrix orthogonalised on its own)."""
+    """Muon for 2-D matrices and [E, out, in] stacks (each expert matrix orthogonalised on its own). Matrices of one
+    shape go through Newton-Schulz together, one batched product per iteration for all of them."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32):
@@ -83,6 +84,7 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[torch.Size, list] = {}  # same-shaped matrices orthogonalise in one batched call
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -92,11 +94,14 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(g)
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(g)
-                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                o = newton_schulz(u, group["ns_steps"], group["ns_dtype"])
+                by_shape.setdefault(p.shape, []).append((p, g.add(buf, alpha=mu) if group["nesterov"] else buf))
+            for shape, pairs in by_shape.items():
+                params = [p for p, _ in pairs]
+                ortho = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"], group["ns_dtype"])
                 if wd:
-                    p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
-                p.add_(o.to(p.dtype), alpha=-lr * muon_scale(p.shape))
+                    torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW
+                torch._foreach_add_(params, [o.to(p.dtype) for p, o in zip(params, ortho.unbind(0))],
+                                    alpha=-lr * muon_scale(shape))
         return loss
 
 
