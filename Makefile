@@ -25,11 +25,12 @@ test: venv browser
 # the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-3m` in 10 minutes on this machine (the steps
 # are sized by the measured step time), then held-out bits-per-byte and sample completions; a finished run in
 # runs/v4-3m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
-# Preset and windows: what bench/scaling.py found best in equal wall-clock (bench/results/scaling.json).
+# Preset and windows (dsv4 train's defaults): what bench/scaling.py found best in equal wall-clock
+# (bench/results/scaling.json). RUN_ARGS: any further `dsv4 train` flags.
 RUN_PRESET ?= v4-3m
 RUN_BUDGET ?= 10m
 DTYPE ?= auto
-RUN_ARGS ?= --seq-len 256 --batch-size 16
+RUN_ARGS ?=
 run: venv
 	$(VENV)/bin/dsv4 info --preset $(RUN_PRESET)
 	$(VENV)/bin/dsv4 train --preset $(RUN_PRESET) --out runs/$(RUN_PRESET) --time-budget $(RUN_BUDGET) --dtype $(DTYPE) $(RUN_ARGS) --resume

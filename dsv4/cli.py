@@ -4,7 +4,7 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 info --preset v4-flash [--json]        parameters, FLOPs per token and cache bytes of a configuration
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
                                                 (dsv4.weights.info.describe)
-    dsv4 train [--preset small --out runs/small] tokenizer, pretraining, fine-tuning -> OUT/final (dsv4.train.pipeline)
+    dsv4 train [--preset v4-3m --time-budget 10m] tokenizer, pretraining, fine-tuning -> runs/PRESET/final
     dsv4 eval --ckpt DIR [--humaneval] [--niah] held-out bits-per-byte vs a bigram, sample completions, HumanEval,
                                                 needle-in-a-haystack retrieval heat map (dsv4.eval.run.evaluate)
     dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine); long prompts
@@ -23,6 +23,8 @@ import time
 from dsv4.config import PRESETS
 from dsv4.data.tasks import KINDS
 from dsv4.device import tune_cpu_allocator
+
+DEFAULT_BUDGET = "10m"  # `dsv4 train` without --steps or --time-budget: what `make run` trains
 
 
 def add_info(subparsers):
@@ -57,7 +59,7 @@ def add_train(subparsers):
                               "exactly where a killed run stopped, and reuses a finished one.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=d.preset, choices=list(PRESETS))
-    p.add_argument("--out", default=d.out, help="run directory")
+    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
     p.add_argument("--data", default=d.data, help="folder of text/code files or .jsonl with a 'text' field "
                    "(default: this Python's standard library)")
     p.add_argument("--val-frac", type=float, default=d.val_frac, help="share of files held out for validation")
@@ -70,10 +72,11 @@ def add_train(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("pretraining")
     g.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps (default {pre.steps}; fixed, for exact reproduction)")
+                   help="a fixed number of optimizer steps, for exact reproduction (instead of --time-budget)")
     g.add_argument("--time-budget", metavar="DURATION", default=None,
-                   help="instead of --steps: end the whole run in this time (10m, 90s, 1h30m), pretraining's steps "
-                        "and schedule measured to fit after its first steps on this machine")
+                   help=f"end the whole run in this time (10m, 90s, 1h30m): pretraining's steps and schedule are "
+                        f"measured to fit after its first steps on this machine (default {DEFAULT_BUDGET} unless "
+                        f"--steps)")
     g.add_argument("--batch-size", type=int, default=pre.batch_size, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=pre.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--seq-len", type=int, default=pre.seq_len)
@@ -128,12 +131,13 @@ def train_config(opts):
 
     if opts.steps is not None and opts.time_budget is not None:
         raise ValueError("give --steps (a fixed number of steps) or --time-budget (steps that fit the time), not both")
+    budget = DEFAULT_BUDGET if opts.steps is None and opts.time_budget is None else opts.time_budget
     d = TrainConfig()
     shared = dict(optimizer=opts.optimizer, weight_decay=opts.weight_decay, clip=opts.clip,
                   balance_gamma=opts.gamma, aux_alpha=opts.aux_alpha, mtp_weight=opts.mtp_weight,
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
     steps = d.pretrain.steps if opts.steps is None else opts.steps
-    pretrain = dataclasses.replace(d.pretrain, steps=0 if opts.time_budget else steps, batch_size=opts.batch_size,
+    pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else steps, batch_size=opts.batch_size,
                                    grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr, muon_lr=opts.muon_lr,
                                    warmup=opts.warmup, schedule=opts.schedule,
                                    indexer_warmup=opts.indexer_warmup, **shared)
@@ -143,8 +147,8 @@ def train_config(opts):
                                   batch_size=opts.longctx_batch_size, lr=opts.longctx_lr,
                                   indexer_warmup=opts.longctx_indexer_warmup, grad_accum=opts.grad_accum,
                                   **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
-    return TrainConfig(time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
-                       out=opts.out, preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
+    return TrainConfig(time_budget=parse_duration(budget) if budget else None,
+                       out=opts.out or f"runs/{opts.preset}", preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
                        longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
                        longctx_edge_frac=opts.longctx_edge_frac, sft=sft)

@@ -113,7 +113,10 @@ def test_steps_and_a_time_budget_together_are_refused():
         train_config(opts)
     cfg = train_config(parser().parse_args(["train", "--time-budget", "1h30m"]))
     assert cfg.time_budget == 5400 and cfg.pretrain.steps == 0
-    assert train_config(parser().parse_args(["train"])).time_budget is None
+    default = train_config(parser().parse_args(["train"]))  # what make run trains: v4-3m for 10 minutes
+    assert (default.time_budget, default.preset, default.out, default.pretrain.steps) == (600, "v4-3m", "runs/v4-3m", 0)
+    fixed = train_config(parser().parse_args(["train", "--preset", "small", "--steps", "100"]))
+    assert (fixed.time_budget, fixed.out, fixed.pretrain.steps) == (None, "runs/small", 100)
 
 
 def test_a_cosine_budget_needs_a_warm_up_to_measure_in(tmp_path):

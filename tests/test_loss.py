@@ -39,6 +39,24 @@ def test_linear_cross_entropy_matches_head_then_cross_entropy(masked, chunk):
     torch.testing.assert_close(gw, want_gw, rtol=1e-10, atol=1e-12)
 
 
+def test_linear_cross_entropy_without_gradients_or_with_some():
+    """Under no_grad (evaluation) the value is the same; with only the hidden states trainable (a frozen head) their
+    gradient is the same, and gradients flow through a sum of two calls (main + MTP) as through the unfused ones."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = 0.3 * torch.randn(40, 16, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 40, (2, 9), generator=g)
+
+    def unfused(h, tt):
+        return torch.nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), tt.flatten())
+
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t), unfused(x, t), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(unfused(x, t) + 0.3 * unfused(x[:, :-1], t[:, 1:]), x)[0]
+    got = torch.autograd.grad(linear_cross_entropy(x, w, t) + 0.3 * linear_cross_entropy(x[:, :-1], w, t[:, 1:]), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_linear_cross_entropy_in_bf16_is_as_accurate_as_the_unfused_head(compiled):
     """In bf16 both paths round (bf16 logits and gradients, fp32 soft-max); against the exact fp64 values the fused

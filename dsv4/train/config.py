@@ -14,15 +14,15 @@ from dsv4.data.tasks import KINDS
 
 @dataclass
 class StageConfig:
-    """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are a fixed-step pretraining
-    of `small` (100 steps x 4096 tokens: 14 minutes on a 2-core CPU with bf16 matmuls, 3 of them compiling);
-    `make run` trains `v4-3m` with `--time-budget 10m --seq-len 256 --batch-size 16` instead (docs/NOTES.md, "Sizing
-    the `make run` model"). `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what two
-    short sweeps picked."""
+    """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are pretraining's as
+    `make run` uses them: 16 x 256-token windows a step (the sweep's best window at 4096 tokens a step: docs/NOTES.md,
+    "Sizing the `make run` model"); `dsv4 train` sizes `steps` by its time budget (10 minutes unless told) or takes
+    --steps. `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what two short sweeps
+    picked."""
     steps: int = 100
-    batch_size: int = 8               # sequences per micro-batch
+    batch_size: int = 16              # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
-    seq_len: int = 512
+    seq_len: int = 256
     optimizer: str = "muon"           # muon (hidden matrices; AdamW for the rest) | adamw
     lr: float = 3e-3                  # peak lr of AdamW (embedding, head, norms, router, mHC scalars) and of Muon
     muon_lr: float | None = None      # Muon's own peak lr (hidden matrices); None = lr
@@ -50,8 +50,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     """The whole pipeline: model, data, both stages, where it goes."""
-    out: str = "runs/small"
-    preset: str = "small"
+    out: str = "runs/v4-3m"
+    preset: str = "v4-3m"
     data: str | None = None           # None = the interpreter's standard library; a folder; or a .jsonl with "text"
     val_frac: float = 0.03
     device: str | None = None         # None = the accelerator if any, else the CPU

@@ -31,6 +31,8 @@ from dsv4.train.config import StageConfig
 from dsv4.train.loss import cross_entropy, training_loss
 from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
 from dsv4.train.precision import MixedPrecision
+
+PLOT_EVERY_S = 120.0  # the plots in the run directory are redrawn at most this often while a stage runs, and at its end
 from dsv4.train.snapshot import load_latest, save_snapshot, set_rng_state
 
 Batch = tuple[torch.Tensor, ...]  # (ids, targets) or (ids, targets, mask), each [B, T]
@@ -194,6 +196,7 @@ class Trainer:
         bar = tqdm(total=None if cfg.steps == OPEN else cfg.steps, initial=self.step, desc=self.desc, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tokens_done, t_start = 0, time.perf_counter()
+        plotted = t_start
         try:
             while self.step < cfg.steps:
                 row, load = self.train_step(micro)
@@ -216,7 +219,9 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
+                if self.step == cfg.steps or time.perf_counter() - plotted > PLOT_EVERY_S:
                     plot_run(self.metrics_path, self.run_dir)
+                    plotted = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0 and not os.path.isdir(os.path.join(self.run_dir, f"step-{self.step:09d}")):
