@@ -67,8 +67,9 @@ class TrainConfig:
     longctx_task_frac: float = 0.5    # share of long-context steps that train on synthetic retrieval tasks
     longctx_tasks: tuple[str, ...] = KINDS  # which of them (dsv4.data.tasks.KINDS)
     longctx_edge_frac: float = 0.2    # share of single-needle tasks with the needle at depth 0 or 1 (dsv4.data.tasks)
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, lr=1e-3, warmup=3, indexer_warmup=0,
-                                                                 eval_every=25, save_every=25))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=20, batch_size=8, seq_len=512, lr=1e-3,
+                                                                 warmup=3, indexer_warmup=0, eval_every=25,
+                                                                 save_every=25))
 
     STAGES = ("pretrain", "longctx", "sft")
 
