@@ -138,7 +138,8 @@ def train_config(opts):
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
     steps = d.pretrain.steps if opts.steps is None else opts.steps
     pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else steps, batch_size=opts.batch_size,
-                                   grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr, muon_lr=opts.muon_lr,
+                                   grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
+                                   muon_lr=opts.muon_lr,
                                    warmup=opts.warmup, schedule=opts.schedule,
                                    indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
@@ -148,7 +149,8 @@ def train_config(opts):
                                   indexer_warmup=opts.longctx_indexer_warmup, grad_accum=opts.grad_accum,
                                   **{**shared, "mtp_weight": 0.0})  # the MTP module is left as it was
     return TrainConfig(time_budget=parse_duration(budget) if budget else None,
-                       out=opts.out or f"runs/{opts.preset}", preset=opts.preset, data=opts.data, val_frac=opts.val_frac, device=opts.device,
+                       out=opts.out or f"runs/{opts.preset}", preset=opts.preset, data=opts.data,
+                       val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
                        longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
                        longctx_edge_frac=opts.longctx_edge_frac, sft=sft)

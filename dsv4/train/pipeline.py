@@ -239,7 +239,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
         budgeted = bool(cfg.time_budget) and name == "pretrain"
-        use_compile = compile_enabled(cfg.compile, device, dtype, *((None, cfg.time_budget) if budgeted else (stage.steps,)))
+        sized = (None, cfg.time_budget) if budgeted else (stage.steps,)  # (steps, budget)
+        use_compile = compile_enabled(cfg.compile, device, dtype, *sized)
         budget = stage_budget(cfg, name, stages, out, started, use_compile)
         if use_compile and (budget or trainer.step < stage.steps):
             trainer.compile()

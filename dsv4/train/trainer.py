@@ -31,11 +31,10 @@ from dsv4.train.config import StageConfig
 from dsv4.train.loss import cross_entropy, training_loss
 from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
 from dsv4.train.precision import MixedPrecision
-
-PLOT_EVERY_S = 120.0  # the plots in the run directory are redrawn at most this often while a stage runs, and at its end
 from dsv4.train.snapshot import load_latest, save_snapshot, set_rng_state
 
 Batch = tuple[torch.Tensor, ...]  # (ids, targets) or (ids, targets, mask), each [B, T]
+PLOT_EVERY_S = 120.0  # the plots in the run directory are redrawn at most this often while a stage runs, and at its end
 
 
 @torch.no_grad()
