@@ -136,8 +136,7 @@ def train_config(opts):
     shared = dict(optimizer=opts.optimizer, weight_decay=opts.weight_decay, clip=opts.clip,
                   balance_gamma=opts.gamma, aux_alpha=opts.aux_alpha, mtp_weight=opts.mtp_weight,
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
-    steps = d.pretrain.steps if opts.steps is None else opts.steps
-    pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else steps, batch_size=opts.batch_size,
+    pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else opts.steps, batch_size=opts.batch_size,
                                    grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
                                    muon_lr=opts.muon_lr,
                                    warmup=opts.warmup, schedule=opts.schedule,

@@ -116,7 +116,7 @@ def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, step
                     budget: float | None = None) -> bool:
     """--compile on|off|auto; auto = on for bf16 training on CUDA or on a CPU with a C++ compiler (inductor's CPU
     backend), for stages of at least COMPILE_MIN_STEPS steps or, sized by a time budget (`steps` None), of at least
-    COMPILE_MIN_BUDGET seconds: a cold compile of v4-3m takes ~190 s on 2 cores and then saves 1 - 1/1.27 of each
+    COMPILE_MIN_BUDGET seconds: a cold compile of v4-3m takes ~200 s on 2 cores and then saves 1 - 1/1.27 of each
     step, so it breaks even after ~15 min. Not auto in fp32: compiled, the routed experts run dense (grouped GEMM
     compiles only in bf16). A stage compiles its own graphs (fine-tuning's masked loss is another graph than
     pretraining's)."""
@@ -124,7 +124,7 @@ def compile_enabled(setting: str, device: torch.device, dtype: torch.dtype, step
         raise ValueError(f"--compile must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on"
-    long_enough = budget is not None and budget >= COMPILE_MIN_BUDGET if steps is None else steps >= COMPILE_MIN_STEPS
+    long_enough = (budget or 0) >= COMPILE_MIN_BUDGET if steps is None else steps >= COMPILE_MIN_STEPS
     return dtype == torch.bfloat16 and can_compile(device) and long_enough
 
 
@@ -239,8 +239,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
         trainer.resume()
         budgeted = bool(cfg.time_budget) and name == "pretrain"
-        sized = (None, cfg.time_budget) if budgeted else (stage.steps,)  # (steps, budget)
-        use_compile = compile_enabled(cfg.compile, device, dtype, *sized)
+        use_compile = compile_enabled(cfg.compile, device, dtype, steps=None if budgeted else stage.steps,
+                                      budget=cfg.time_budget if budgeted else None)
         budget = stage_budget(cfg, name, stages, out, started, use_compile)
         if use_compile and (budget or trainer.step < stage.steps):
             trainer.compile()
