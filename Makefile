@@ -22,12 +22,12 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q
 
-# the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-3m` in 10 minutes on this machine (the steps
+# the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-2m` in 10 minutes on this machine (the steps
 # are sized by the measured step time), then held-out bits-per-byte and sample completions; a finished run in
-# runs/v4-3m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
-# Preset and windows (dsv4 train's defaults): what bench/scaling.py found best in equal wall-clock
-# (bench/results/scaling.json). RUN_ARGS: any further `dsv4 train` flags.
-RUN_PRESET ?= v4-3m
+# runs/v4-2m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
+# Preset, vocabulary and windows (dsv4 train's defaults): what bench/scaling.py and bench/budget_runs.py found best in
+# equal wall-clock (bench/results/scaling.json, budget_runs.json). RUN_ARGS: any further `dsv4 train` flags.
+RUN_PRESET ?= v4-2m
 RUN_BUDGET ?= 10m
 DTYPE ?= auto
 RUN_ARGS ?=

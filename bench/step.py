@@ -3,7 +3,8 @@
     python bench/step.py --base ec66be1 --json bench/results/step_v4_3m.json
     python bench/step.py --base ec66be1 --dtype fp32        # the dtype of a CPU without fast bf16
 
-One step = `dsv4.train.trainer.Trainer.train_step` as `dsv4 train` runs it for `v4-3m` with `make run`'s settings
+One step = `dsv4.train.trainer.Trainer.train_step` as `dsv4 train` runs it for `--preset` (default `v4-3m`, the
+`make run` model when the committed results were taken; the base commit must know the preset) with `make run`'s settings
 (16 x 256 tokens, MTP, the indexer's KL from the first step, the balance loss, Muon + AdamW, eager), on a fixed
 batch of random tokens. The base commit is checked out in a temporary git worktree; the two sides run in their own
 processes, in turns (base, head, base, head, ...), so that the machine's drift falls on both. tokens/s = batch x

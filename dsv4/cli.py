@@ -4,7 +4,7 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 info --preset v4-flash [--json]        parameters, FLOPs per token and cache bytes of a configuration
     dsv4 info --ckpt DIR                        the same for a checkpoint's config.json, plus its stored tensors
                                                 (dsv4.weights.info.describe)
-    dsv4 train [--preset v4-3m --time-budget 10m] tokenizer, pretraining, fine-tuning -> runs/PRESET/final
+    dsv4 train [--preset v4-2m --time-budget 10m] tokenizer, pretraining, fine-tuning -> runs/PRESET/final
     dsv4 eval --ckpt DIR [--humaneval] [--niah] held-out bits-per-byte vs a bigram, sample completions, HumanEval,
                                                 needle-in-a-haystack retrieval heat map (dsv4.eval.run.evaluate)
     dsv4 generate --ckpt DIR "prompt"           stream a continuation to stdout (the inference engine); long prompts
@@ -179,7 +179,11 @@ def add_eval(subparsers):
     p.add_argument("--data", default=None, help="corpus for bpb (default: the one the checkpoint was trained on)")
     p.add_argument("--val-frac", type=float, default=None, help="(default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=None, help="bpb window (default: the pretraining seq-len)")
-    p.add_argument("--max-tokens", type=int, default=65536, help="held-out tokens scored (0 = all)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="bpb windows start every STRIDE tokens (default: half the window, so every token after the "
+                   "first window is read with at least half a window of context; = --seq-len: back to back)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="score only the first N held-out tokens (0 = all: the same bytes whatever the vocabulary)")
     p.add_argument("--no-bpb", action="store_true")
     p.add_argument("--no-samples", action="store_true")
     p.add_argument("--humaneval", action="store_true",
@@ -204,7 +208,8 @@ def add_eval(subparsers):
 def run_eval(opts) -> int:
     from dsv4.eval.run import evaluate
 
-    evaluate(opts.ckpt, data=opts.data, val_frac=opts.val_frac, seq_len=opts.seq_len, max_tokens=opts.max_tokens,
+    evaluate(opts.ckpt, data=opts.data, val_frac=opts.val_frac, seq_len=opts.seq_len, stride=opts.stride,
+             max_tokens=opts.max_tokens,
              bpb=not opts.no_bpb, samples=not opts.no_samples, humaneval=opts.humaneval,
              humaneval_limit=opts.humaneval_limit, max_new_tokens=opts.max_new_tokens, niah=opts.niah,
              niah_lengths=opts.niah_lengths, niah_depths=opts.niah_depths, niah_samples=opts.niah_samples,

@@ -203,6 +203,52 @@ def test_bpb_divides_by_bytes_and_skips_special_tokens():
     assert r.bpb == pytest.approx(len(counted) * math.log(V) / (math.log(2) * r.bytes))
 
 
+@pytest.mark.parametrize("n", [2, 17, 64, 65, 100, 203])
+@pytest.mark.parametrize("seq_len,stride", [(16, 16), (16, 8), (16, 5), (16, 1), (7, 3)])
+def test_windows_score_every_target_once_with_enough_context(n, seq_len, stride):
+    tokens = torch.arange(n)
+    scored = []
+    for w, skip in B.windows(tokens, seq_len, stride):
+        assert len(w) <= seq_len + 1 and skip < len(w) - 1
+        new = w[1 + skip:].tolist()
+        if scored:  # after the first window, each target sees at least seq_len - stride tokens before it
+            assert all(t - int(w[0]) >= seq_len - stride for t in new)
+        scored += new
+    assert scored == list(range(1, n))
+
+
+def test_windows_reject_a_stride_outside_the_window():
+    for stride in (0, 17):
+        with pytest.raises(ValueError, match="stride must be in 1..seq_len"):
+            B.windows(torch.arange(50), 16, stride)
+
+
+def test_sliding_bpb_equals_the_sum_of_per_position_losses():
+    """A model whose logits depend on the position in its window: the strided bpb must add up the losses of exactly
+    the positions `windows` says are new, each target once."""
+    V, seq_len, stride = 11, 12, 5
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, V, (140,), generator=g)
+    lengths = torch.randint(0, 4, (V,), generator=g)
+    table = torch.randn(seq_len, V, generator=g)
+
+    def logits_fn(ids):  # [B, S] -> [B, S, V]: row s of the table for position s, whatever the ids
+        return table[: ids.shape[1]].expand(ids.shape[0], -1, -1)
+
+    nats = nbytes = 0.0
+    for w, skip in B.windows(tokens, seq_len, stride):
+        for s in range(skip, len(w) - 1):
+            t = int(w[s + 1])
+            if lengths[t] > 0:
+                nats -= torch.log_softmax(table[s], -1)[t].item()
+                nbytes += int(lengths[t])
+    r = B.bits_per_byte(logits_fn, tokens, lengths, seq_len, batch_size=3, stride=stride)
+    assert r.bytes == nbytes == int(lengths[tokens[1:]].sum())
+    assert r.bpb == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
+    disjoint = B.bits_per_byte(logits_fn, tokens, lengths, seq_len, batch_size=3)
+    assert disjoint.bytes == r.bytes and disjoint.bpb != pytest.approx(r.bpb, rel=1e-3)
+
+
 def test_bigram_model_as_logits_fn_equals_bigram_bpb():
     V = 20
     g = torch.Generator().manual_seed(1)

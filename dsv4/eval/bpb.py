@@ -34,10 +34,21 @@ class Bpb:
         return self.nats / max(self.tokens, 1)
 
 
-def windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
-    """Cut a 1-D stream into windows of up to seq_len + 1 tokens overlapping by one, so that every token after the
-    first is a target exactly once; the last window may be shorter."""
-    return [tokens[i:i + seq_len + 1] for i in range(0, len(tokens) - 1, seq_len)]
+def windows(tokens: torch.Tensor, seq_len: int, stride: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Cut a 1-D stream into (window, skip) pairs: windows of up to seq_len + 1 tokens starting every `stride` tokens
+    (default seq_len: back to back, overlapping by one), of whose seq_len targets the first `skip` were scored by the
+    window before. Every token after the first is a target exactly once; with stride < seq_len each one after the
+    first window is predicted from at least seq_len - stride tokens of context (a sliding-window evaluation)."""
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
+    out, start = [], 0
+    while len(tokens) > 1:
+        out.append((tokens[start:start + seq_len + 1], 0 if start == 0 else seq_len - stride))
+        if start + seq_len >= len(tokens) - 1:
+            return out
+        start += stride
+    return out
 
 
 def _summed(nats: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor) -> tuple[float, int, int]:
@@ -52,22 +63,24 @@ def _result(nats: float, nbytes: int, ntokens: int) -> Bpb:
 
 @torch.no_grad()
 def bits_per_byte(logits_fn: LogitsFn, tokens: torch.Tensor, bytes_per_token: torch.Tensor, seq_len: int,
-                  batch_size: int = 8) -> Bpb:
-    """bpb of `logits_fn` on the 1-D token stream `tokens`, read in windows of `seq_len` (see `windows`).
-    `bytes_per_token` [V]: byte length of each token id (0 for special tokens), e.g. from `token_byte_lengths`.
-    `logits_fn` gets CPU ids [B, S] and moves them to its model's device itself."""
+                  batch_size: int = 8, stride: int | None = None) -> Bpb:
+    """bpb of `logits_fn` on the 1-D token stream `tokens`, read in windows of `seq_len` every `stride` tokens (see
+    `windows`; default back to back). `bytes_per_token` [V]: byte length of each token id (0 for special tokens),
+    e.g. from `token_byte_lengths`. `logits_fn` gets CPU ids [B, S] and moves them to its model's device itself."""
     bytes_per_token = bytes_per_token.to(torch.long)
-    ws = windows(tokens.to(torch.long), seq_len)
+    ws = windows(tokens.to(torch.long), seq_len, stride)
     nats, nbytes, ntokens = 0.0, 0, 0
-    full = [w for w in ws if len(w) == seq_len + 1]
-    batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [w[None] for w in ws if len(w) != seq_len + 1]
-    for batch in batches:                                          # [B, S + 1]
-        ids, targets = batch[:, :-1], batch[:, 1:]
-        logits = logits_fn(ids)                                    # [B, S, V]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(logits.device), reduction="none")
-        n, b, t = _summed(ce.cpu(), targets.flatten(), bytes_per_token)
-        nats, nbytes, ntokens = nats + n, nbytes + b, ntokens + t
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # windows of one length and skip batch together
+    for w, skip in ws:
+        groups.setdefault((len(w), skip), []).append(w)
+    for (_, skip), same in groups.items():
+        for i in range(0, len(same), batch_size):
+            batch = torch.stack(same[i:i + batch_size])                # [B, S + 1]
+            ids, targets = batch[:, :-1], batch[:, skip + 1:]
+            logits = logits_fn(ids)[:, skip:]                          # [B, S - skip, V]
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(logits.device), reduction="none")
+            n, b, t = _summed(ce.cpu(), targets.flatten(), bytes_per_token)
+            nats, nbytes, ntokens = nats + n, nbytes + b, ntokens + t
     return _result(nats, nbytes, ntokens)
 
 

@@ -65,9 +65,11 @@ def _token_stream(docs, tok, cache: Path) -> torch.Tensor:
 
 
 def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max_tokens: int | None = None,
-                cache_dir: Path | None = None) -> dict:
+                cache_dir: Path | None = None, stride: int | None = None) -> dict:
     """bpb of the model and of interpolated Kneser-Ney n-grams of order 2, 3 and 4 (fit on the train split) on the
-    same held-out tokens: where the model stands between counting pairs and counting phrases."""
+    same held-out tokens: where the model stands between counting pairs and counting phrases. The model reads
+    windows of seq_len tokens every `stride` (default seq_len // 2: each token after the first window has at least
+    half a window of context; seq_len = back to back windows, see dsv4.eval.bpb.windows)."""
     from dsv4.data.corpus import load_corpus
     from dsv4.eval.bpb import bigram_bpb, bits_per_byte, ngram_bpb, token_byte_lengths
 
@@ -80,12 +82,13 @@ def heldout_bpb(model, tok, data: str | None, val_frac: float, seq_len: int, max
         val = val[:max_tokens + 1]
     nbytes = token_byte_lengths(tok.tok)
     device = next(model.parameters()).device
-    ours = bits_per_byte(lambda ids: model(ids.to(device)), val, nbytes, seq_len)
+    stride = stride or max(seq_len // 2, 1)
+    ours = bits_per_byte(lambda ids: model(ids.to(device)), val, nbytes, seq_len, stride=stride)
     bigram = bigram_bpb(train, val, nbytes, tok.vocab_size)
     higher = {f"kn{n}_bpb": ngram_bpb(train, val, nbytes, tok.vocab_size, order=n).bpb
               if tok.vocab_size ** n < 2**63 else None for n in (3, 4)}  # None: a vocabulary too large for the keys
     return {"bpb": ours.bpb, "bigram_bpb": bigram.bpb, **higher, "val_tokens": ours.tokens, "val_bytes": ours.bytes,
-            "val_files": len(val_docs), "nats_per_token": ours.nats_per_token}
+            "val_files": len(val_docs), "nats_per_token": ours.nats_per_token, "window": seq_len, "stride": stride}
 
 
 def sample_completions(model, tok, max_new_tokens: int = 96) -> list[dict]:
@@ -144,12 +147,12 @@ def settled(cfg: TrainedOn | None, data: str | None, val_frac: float | None, seq
                      val_frac or (cfg.val_frac if cfg else 0.03), seq_len or (cfg.seq_len if cfg else 512))
 
 
-def report_bpb(model, tok, on: TrainedOn, max_tokens: int, cache: Path | None) -> dict:
-    r = heldout_bpb(model, tok, on.data, on.val_frac, on.seq_len, max_tokens or None, cache)
+def report_bpb(model, tok, on: TrainedOn, max_tokens: int, cache: Path | None, stride: int | None = None) -> dict:
+    r = heldout_bpb(model, tok, on.data, on.val_frac, on.seq_len, max_tokens or None, cache, stride)
     grams = ", ".join(f"{n}-gram {r[f'kn{n}_bpb']:.4f}" for n in (3, 4) if r[f"kn{n}_bpb"] is not None)
     print(f"held-out bits per byte: {r['bpb']:.4f}   (Kneser-Ney baselines: bigram {r['bigram_bpb']:.4f}"
           f"{', ' + grams if grams else ''}; {r['val_tokens']} tokens, {r['val_bytes']} bytes"
-          f" of {r['val_files']} files never trained on)")
+          f" of {r['val_files']} files never trained on, read in {r['window']}-token windows every {r['stride']})")
     return r
 
 
@@ -214,8 +217,9 @@ def report_niah(model, tok, filler, lengths: list[int], depths: int, samples: in
 
 
 def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: float | None = None,
-             seq_len: int | None = None, max_tokens: int = 65536, bpb: bool = True, samples: bool = True,
-             humaneval: bool = False, humaneval_limit: int | None = None, max_new_tokens: int = 128,
+             seq_len: int | None = None, stride: int | None = None, max_tokens: int = 0, bpb: bool = True,
+             samples: bool = True, humaneval: bool = False, humaneval_limit: int | None = None,
+             max_new_tokens: int = 128,
              niah: bool = False, niah_lengths: Sequence[int] = NIAH_LENGTHS, niah_depths: int = 5,
              niah_samples: int = 2, niah_seed: int = 0, niah_out: str | os.PathLike | None = None,
              device: str | None = None, dtype: str = "auto", json_path: str | os.PathLike | None = None) -> dict:
@@ -230,7 +234,7 @@ def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: floa
     report: dict = {"ckpt": ckpt}
     if bpb:
         cache = Path(ckpt).parent / "data" if cfg and data is None else None  # the trainer's token files
-        report["bpb"] = report_bpb(model, tok, on, max_tokens, cache)
+        report["bpb"] = report_bpb(model, tok, on, max_tokens, cache, stride)
     if samples:
         report["samples"] = report_samples(model, tok)
         report["syntax"] = report_syntax(model, tok, on)

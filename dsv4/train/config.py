@@ -17,14 +17,14 @@ class StageConfig:
     """Hyper-parameters of one training stage (pretraining or fine-tuning). The defaults are pretraining's as
     `make run` uses them: 16 x 256-token windows a step (the sweep's best window at 4096 tokens a step: docs/NOTES.md,
     "Sizing the `make run` model"); `dsv4 train` sizes `steps` by its time budget (10 minutes unless told) or takes
-    --steps. `TrainConfig.sft` holds the fine-tuning stage's (20 steps). Muon at 3e-3 is what two short sweeps
-    picked."""
+    --steps. `TrainConfig.sft` holds the fine-tuning stage's (20 steps). A peak lr of 5e-3 (Muon and AdamW) beat 3e-3
+    in 10 minutes (bench/results/budget_runs.json); evaluations and snapshots every 50 steps cost ~3% of the steps."""
     steps: int = 100
     batch_size: int = 16              # sequences per micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256
     optimizer: str = "muon"           # muon (hidden matrices; AdamW for the rest) | adamw
-    lr: float = 3e-3                  # peak lr of AdamW (embedding, head, norms, router, mHC scalars) and of Muon
+    lr: float = 5e-3                  # peak lr of AdamW (embedding, head, norms, router, mHC scalars) and of Muon
     muon_lr: float | None = None      # Muon's own peak lr (hidden matrices); None = lr
     weight_decay: float = 0.1
     warmup: int = 10
@@ -36,9 +36,9 @@ class StageConfig:
     mtp_weight: float = 0.3           # lambda of the MTP loss (0 = MTP off)
     indexer_warmup: int = 0           # steps of dense indexer warm-up (KL to the main attention); then sparse
     indexer_weight: float = 1.0       # weight of the indexer KL
-    eval_every: int = 25              # validation loss every N steps (and at the end)
+    eval_every: int = 50              # validation loss every N steps (and at the end)
     eval_batches: int = 4
-    save_every: int = 25              # snapshot every N steps (and at the end)
+    save_every: int = 50              # snapshot every N steps (and at the end)
     keep: int = 2                     # snapshots kept
     seed: int = 0
 
@@ -50,8 +50,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     """The whole pipeline: model, data, both stages, where it goes."""
-    out: str = "runs/v4-3m"
-    preset: str = "v4-3m"
+    out: str = "runs/v4-2m"
+    preset: str = "v4-2m"
     data: str | None = None           # None = the interpreter's standard library; a folder; or a .jsonl with "text"
     val_frac: float = 0.03
     device: str | None = None         # None = the accelerator if any, else the CPU
