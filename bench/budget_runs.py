@@ -32,6 +32,8 @@ VARIANTS = {
     "d128-l4-v1k": (trunk(128, 4, 1024, heads=2), {}),
     "d128-l3-v2k": (trunk(128, 3, 2048, heads=2), {}),  # became the preset v4-2m
     "d96-l3-v2k": (trunk(96, 3, 2048, heads=2), {}),
+    "d128-l3-v2k-b32": (trunk(128, 3, 2048, heads=2), dict(batch_size=32)),  # 8192 tokens a step
+    "d128-l3-v2k-lr7e-3": (trunk(128, 3, 2048, heads=2), dict(lr=7e-3)),
 }
 
 
@@ -67,7 +69,8 @@ def summary(name: str, work: Path) -> dict:
     cfg = json.loads((out / "train_config.json").read_text())
     model, _ = VARIANTS[name]
     return {"name": name, **{k: model[k] for k in ("dim", "n_layers", "vocab_size")},
-            "lr": cfg["pretrain"]["lr"], "steps": last["step"], "tokens": last["tokens"],
+            **{k: cfg["pretrain"][k] for k in ("lr", "batch_size", "seq_len", "eval_every", "save_every")},
+            "steps": last["step"], "tokens": last["tokens"],
             "tok_per_s": round(last["tok_per_s"]), **json.loads((out / "wall.json").read_text()),
             **{k: ev[k] for k in ("bpb", "bigram_bpb", "kn3_bpb", "kn4_bpb", "val_tokens", "val_bytes", "window",
                                   "stride")},

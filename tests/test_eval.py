@@ -203,7 +203,7 @@ def test_bpb_divides_by_bytes_and_skips_special_tokens():
     assert r.bpb == pytest.approx(len(counted) * math.log(V) / (math.log(2) * r.bytes))
 
 
-@pytest.mark.parametrize("n", [2, 17, 64, 65, 100, 203])
+@pytest.mark.parametrize("n", [1, 2, 17, 64, 65, 100, 203])
 @pytest.mark.parametrize("seq_len,stride", [(16, 16), (16, 8), (16, 5), (16, 1), (7, 3)])
 def test_windows_score_every_target_once_with_enough_context(n, seq_len, stride):
     tokens = torch.arange(n)

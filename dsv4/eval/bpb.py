@@ -42,13 +42,9 @@ def windows(tokens: torch.Tensor, seq_len: int, stride: int | None = None) -> li
     stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
-    out, start = [], 0
-    while len(tokens) > 1:
-        out.append((tokens[start:start + seq_len + 1], 0 if start == 0 else seq_len - stride))
-        if start + seq_len >= len(tokens) - 1:
-            return out
-        start += stride
-    return out
+    targets = len(tokens) - 1
+    count = 1 + max(0, math.ceil((targets - seq_len) / stride)) if targets > 0 else 0  # until a window reaches the end
+    return [(tokens[s:s + seq_len + 1], 0 if s == 0 else seq_len - stride) for s in range(0, count * stride, stride)]
 
 
 def _summed(nats: torch.Tensor, targets: torch.Tensor, bytes_per_token: torch.Tensor) -> tuple[float, int, int]:
