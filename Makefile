@@ -26,7 +26,7 @@ test: venv browser
 # are sized by the measured step time), then held-out bits-per-byte and sample completions; a finished run in
 # runs/v4-2m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
 # Preset, vocabulary and windows (dsv4 train's defaults): what bench/scaling.py and bench/budget_runs.py found best in
-# equal wall-clock (bench/results/scaling.json, budget_runs.json). RUN_ARGS: any further `dsv4 train` flags.
+# equal wall-clock (bench/results/scaling.json, budget_runs_10m.json). RUN_ARGS: any further `dsv4 train` flags.
 RUN_PRESET ?= v4-2m
 RUN_BUDGET ?= 10m
 DTYPE ?= auto

@@ -1,9 +1,9 @@
-"""What `make run` buys with other choices: `v4-3m` and variants of it (vocabulary, depth, width, peak lr) each trained
-as `make run` trains (the whole pipeline: pretraining sized to a wall-clock budget, then the fine-tuning stage), then
+"""What `make run` buys with other choices: its model and variants (vocabulary, depth, width, batch, peak lr), each
+trained as `make run` trains (the whole pipeline: pretraining sized to a wall-clock budget, then fine-tuning), then
 scored as `make run` scores (`dsv4 eval`: the whole held-out split, 256-token windows every 128 tokens, beside
 Kneser-Ney n-grams on the same tokens).
 
-    python bench/budget_runs.py --budget 10m --json bench/results/budget_runs.json
+    python bench/budget_runs.py --budget 10m --json bench/results/budget_runs_10m.json
     python bench/budget_runs.py --points d128-l3-v2k d96-l3-v2k       # some of them
 
 Unlike bench/scaling.py (pretraining alone, a sweep over sizes), this compares whole runs of the `make run` kind. The

@@ -138,8 +138,7 @@ def train_config(opts):
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
     pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else opts.steps, batch_size=opts.batch_size,
                                    grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
-                                   muon_lr=opts.muon_lr,
-                                   warmup=opts.warmup, schedule=opts.schedule,
+                                   muon_lr=opts.muon_lr, warmup=opts.warmup, schedule=opts.schedule,
                                    indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
                               seq_len=opts.sft_seq_len, grad_accum=opts.grad_accum, **shared)
@@ -209,8 +208,7 @@ def run_eval(opts) -> int:
     from dsv4.eval.run import evaluate
 
     evaluate(opts.ckpt, data=opts.data, val_frac=opts.val_frac, seq_len=opts.seq_len, stride=opts.stride,
-             max_tokens=opts.max_tokens,
-             bpb=not opts.no_bpb, samples=not opts.no_samples, humaneval=opts.humaneval,
+             max_tokens=opts.max_tokens, bpb=not opts.no_bpb, samples=not opts.no_samples, humaneval=opts.humaneval,
              humaneval_limit=opts.humaneval_limit, max_new_tokens=opts.max_new_tokens, niah=opts.niah,
              niah_lengths=opts.niah_lengths, niah_depths=opts.niah_depths, niah_samples=opts.niah_samples,
              niah_seed=opts.niah_seed, niah_out=opts.niah_out, device=opts.device, dtype=opts.dtype,

@@ -35,6 +35,7 @@ def test_cli_eval_reports_bpb_and_samples(ckpt, corpus, tmp_path, capsys):  # no
     assert report["ckpt"] == str(ckpt) and "humaneval" not in report and "niah" not in report
     bpb = report["bpb"]
     assert bpb["val_tokens"] <= 256 and bpb["bpb"] > 0 and bpb["val_files"] >= 1
+    assert (bpb["window"], bpb["stride"]) == (64, 32) and "64-token windows every 32" in out  # half a window
     assert all(bpb[k] > 0 for k in ("bigram_bpb", "kn3_bpb", "kn4_bpb"))
     assert [s["mode"] for s in report["samples"]] == ["raw"] * len(ev.COMPLETION_PROMPTS) + ["chat"]
     syntax = report["syntax"]  # the held-out files' functions, completed by an untrained model
@@ -42,6 +43,13 @@ def test_cli_eval_reports_bpb_and_samples(ckpt, corpus, tmp_path, capsys):  # no
     assert all(c["signature"].startswith(("def ", "async def ")) for c in syntax["cases"]) and "syntax:" in out
     for s in report["samples"]:
         assert f"----- {s['mode']}: {s['prompt']!r}" in out
+
+
+def test_cli_eval_scores_the_whole_split_in_half_window_steps_by_default():
+    from dsv4.cli import parser
+
+    opts = parser().parse_args(["eval", "--ckpt", "x"])
+    assert (opts.max_tokens, opts.stride, opts.seq_len) == (0, None, None)  # all tokens; stride = seq_len // 2 later
 
 
 def test_cli_eval_can_skip_everything(ckpt, tmp_path, capsys):

@@ -219,9 +219,8 @@ def report_niah(model, tok, filler, lengths: list[int], depths: int, samples: in
 def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: float | None = None,
              seq_len: int | None = None, stride: int | None = None, max_tokens: int = 0, bpb: bool = True,
              samples: bool = True, humaneval: bool = False, humaneval_limit: int | None = None,
-             max_new_tokens: int = 128,
-             niah: bool = False, niah_lengths: Sequence[int] = NIAH_LENGTHS, niah_depths: int = 5,
-             niah_samples: int = 2, niah_seed: int = 0, niah_out: str | os.PathLike | None = None,
+             max_new_tokens: int = 128, niah: bool = False, niah_lengths: Sequence[int] = NIAH_LENGTHS,
+             niah_depths: int = 5, niah_samples: int = 2, niah_seed: int = 0, niah_out: str | os.PathLike | None = None,
              device: str | None = None, dtype: str = "auto", json_path: str | os.PathLike | None = None) -> dict:
     """`dsv4 eval`: what is asked of held-out bpb (on the data the checkpoint was trained with unless `data` says
     otherwise; max_tokens 0 = all), sample completions, HumanEval pass@1 and the NIAH grid (written to niah_out,
