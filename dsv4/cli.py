@@ -13,6 +13,7 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 chat --ckpt DIR                        terminal chat: history, chat template, streaming, /reset
                                                 (dsv4.engine.chat)
     dsv4 serve --ckpt DIR                       the OpenAI-compatible API and the web chat page (dsv4.serve.lifecycle)
+    dsv4 engram --ckpt DIR --text TEXT [--json] the Engram memory rows a text reads (dsv4.weights.engram)
 """
 
 import argparse
@@ -119,7 +120,36 @@ def add_train(subparsers):
     g.add_argument("--sft-lr", type=float, default=sft.lr)
     g.add_argument("--sft-batch-size", type=int, default=sft.batch_size)
     g.add_argument("--sft-seq-len", type=int, default=sft.seq_len)
+    add_engram_options(p)
     p.set_defaults(run=run_train)
+
+
+def add_engram_options(p):
+    g = p.add_argument_group("Engram conditional memory (hashed n-gram tables read before attention; off unless "
+                             "--engram; each option's default fits the preset: dsv4.config.engram_defaults)")
+    g.add_argument("--engram", action="store_true", help="add Engram to the preset")
+    g.add_argument("--engram-layers", type=int, nargs="+", metavar="LAYER",
+                   help="main layers that read the memory (default: the second, and one a third down in deep models)")
+    g.add_argument("--engram-max-ngram", type=int, help="n-gram orders 2..N (default 3)")
+    g.add_argument("--engram-heads", type=int, help="hash heads (tables) per order (default 4, 8 from dim 512)")
+    g.add_argument("--engram-vocab", type=int, nargs="+", metavar="ROWS",
+                   help="rows per head for each order, or one number for every order (default 5x the vocabulary)")
+    g.add_argument("--engram-dim", type=int, help="width per order, split over its heads (default half the model's)")
+    g.add_argument("--engram-seed", type=int, help="seed of the hash multipliers (default 0)")
+    g.add_argument("--engram-conv", action=argparse.BooleanOptionalAction, default=None,
+                   help="the paper's causal short convolution (default on; V4.1 ships without it)")
+
+
+ENGRAM_OPTIONS = ("layers", "max_ngram", "heads", "vocab", "dim", "seed", "conv")
+
+
+def engram_options(opts) -> dict | None:
+    """--engram and its options -> TrainConfig.engram (None: off; the options given, the rest default)."""
+    given = {k: getattr(opts, f"engram_{k}") for k in ENGRAM_OPTIONS if getattr(opts, f"engram_{k}") is not None}
+    if given and not opts.engram:
+        flags = ", ".join(f"--engram-{k.replace('_', '-')}" for k in given)
+        raise ValueError(f"{flags} configure Engram, which is off: add --engram")
+    return given if opts.engram else None
 
 
 def train_config(opts):
@@ -151,7 +181,7 @@ def train_config(opts):
                        val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
                        longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
-                       longctx_edge_frac=opts.longctx_edge_frac, sft=sft)
+                       longctx_edge_frac=opts.longctx_edge_frac, sft=sft, engram=engram_options(opts))
 
 
 def run_train(opts) -> int:
@@ -338,7 +368,34 @@ def run_serve(opts) -> int:
                  model_name=opts.model_name, drain_timeout=opts.drain_timeout, **engine_options(opts))
 
 
-COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve)
+def add_engram(subparsers):
+    p = subparsers.add_parser("engram", help="which Engram memory rows a text reads",
+                              description="Tokenize TEXT with the checkpoint's tokenizer and print, per position, the "
+                              "token, its compressed id and the row it reads in every (order, head) table of every "
+                              "Engram layer (rows within each head's table). Reads config.json, tokenizer.json and "
+                              "the stored compression; loads no weights.")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint trained with --engram")
+    p.add_argument("--text", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(run=run_engram)
+
+
+def run_engram(opts) -> int:
+    import json
+
+    from dsv4.tokenizers.text import Tokenizer
+    from dsv4.weights.engram import engram_report, format_engram
+
+    report = engram_report(opts.ckpt, opts.text)
+    if opts.json:
+        print(json.dumps(report))
+    else:
+        tok = Tokenizer.from_file(os.path.join(opts.ckpt, "tokenizer.json"))
+        print(format_engram(report, [tok.decode([i]) for i in report["token_ids"]]))
+    return 0
+
+
+COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram)
 
 
 def parser() -> argparse.ArgumentParser:

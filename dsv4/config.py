@@ -70,9 +70,21 @@ class ModelArgs:
     hc_eps: float = 1e-6
     # --- multi-token prediction ---
     n_mtp_layers: int = 1
+    # --- Engram conditional memory (dsv4.model.engram): off while engram_layers is empty ---
+    engram_layers: list[int] = field(default_factory=list)  # main layers that read the memory before attention
+    engram_max_ngram: int = 3  # n-gram orders 2..N
+    engram_heads: int = 8  # hash heads (tables) per order
+    engram_vocab: list[int] = field(default_factory=list)  # rows per head for each order (the first prime above)
+    engram_dim: int = 512  # width per order: engram_heads rows of engram_dim // engram_heads
+    engram_seed: int = 0
+    engram_conv: bool = True  # the paper's causal depthwise short convolution (V4.1 ships without it)
+    engram_kernel: int = 4
+    engram_pad_id: int = 2  # the token id that stands before a sequence's start (compressed like any other)
+    engram_compressed_vocab: int = 0  # ids after tokenizer compression (0: not compressed, vocab_size)
 
     def __post_init__(self):
         self.compress_ratios = list(self.compress_ratios)
+        self.engram_layers, self.engram_vocab = list(self.engram_layers), list(self.engram_vocab)
         positive = ["vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
                     "window_size", "index_n_heads", "index_head_dim", "n_routed_experts", "n_activated_experts",
                     "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters", "csa_ratio", "hca_ratio", "max_seq_len"]
@@ -116,8 +128,51 @@ class ModelArgs:
         if bad:
             raise ValueError(f"ModelArgs.compress_ratios entries must be in {sorted(allowed)} "
                              f"(0, csa_ratio, hca_ratio), got {bad}")
+        if self.engram_layers:
+            self._check_engram()
+
+    def _check_engram(self):
+        layers = self.engram_layers
+        if sorted(set(layers)) != layers or not all(0 <= i < self.n_layers for i in layers):
+            raise ValueError(f"ModelArgs.engram_layers must be distinct main layers in increasing order, in "
+                             f"[0, {self.n_layers}), got {layers}")
+        for name in ("engram_heads", "engram_dim", "engram_kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.engram_max_ngram < 2:
+            raise ValueError(f"ModelArgs.engram_max_ngram must be >= 2 (bigrams), got {self.engram_max_ngram}")
+        if len(self.engram_vocab) != self.engram_max_ngram - 1 or min(self.engram_vocab) < 2:
+            raise ValueError(f"ModelArgs.engram_vocab needs one table size >= 2 per order 2..{self.engram_max_ngram},"
+                             f" got {self.engram_vocab}")
+        if self.engram_dim % self.engram_heads:
+            raise ValueError(f"ModelArgs.engram_dim ({self.engram_dim}) must be a multiple of engram_heads "
+                             f"({self.engram_heads})")
+        if not 0 <= self.engram_pad_id < self.vocab_size:
+            raise ValueError(f"ModelArgs.engram_pad_id must be a token id, got {self.engram_pad_id}")
+        if not 0 <= self.engram_compressed_vocab <= self.vocab_size:
+            raise ValueError(f"ModelArgs.engram_compressed_vocab must be in [0, vocab_size], "
+                             f"got {self.engram_compressed_vocab}")
 
     # --- derived ---
+    @property
+    def engram(self) -> bool:
+        return bool(self.engram_layers)
+
+    @property
+    def compressed_vocab(self) -> int:
+        """Size of Engram's compressed vocabulary (the whole vocabulary when the ids are not compressed)."""
+        return self.engram_compressed_vocab or self.vocab_size
+
+    def with_engram(self, **options) -> ModelArgs:
+        """These args with Engram on: defaults that fit the model (`engram_defaults`), then `options` (the engram_*
+        fields without the prefix; None keeps the default)."""
+        chosen = {**engram_defaults(self), **{k: v for k, v in options.items() if v is not None}}
+        vocab = chosen["vocab"]
+        if isinstance(vocab, int) or len(vocab) == 1:  # one size for every order
+            chosen["vocab"] = [vocab if isinstance(vocab, int) else vocab[0]] * (chosen["max_ngram"] - 1)
+        return ModelArgs.from_dict({**self.to_dict(), **{f"engram_{k}": v for k, v in chosen.items()}})
+
     @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
@@ -215,10 +270,26 @@ class ModelArgs:
             "num_nextn_predict_layers": self.n_mtp_layers,
             # our extra: the MTP layers' attention kind, which transformers does not model
             "mtp_compress_ratios": self.compress_ratios[self.n_layers:],
+            # our extra: Engram (transformers has none; it keeps the key as a plain attribute)
+            **({"engram": {k: getattr(self, f"engram_{k}") for k in ENGRAM_KEYS}} if self.engram else {}),
         }
 
 
 # transformers keys we read, and keys that carry no meaning for the math (accepted and ignored)
+def engram_defaults(args: ModelArgs) -> dict:
+    """Engram settings that fit any preset (`tiny` included): the second layer (and one a third of the way down in
+    deep models, as V4.1 reads it at layers 1 and 14 of 43), orders 2 and 3, rows per head 5x the vocabulary (the
+    demo's ratio), half the model width per order, the paper's short convolution."""
+    n = args.n_layers
+    layers = sorted({min(1, n - 1)} | ({n // 3} if n >= 6 else set()))
+    heads = 8 if args.dim >= 512 else 4
+    dim = max(heads * 8, args.dim // 2 // heads * heads)
+    return dict(layers=layers, max_ngram=3, heads=heads, vocab=5 * args.vocab_size, dim=dim, seed=0, conv=True,
+                kernel=4, pad_id=2 if args.vocab_size > 2 else 0)
+
+
+ENGRAM_KEYS = ("layers", "max_ngram", "heads", "vocab", "dim", "seed", "conv", "kernel", "pad_id", "compressed_vocab")
+
 _HF_IGNORED = {
     "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "pad_token_id",
     "initializer_range", "attention_bias", "attention_dropout", "mlp_bias", "hidden_act", "output_router_logits",
@@ -247,7 +318,7 @@ def _hf_to_args(c: dict) -> dict:
     }
     structural = {"layer_types", "compress_rates", "mlp_layer_types", "rope_parameters", "partial_rotary_factor",
                   "mtp_compress_ratios", "qk_rope_head_dim", "compress_ratios", "num_hash_layers",
-                  "compress_rate_csa", "compress_rate_hca", "rope_scaling", "topk_method"}
+                  "compress_rate_csa", "compress_rate_hca", "rope_scaling", "topk_method", "engram"}
     unknown = sorted(k for k in c if k not in simple and k not in structural and k not in _HF_IGNORED)
     if unknown:
         raise ValueError(f"config.json has field(s) dsv4 does not understand: {', '.join(unknown)}")
@@ -259,6 +330,11 @@ def _hf_to_args(c: dict) -> dict:
     _hf_rope(c, d)
     _hf_layer_kinds(c, d, n)
     _hf_hash_layers(c, d, n)
+    engram = c.get("engram") or {}
+    unknown = sorted(set(engram) - set(ENGRAM_KEYS))
+    if unknown:
+        raise ValueError(f"config.json's engram has field(s) dsv4 does not understand: {', '.join(unknown)}")
+    d.update({f"engram_{k}": v for k, v in engram.items()})
     return d
 
 

@@ -6,6 +6,9 @@ Per layer and sequence slot:
                                 (R = m for HCA: the window not yet closed; R = 2m for CSA: also the previous window,
                                 whose first-half channels the overlapping compressor borrows), a ring by position % R
     index       (CSA)           the lightning indexer's compressed keys, kept the same way
+    conv        (Engram layers with the short convolution) its input at the last (kernel - 1) * dilation positions
+Per sequence slot, with Engram: the compressed ids of the last N - 1 positions (the n-gram hash's context).
+Both Engram rings hold one row more than they are read by (see the note on re-run positions below).
 
 A model step (`Transformer.step`) reads this state, computes `width` new positions for every row of a batch and
 commits only each row's first `length` of them, so rows of different lengths (continuous batching) and drafts that
@@ -50,13 +53,14 @@ class LayerCache:
     window: torch.Tensor  # [slots + 1, W, d]
     compressed: CompressedState | None = None
     index: CompressedState | None = None
+    conv: torch.Tensor | None = None  # Engram's short convolution: [slots + 1, context + 1, n * dim]
 
     def tensors(self) -> list[torch.Tensor]:
         parts = [self.window]
         for state in (self.compressed, self.index):
             if state is not None:
                 parts += state.tensors()
-        return parts
+        return parts + ([self.conv] if self.conv is not None else [])
 
 
 class KVCache:
@@ -78,7 +82,13 @@ class KVCache:
                                                          device, dtype)
             if kind == "csa":
                 cache.index = CompressedState.empty(slots, max_len, ratio, args.index_head_dim, True, device, dtype)
+            if layer_id in args.engram_layers and args.engram_conv:
+                context = (args.engram_kernel - 1) * args.engram_max_ngram
+                cache.conv = torch.zeros(slots + 1, context + 1, args.hc_mult * args.dim, device=device, dtype=dtype)
             self.layers.append(cache)
+        # the compressed ids of each sequence's last N - 1 positions (+ 1 row), for Engram's n-gram hash
+        self.engram_ids = (torch.zeros(slots + 1, args.engram_max_ngram, device=device, dtype=torch.long)
+                           if args.engram else None)
 
     @property
     def main(self) -> list[LayerCache]:
@@ -90,7 +100,9 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes allocated (all slots, the spare one included)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        parts = [t for layer in self.layers for t in layer.tensors()]
+        parts += [self.engram_ids] if self.engram_ids is not None else []
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def bytes_per_token(self) -> float:
         """Bytes that grow with the context, per token of one sequence: the compressed entries and indexer keys."""
@@ -103,6 +115,8 @@ class KVCache:
             rows.append(layer.window[0])
             rows += [t[0] for state in (layer.compressed, layer.index) if state is not None
                      for t in state.tensors()[1:]]
+            rows += [layer.conv[0]] if layer.conv is not None else []
+        rows += [self.engram_ids[0]] if self.engram_ids is not None else []
         return sum(t.numel() * t.element_size() for t in rows)
 
 
@@ -147,6 +161,15 @@ class Step:
         if table not in self._rope:
             self._rope[table] = self.rotary[kind](self.positions)
         return self._rope[table]
+
+    def read_past(self, ring: torch.Tensor, fill) -> torch.Tensor:
+        """The R - 1 positions before the step from a ring of R rows kept one row longer than it is read (Engram's):
+        [B, R - 1, ...], `fill` where a position is before the sequence start. The extra row is what a re-run
+        position overwrites (q lands on q - R, which no query at q or later reads)."""
+        past = self.read_ring(ring)[:, 1:]
+        n = past.shape[1]
+        before = (self.start[:, None] - n + torch.arange(n, device=ring.device)) < 0
+        return torch.where(before.view(*before.shape, *[1] * (past.dim() - 2)), fill, past)
 
     def read_ring(self, ring: torch.Tensor) -> torch.Tensor:
         """Rows of a ring [slots + 1, R, ...] for positions start-R .. start-1 in order -> [B, R, ...]

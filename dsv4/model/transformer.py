@@ -1,7 +1,8 @@
 """The DeepSeek-V4 transformer: embedding -> hc_mult residual streams -> blocks -> hc_head -> norm -> head.
 
     h = embed(ids) copied into n streams                       [B, S, n, D]
-    block:  x, post, comb = hc_attn(h);  h = post * attn(attn_norm(x)) + comb^T h
+    block:  (Engram layers: h = h + engram(h, rows of the n-grams ending at each position))
+            x, post, comb = hc_attn(h);  h = post * attn(attn_norm(x)) + comb^T h
             x, post, comb = hc_ffn(h);   h = post * moe(ffn_norm(x))   + comb^T h
     logits = head(norm(hc_head(h)))
     MTP j:  h' = block(e_proj(enorm(embed(t_{i+1+j}))) + h_proj(hnorm(h_i)))  -> its own hc_head + norm -> shared head
@@ -20,6 +21,7 @@ from dsv4.config import ModelArgs
 from dsv4.kernels.fused import Linear
 from dsv4.model.attention import Attention
 from dsv4.model.cache import KVCache, LayerCache, Step
+from dsv4.model.engram import Engram, EngramHash, engram_hashes
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import Gate, MoE
 from dsv4.model.norm import RMSNorm
@@ -27,13 +29,14 @@ from dsv4.model.rope import Rotary
 from dsv4.model.stats import LayerStats, TrainStats
 
 # parameters the release keeps in fp32 whatever the compute dtype (hyper-connections, norms, sinks, gate bias)
-FP32_SUFFIXES = (".fn", ".base", ".scale", "attn_sink", ".ape", "norm.weight", "gate.bias")
+FP32_SUFFIXES = (".fn", ".base", ".scale", "attn_sink", ".ape", "norm.weight", "gate.bias", "engram.table.weight")
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, hashing: EngramHash | None = None):
         super().__init__()
         self.layer_id = layer_id
+        self.engram = Engram(args, layer_id, hashing) if hashing is not None else None
         self.kind = args.layer_kind(layer_id)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args, layer_id)
@@ -45,16 +48,27 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: LayerCache | None = None, step: Step | None = None,
-                stats: LayerStats | None = None) -> torch.Tensor:
+                stats: LayerStats | None = None, memory: torch.Tensor | None = None) -> torch.Tensor:
         """Streams h [B, S, n, D] fp32 -> new streams: whole sequences (rope = this kind's (cos, sin); training passes
-        `stats` for the block to report into), or with `cache` and `step` one incremental step."""
+        `stats` for the block to report into), or with `cache` and `step` one incremental step. memory: the Engram
+        rows [B, S, H'] this layer reads (Engram layers only)."""
         dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
+        if self.engram is not None:
+            h = self.read_memory(h, memory, cache, step)
         x, post, comb = self.hc_attn(h)
         a = self.attn_norm(x).to(dtype)
         a = self.attn(a, rope, stats) if cache is None else self.attn.step(a, cache, step)
         h = self.hc_attn.post(a, h, post, comb)
         x, post, comb = self.hc_ffn(h)
         return self.hc_ffn.post(self.ffn(self.ffn_norm(x).to(dtype), ids, stats), h, post, comb)
+
+    def read_memory(self, h: torch.Tensor, rows: torch.Tensor, cache: LayerCache | None, step: Step | None):
+        """h + Engram's output; in a step, its short convolution continues from (and commits to) the cache."""
+        if cache is None or cache.conv is None:
+            return self.engram(h, rows)[0]
+        h, x = self.engram(h, rows, step.read_past(cache.conv, 0.0))
+        step.write_ring(cache.conv, x)
+        return h
 
 
 class MTPBlock(Block):
@@ -83,7 +97,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        hashes = engram_hashes(args)
+        self.layers = nn.ModuleList(Block(args, i, hashes.get(i)) for i in range(args.n_layers))
+        if args.engram:  # token id -> Engram's compressed id (from the tokenizer: `set_engram_vocab`)
+            self.register_buffer("engram_ids", torch.arange(args.vocab_size))
         self.hc_head = HyperHead(args.dim, args.hc_mult, args.hc_eps, args.norm_eps)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = Linear(args.dim, args.vocab_size, bias=False)
@@ -105,6 +122,19 @@ class Transformer(nn.Module):
             elif module is not self and type(module).__module__.startswith("dsv4.") \
                     and hasattr(module, "reset_parameters"):
                 module.reset_parameters(std)
+        if self.args.engram:  # a stand-in until the tokenizer's compression is set
+            self.engram_ids.copy_(torch.arange(self.args.vocab_size).clamp(max=self.args.compressed_vocab - 1))
+
+    @torch.no_grad()
+    def set_engram_vocab(self, lookup) -> None:
+        """Engram's compressed id of every token id ([vocab_size] ints: dsv4.model.engram.compress_vocab)."""
+        lookup = torch.as_tensor(lookup, dtype=torch.long)
+        if lookup.shape != (self.args.vocab_size,) or int(lookup.min()) < 0 \
+                or int(lookup.max()) + 1 != self.args.compressed_vocab:
+            raise ValueError(f"an Engram compression must map each of the {self.args.vocab_size} token ids into "
+                             f"[0, {self.args.compressed_vocab}), using the last; got {tuple(lookup.shape)} ids in "
+                             f"[{int(lookup.min())}, {int(lookup.max())}]")
+        self.engram_ids.copy_(lookup)
 
     @torch.no_grad()
     def init_rope(self):
@@ -143,9 +173,26 @@ class Transformer(nn.Module):
         ropes["hca"] = ropes["csa"]
         # fp32 streams; materialised, since batched matmuls over a stride-0 stream dim fall back to per-token copies
         h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        memory = self.engram_rows(input_ids)
         for layer in self.layers:
-            h = layer(h, input_ids, ropes[layer.kind], stats=None if stats is None else stats.layer(layer.layer_id))
+            h = layer(h, input_ids, ropes[layer.kind], stats=None if stats is None else stats.layer(layer.layer_id),
+                      memory=memory.get(layer.layer_id))
         return h, ropes
+
+    def engram_rows(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                    step: Step | None = None) -> dict[int, torch.Tensor]:
+        """{Engram layer: rows [B, S, H'] of its table} from the token ids alone (before any block runs). In a step
+        the n-grams reach back into the previous positions kept in the cache, and this step's ids are committed."""
+        if not self.args.engram:
+            return {}
+        ids = self.engram_ids[input_ids]
+        pad = self.engram_ids[self.args.engram_pad_id]
+        past = None if cache is None else step.read_past(cache.engram_ids, pad)
+        rows = {layer.layer_id: layer.engram.hashing.rows(ids, pad, past) for layer in self.layers
+                if layer.engram is not None}
+        if cache is not None:
+            step.write_ring(cache.engram_ids, ids)
+        return rows
 
     def hidden(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
         """Streams [B, S, n, D] -> the head's input [B, S, D] (collapsed, normalised, in the head's dtype)."""
@@ -204,8 +251,9 @@ class Transformer(nn.Module):
     def step_unchecked(self, input_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
         """`step` without the input checks (they read the ids on the host): what a compiled decode step runs."""
         h = self.embed(input_ids).float().unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        memory = self.engram_rows(input_ids, cache, step)
         for layer, layer_cache in zip(self.layers, cache.main):
-            h = layer(h, input_ids, None, layer_cache, step)
+            h = layer(h, input_ids, None, layer_cache, step, memory=memory.get(layer.layer_id))
         return h
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:

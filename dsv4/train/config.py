@@ -60,6 +60,7 @@ class TrainConfig:
     init_seed: int = 0
     init: str | None = None           # a checkpoint directory to start from (its weights and tokenizer)
     time_budget: float | None = None  # seconds for the whole run; pretraining's steps are then measured to fit
+    engram: dict | None = None        # Engram on the preset: {option: value} over engram_defaults (None = off)
     pretrain: StageConfig = field(default_factory=StageConfig)
     longctx: StageConfig = field(default_factory=lambda: StageConfig(
         steps=0, batch_size=1, seq_len=8192, lr=1e-3, warmup=5, indexer_warmup=20, mtp_weight=0.0, eval_every=50,

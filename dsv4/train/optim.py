@@ -13,7 +13,9 @@ typically have, and Muon can share AdamW's learning rate and weight decay. Group
 orthogonalised per expert matrix (batched over leading dims).
 
 Everything that is not a hidden matrix (embeddings, output head, router, norms, hyper-connection params, attention
-sinks, compressor ape) goes to torch.optim.AdamW; `Optimizer` holds both behind one zero_grad/step/state_dict.
+sinks, compressor ape) goes to torch.optim.AdamW; Engram's tables (embeddings with sparse gradients) go to
+torch.optim.SparseAdam, a lazy Adam that updates only the rows a step read, and their moments only there (untouched
+rows and their state stay bit for bit as they were); `Optimizer` holds all three behind one zero_grad/step/state_dict.
 """
 import math
 
@@ -26,8 +28,9 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # leaf names of parameters trained without weight decay (AdamW): biases, sinks, compressor ape, mHC params
 _NO_DECAY_LEAVES = ("bias", "attn_sink", "ape", "fn", "base", "scale")
-# modules whose 2-D weight stays on AdamW (with decay) although it is a matrix: the output head and the router
-_ADAMW_MODULES = ("head", "gate")
+# modules whose weight stays on AdamW (with decay) although it has >= 2 dims: the output head, the router and
+# Engram's depthwise convolution (a [channels, 1, kernel] stack of filters, not a matrix)
+_ADAMW_MODULES = ("head", "gate", "conv")
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
@@ -106,10 +109,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def param_kind(name: str, p: nn.Parameter, module: nn.Module | None = None) -> str:
-    """'muon' (hidden matrices and expert stacks), 'decay' (AdamW with weight decay) or 'no_decay' (AdamW).
-    `module` is the parameter's owner; embeddings (nn.Embedding or a module named embed) and norms get no decay."""
+    """'muon' (hidden matrices and expert stacks), 'decay' (AdamW with weight decay), 'no_decay' (AdamW) or 'sparse'
+    (an embedding with sparse gradients: SparseAdam). `module` is the parameter's owner; embeddings (nn.Embedding or
+    a module named embed) and norms get no decay."""
     parts = name.split(".")
     owner = parts[-2] if len(parts) > 1 else ""
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return "sparse"
     if (p.dim() < 2 or parts[-1] in _NO_DECAY_LEAVES or owner == "embed" or "norm" in owner
             or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm))):
         return "no_decay"
@@ -120,11 +126,12 @@ def param_kind(name: str, p: nn.Parameter, module: nn.Module | None = None) -> s
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: float | None = None,
                  use_muon: bool = True, master=None) -> dict[str, list[dict]]:
-    """Split the model's trainable parameters: {'adamw': [decay group, no_decay group], 'muon': [group]}.
+    """Split the model's trainable parameters: {'adamw': [decay group, no_decay group], 'muon': [group],
+    'sparse': [group]}.
     Each group records its `kind` and `base_lr` (what set_lr scales). With use_muon=False muon matrices join 'decay'.
     `master(p)`, if given, is the tensor the optimizer updates for parameter p (its fp32 master copy in mixed
     precision, see dsv4.train.MixedPrecision)."""
-    kinds: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
+    kinds: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "sparse": []}
     seen = set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -138,18 +145,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: floa
     def group(kind, glr, wd):
         return dict(params=kinds[kind], lr=glr, base_lr=glr, weight_decay=wd, kind=kind)
     return {"adamw": [group("decay", lr, weight_decay), group("no_decay", lr, 0.0)],
-            "muon": [group("muon", muon_lr, weight_decay)] if use_muon else []}
+            "muon": [group("muon", muon_lr, weight_decay)] if use_muon else [],
+            "sparse": [group("sparse", lr, 0.0)]}
 
 
 class Optimizer:
-    """AdamW (+ Muon) behind one object: zero_grad, step, state_dict/load_state_dict, param_groups."""
+    """AdamW (+ Muon, + SparseAdam) behind one object: zero_grad, step, state_dict/load_state_dict, param_groups."""
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: Muon | None = None):
-        self.adamw, self.muon = adamw, muon
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon | None = None,
+                 sparse: torch.optim.SparseAdam | None = None):
+        self.adamw, self.muon, self.sparse = adamw, muon, sparse
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.adamw, self.muon) if o is not None]
+        return [o for o in (self.adamw, self.muon, self.sparse) if o is not None]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -164,12 +173,17 @@ class Optimizer:
             o.step()
 
     def state_dict(self) -> dict:
-        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict() if self.muon is not None else None}
+        sd = {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict() if self.muon is not None else None}
+        if self.sparse is not None:
+            sd["sparse"] = self.sparse.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict):
         self.adamw.load_state_dict(sd["adamw"])
         if self.muon is not None:
             self.muon.load_state_dict(sd["muon"])
+        if self.sparse is not None:
+            self.sparse.load_state_dict(sd["sparse"])
 
 
 def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weight_decay: float = 0.1,
@@ -186,7 +200,9 @@ def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weig
     adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     muon_groups = [g for g in groups["muon"] if g["params"]]
     muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype) if muon_groups else None
-    return Optimizer(adamw, muon)
+    sparse_groups = [g for g in groups["sparse"] if g["params"]]
+    sparse = torch.optim.SparseAdam(sparse_groups, lr=lr, betas=betas, eps=eps) if sparse_groups else None
+    return Optimizer(adamw, muon, sparse)
 
 
 # ---- learning-rate schedules: pure functions of the step, returning a multiplier of the peak lr ----
@@ -225,13 +241,18 @@ def set_lr(optimizer, step: int, warmup: int, total: int, schedule: str = "cosin
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip the global grad norm to max_norm (skips params without grads); returns the pre-clip norm."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    """Clip the global grad norm to max_norm (skips params without grads); returns the pre-clip norm. Sparse
+    gradients (Engram's tables) are coalesced first: a row read at several positions counts once, summed."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    norm = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm((p.grad.values() if p.grad.is_sparse else p.grad).float()) for p in params]))
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for p in params:
+            (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef.to(p.grad.dtype))
     return norm.item()

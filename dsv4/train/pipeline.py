@@ -39,6 +39,18 @@ from dsv4.weights.checkpoint import save_pretrained
 DONE = "DONE"  # marker file in out/final once the whole pipeline has finished
 
 
+def model_args(cfg: TrainConfig, tok) -> tuple[ModelArgs, object]:
+    """The preset's ModelArgs, with Engram when asked: its compressed vocabulary comes from the tokenizer
+    (-> (args, the compression [vocab_size] or None))."""
+    args = ModelArgs.from_name(cfg.preset)
+    if cfg.engram is None:
+        return args, None
+    from dsv4.model.engram import compress_vocab
+
+    lookup = compress_vocab(tok, args.vocab_size)
+    return args.with_engram(**cfg.engram, compressed_vocab=int(lookup.max()) + 1), lookup
+
+
 def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
     """A freshly initialised fp32 model on `device` (built on meta, then materialised: no double allocation)."""
     with torch.device("meta"):
@@ -231,7 +243,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
+    args, lookup = model_args(cfg, tok)
     model = build_model(args, device, cfg.init_seed)
+    if lookup is not None:
+        model.set_engram_vocab(lookup)
     if cfg.init:
         model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
     for name, stage in stages:

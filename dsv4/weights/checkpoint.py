@@ -26,9 +26,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -111,6 +113,44 @@ def _scan(path: str) -> dict[str, _Entry]:
     if twice:
         raise ValueError(f"{path}: tensor(s) stored in more than one shard: {_listing(twice)}")
     return entries
+
+
+_MMAP_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}
+
+
+def _mmap_entry(path: str, entry: _Entry, stored: str) -> torch.Tensor:
+    """A stored tensor as a copy-on-write memory map of its file: pages are read when touched, writes stay private."""
+    fname = os.path.join(path, entry.file)
+    with open(fname, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin = json.loads(f.read(n))[stored]["data_offsets"][0]
+    if entry.dtype not in _MMAP_DTYPES:
+        raise ValueError(f"{stored} is stored as {entry.dtype}, which cannot be memory-mapped as it is")
+    np_dtype, dtype = _MMAP_DTYPES[entry.dtype]
+    array = np.memmap(fname, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=entry.shape)
+    return torch.from_numpy(array).view(dtype)
+
+
+def mmap_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory (by our name, any layout) memory-mapped rather than read."""
+    path = os.fspath(path)
+    for stored, entry in _scan(path).items():
+        target = resolve(stored)
+        if target is not None and target.param == name and target.expert is None:
+            return _mmap_entry(path, entry, stored)
+    raise KeyError(f"{path} holds no tensor {name!r}")
+
+
+def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory, by our name (whatever the layout stored it as), read alone."""
+    path = os.fspath(path)
+    for stored, entry in _scan(path).items():
+        target = resolve(stored)
+        if target is not None and target.param == name and target.expert is None:
+            with safe_open(os.path.join(path, entry.file), framework="pt") as f:
+                return f.get_tensor(stored)
+    raise KeyError(f"{path} holds no tensor {name!r}")
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -212,10 +252,12 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None) -> None:
+def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None,
+              mmap: frozenset[str] = frozenset()) -> None:
     """Fill `model`'s parameters and persistent buffers from the checkpoint at `path` (any layout), in place.
     Every problem (missing, unexpected, wrong shape, bad format) is found from the headers and raised together in
-    one ValueError before any data is read."""
+    one ValueError before any data is read. Parameters named in `mmap` (on the CPU, stored in their own dtype) are
+    memory-mapped from their file instead of read (Engram's tables: pages come in as rows are read)."""
     path = os.fspath(path)
     if fp8_block is None:
         cfg_path = os.path.join(path, CONFIG_FILE)
@@ -240,6 +282,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[
         # shard by shard, so each file's pages are touched once
         for name, target, scale in sorted(plan, key=lambda p: (entries[p[0]].file, p[0])):
             dest = _dest(model_tensors, target)
+            if target.param in mmap and target.expert is None and scale is None and dest.device.type == "cpu":
+                mapped = _mmap_entry(path, entries[name], name)
+                if mapped.dtype == dest.dtype:
+                    dest.data = mapped
+                    continue
             tensor = handle(entries[name].file).get_tensor(name)
             if scale is not None:  # dequantise where the weight will live (fast on an accelerator)
                 s = handle(entries[scale].file).get_tensor(scale)
@@ -270,9 +317,11 @@ def _init_buffers(model: torch.nn.Module) -> None:
 
 
 def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, args: ModelArgs | None = None):
+                    dtype: torch.dtype | None = None, args: ModelArgs | None = None, engram_mmap: bool = False):
     """Build a Transformer from a checkpoint directory. `dtype` casts the compute weights (the model keeps its fp32
     tensors: hyper-connections, norms, sinks, ...); None keeps the model's defaults. `args` overrides config.json.
+    engram_mmap: Engram's tables stay in their files, memory-mapped, and on the CPU whatever `device` (for inference:
+    the block gathers its rows there and moves only those).
     A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning."""
     from dsv4.model.transformer import Transformer
 
@@ -292,9 +341,14 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         model = Transformer(args)
     if dtype is not None:
         model.to_dtype(dtype)
+    tables = frozenset(n for n, _ in model.named_parameters() if n.endswith("engram.table.weight")) \
+        if engram_mmap else frozenset()
     _to_empty(model, device or "cpu")
+    for name in tables:  # on the CPU whatever the device (untouched storage costs no memory): mapped in load_into
+        p = model.get_parameter(name)
+        p.data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
     _init_buffers(model)
-    load_into(model, path, _fp8_block(raw))
+    load_into(model, path, _fp8_block(raw), mmap=tables)
     return model
 
 
@@ -400,12 +454,13 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None):
-    """A checkpoint directory that `dsv4 train` wrote (weights + tokenizer.json) -> (model in eval mode, tokenizer)."""
+                    dtype: torch.dtype | None = None, engram_mmap: bool = True):
+    """A checkpoint directory that `dsv4 train` wrote (weights + tokenizer.json) -> (model in eval mode, tokenizer).
+    For inference, Engram's tables stay memory-mapped in their files (engram_mmap; see from_pretrained)."""
     from dsv4.tokenizers.text import Tokenizer
 
     path = os.fspath(path)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
-    model = from_pretrained(path, device=device, dtype=dtype).eval()
+    model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap).eval()
     return model, Tokenizer.from_file(os.path.join(path, "tokenizer.json"))

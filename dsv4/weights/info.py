@@ -10,6 +10,8 @@ reported apart, with totals with and without MTP.
 DeepSeek's published sizes (V4-Flash 284B / 13B active, V4-Pro 1.6T / 49B) match the main model WITHOUT MTP and
 with the embedding not active, as V3's 671B / 37B did (V3's card lists its 14B MTP module apart): Flash comes out
 284.3B / 13.3B, Pro 1.573T / 48.9B; with MTP Flash would be 290.9B, and counting the embedding active 13.8B.
+Engram (when on) is reported apart from the backbone: its tables (total rows x width; active = the rows one token
+reads, one per order and head) and its gating (key and value projections, norms, convolution: all active).
 
 FLOPs per token, forward, for a token that sees a context of L tokens (itself included; batch and prefill
 amortisation ignored, so this is the decode cost at position L):
@@ -52,6 +54,7 @@ from torch import nn
 from dsv4.config import ModelArgs
 from dsv4.model.attention import Attention
 from dsv4.model.cache import bytes_per_token
+from dsv4.model.engram import Engram
 from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.moe import Experts, Gate
 from dsv4.model.norm import RMSNorm
@@ -59,8 +62,9 @@ from dsv4.model.transformer import Transformer
 
 COMPONENTS = ("embedding", "attention", "routed_experts", "shared_experts", "router", "hyper_connections", "norms",
               "head", "mtp_projections")
+ENGRAM_COMPONENTS = ("table", "gating")
 CONTEXTS = (131072, 1048576)  # 128K and 1M tokens
-_BY_TYPE = ((Attention, "attention"), (Experts, "routed_experts"), (Gate, "router"),
+_BY_TYPE = ((Engram, "engram"), (Attention, "attention"), (Experts, "routed_experts"), (Gate, "router"),
             ((HyperConnection, HyperHead), "hyper_connections"), (nn.Embedding, "embedding"), (RMSNorm, "norms"))
 
 
@@ -96,10 +100,11 @@ def component_of(name: str, module: nn.Module, parent: str | None) -> str | None
 
 
 def count_params(model: Transformer) -> dict[str, dict[str, Count]]:
-    """{"main" | "mtp": {component: Count}}. A shared parameter is counted once, under its first owner, but its
-    FLOPs at every module that uses it, so a tied head still costs its matmul."""
+    """{"main" | "mtp": {component: Count}, "engram": {"table" | "gating": Count}}. A shared parameter is counted
+    once, under its first owner, but its FLOPs at every module that uses it, so a tied head still costs its matmul."""
     args = model.args
-    parts = {"main": {c: Count() for c in COMPONENTS}, "mtp": {c: Count() for c in COMPONENTS}}
+    parts = {"main": {c: Count() for c in COMPONENTS}, "mtp": {c: Count() for c in COMPONENTS},
+             "engram": {c: Count() for c in ENGRAM_COMPONENTS}}
     components: dict[str, str | None] = {}
     credited: dict[int, int] = {}  # id(parameter) -> active elements counted so far
     for name, module in model.named_modules():
@@ -108,6 +113,12 @@ def count_params(model: Transformer) -> dict[str, dict[str, Count]]:
         for pname, p in module.named_parameters(recurse=False):
             if component is None:
                 raise ValueError(f"info: parameter {name}.{pname} belongs to no component; teach component_of")
+            if component == "engram":  # apart from the backbone; a token reads one row per (order, head)
+                table = name.endswith(".table")
+                active = args.engram_dim * (args.engram_max_ngram - 1) if table else p.numel()
+                parts["engram"]["table" if table else "gating"] += Count(p.numel(), active,
+                                                                         0 if table else 2 * p.numel())
+                continue
             part = parts["mtp" if name.startswith("mtp.") else "main"]
             active = p.numel()
             if component == "routed_experts":
@@ -227,9 +238,10 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
     flops, cache, memory = {}, {}, {}
     for L in contexts:
         main, mtp = attention_flops(args, main_layers, L), attention_flops(args, mtp_layers, L)
-        main_total = totals["main"].flops + main["attention"] + main["indexer"]
+        main_total = totals["main"].flops + totals["engram"].flops + main["attention"] + main["indexer"]
         mtp_total = totals["mtp"].flops + mtp["attention"] + mtp["indexer"]
-        flops[str(L)] = {"matmul": totals["main"].flops, **main, "total": main_total,
+        flops[str(L)] = {"matmul": totals["main"].flops, **main, "engram": totals["engram"].flops,
+                         "total": main_total,
                          "mtp": mtp_total, "total_with_mtp": main_total + mtp_total}
         cache[str(L)] = {**cache_bytes(args, main_layers, L, cache_dtype),
                          "mtp": cache_bytes(args, mtp_layers, L, cache_dtype)["total"],
@@ -242,10 +254,12 @@ def model_info(args: ModelArgs, contexts=CONTEXTS, cache_dtype: torch.dtype = to
                    "n_routed_experts": args.n_routed_experts, "n_activated_experts": args.n_activated_experts,
                    "n_mtp_layers": args.n_mtp_layers, "vocab_size": args.vocab_size},
         "params": {part: {c: {"total": v.total, "active": v.active} for c, v in comps.items() if v.total or v.active}
-                   for part, comps in parts.items()},
+                   for part, comps in parts.items() if part != "engram" or args.engram},
         "totals": {"main": {"total": totals["main"].total, "active": totals["main"].active},
                    "mtp": {"total": totals["mtp"].total, "active": totals["mtp"].active},
-                   "with_mtp": {"total": with_mtp.total, "active": with_mtp.active}},
+                   "with_mtp": {"total": with_mtp.total, "active": with_mtp.active},
+                   **({"engram": {"total": totals["engram"].total, "active": totals["engram"].active}}
+                      if args.engram else {})},
         "published_sizes_exclude_mtp": True,
         "flops_per_token": flops,
         "cache_dtype": str(cache_dtype).removeprefix("torch."),
@@ -317,9 +331,14 @@ def format_table(info: dict, title: str = "") -> str:
                  f"{human(t['mtp']['total']):>12}{human(t['mtp']['active']):>12}")
     lines.append(f"with MTP: {human(t['with_mtp']['total'])} total, {human(t['with_mtp']['active'])} active "
                  f"(published sizes count the main model only)")
+    if "engram" in t:
+        e = p["engram"]
+        lines.append(f"Engram (apart from the above): {human(e['table']['total'])} in tables ("
+                     f"{human(e['table']['active'])} read per token), {human(e['gating']['total'])} gating (active)")
     lines += ["", f"{'per token at context':<22}" + "".join(f"{tokens(int(L)):>14}" for L in info["flops_per_token"])]
     rows = [("matmul FLOPs", "matmul"), ("attention FLOPs", "attention"), ("indexer FLOPs", "indexer"),
-            ("total FLOPs", "total"), ("  + MTP", "mtp")]
+            *([("Engram FLOPs", "engram")] if "engram" in t else []), ("total FLOPs", "total"),
+            ("  + MTP", "mtp")]
     for label, key in rows:
         lines.append(f"{label:<22}" + "".join(f"{human(v[key], 'FLOP'):>14}" for v in info["flops_per_token"].values()))
     lines.append(f"{'cache / token':<22}" + "".join(f"{human_bytes(v['per_token']):>14}"

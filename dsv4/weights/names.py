@@ -43,12 +43,16 @@ _HF_BLOCK = {
     "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    # Engram (transformers has none; the same names under `model.layers.{i}.`)
+    **{f"engram.{leaf}": f"engram.{leaf}" for leaf in (
+        "table.weight", "key.weight", "key.bias", "value.weight", "value.bias", "key_norm.weight",
+        "query_norm.weight", "conv_norm.weight", "conv.weight")},
 }
 # extra leaves of an MTP module (the rest of it is a block)
 _HF_MTP = {**{f"{n}.weight": f"{n}.weight" for n in ("enorm", "hnorm", "e_proj", "h_proj", "norm")},
            **{f"hc_head.{p}": f"hc_head.hc_{p}" for p in ("fn", "base", "scale")}}
 _HF_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
-           "norm.weight": "model.norm.weight",
+           "norm.weight": "model.norm.weight", "engram_ids": "model.engram_ids",
            **{f"hc_head.{p}": f"model.hc_head.hc_{p}" for p in ("fn", "base", "scale")}}
 
 _SCOPED = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
