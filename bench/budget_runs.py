@@ -34,6 +34,18 @@ VARIANTS = {
     "d96-l3-v2k": (trunk(96, 3, 2048, heads=2), {}),
     "d128-l3-v2k-b32": (trunk(128, 3, 2048, heads=2), dict(batch_size=32)),  # 8192 tokens a step
     "d128-l3-v2k-lr7e-3": (trunk(128, 3, 2048, heads=2), dict(lr=7e-3)),
+    "d128-l3-v2k-nomtp": (trunk(128, 3, 2048, heads=2), dict(mtp_weight=0.0)),  # what MTP's quarter of a step buys
+    "d128-l3-v2k-adam1.5e-2": (trunk(128, 3, 2048, heads=2), dict(lr=1.5e-2, muon_lr=5e-3)),  # AdamW's groups 3x
+    "d128-l3-v2k-muon1e-2": (trunk(128, 3, 2048, heads=2), dict(lr=5e-3, muon_lr=1e-2)),  # Muon's matrices 2x
+    # issue 21's iso-compute pair, run back to back: the preset as `make run` trains it, and the same model with
+    # Engram at layer 1 (tables 10x the backbone's 2.19M parameters: 170,888 rows per head, 2 orders x 4 heads of
+    # 16) and its routed and shared experts narrowed from 128 to 104 so that the active parameters stay equal
+    # (1.04M: backbone + gating + the rows a token reads; bench/engram.py's with_engram)
+    "v4-2m": (trunk(128, 3, 2048, heads=2), {}),
+    "v4-2m-engram": ({**trunk(128, 3, 2048, heads=2), "moe_inter_dim": 104}, dict(engram={"vocab": 170888})),
+    # a candidate for `make run` (not iso-compute): the experts at full width, Engram's rows twice as wide (32: 128 per
+    # order) and half as many (85,444 per head), the same table size
+    "v4-2m-engram-wide": (trunk(128, 3, 2048, heads=2), dict(engram={"vocab": 85444, "dim": 128})),
 }
 
 
@@ -54,8 +66,9 @@ def train_point(name: str, budget: float, work: Path, dtype: str) -> None:
     out.mkdir(parents=True)
     shutil.copy(data / "tokenizer.json", out)
     shutil.copytree(data / "data", out / "data")
-    d = TrainConfig()
-    cfg = TrainConfig(out=str(out), preset=f"budget-{name}", dtype=dtype, time_budget=budget,
+    d, train = TrainConfig(), dict(train)
+    engram = train.pop("engram", None)
+    cfg = TrainConfig(out=str(out), preset=f"budget-{name}", dtype=dtype, time_budget=budget, engram=engram,
                       pretrain=dataclasses.replace(d.pretrain, **train))
     start = time.perf_counter()
     pipeline.run(cfg, progress=True)
@@ -70,11 +83,40 @@ def summary(name: str, work: Path) -> dict:
     model, _ = VARIANTS[name]
     return {"name": name, **{k: model[k] for k in ("dim", "n_layers", "vocab_size")},
             **{k: cfg["pretrain"][k] for k in ("lr", "batch_size", "seq_len", "eval_every", "save_every")},
+            "moe_inter_dim": model.get("moe_inter_dim", 128), "engram": cfg.get("engram"),
             "steps": last["step"], "tokens": last["tokens"],
             "tok_per_s": round(last["tok_per_s"]), **json.loads((out / "wall.json").read_text()),
             **{k: ev[k] for k in ("bpb", "bigram_bpb", "kn3_bpb", "kn4_bpb", "val_tokens", "val_bytes", "window",
                                   "stride")},
             "vs_bigram": ev["bpb"] / ev["bigram_bpb"], "vs_kn4": ev["bpb"] / ev["kn4_bpb"]}
+
+
+def plot(points: list[dict], work: Path, path: str) -> None:
+    """Validation loss of each point against the tokens it saw and against wall-clock seconds, and the final bpb."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsv4.train.plots import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in points:
+        rows = [x for x in read_metrics(work / r["name"] / "pretrain" / "metrics.jsonl") if "val_loss" in x]
+        label = f"{r['name']}: {r['bpb']:.3f} bpb = {r['vs_bigram']:.3f}x bigram"
+        axes[0].plot([x["tokens"] / 1e6 for x in rows], [x["val_loss"] for x in rows], marker=".", label=label)
+        axes[1].plot([x["tokens"] / x["tok_per_s"] for x in rows], [x["val_loss"] for x in rows], marker=".",
+                     label=label)
+    for ax, xlabel in zip(axes, ("tokens seen (M)", "pretraining seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 5.0))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("whole make-run pipelines, same wall-clock budget each (held-out bpb from dsv4 eval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -84,6 +126,7 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--work", default="runs/budget", help="where the runs go")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--png", metavar="PATH", help="validation loss against tokens and seconds, one line per point")
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: train this one point in this process
     args = p.parse_args()
     from dsv4.train.budget import parse_duration
@@ -104,6 +147,8 @@ def main():
         r = points[-1]
         print(f"{name}: bpb {r['bpb']:.4f} = {r['vs_bigram']:.3f}x the bigram, {r['vs_kn4']:.3f}x the 4-gram "
               f"({r['tokens'] / 1e6:.2f}M tokens, {r['tok_per_s']} tokens/s)", flush=True)
+    if args.png:
+        plot(points, work, args.png)
     emit({"benchmark": "whole make-run pipelines of variants of the make run model for one budget, scored by dsv4 eval",
           "budget": args.budget, "best": min(points, key=lambda r: r["bpb"])["name"], "points": points}, args.json)
 

@@ -122,7 +122,7 @@ def main():
     base = ModelArgs.from_name(a.preset)
     eng = with_engram(base, a.table_ratio)
     info = {name: {"total": total(args), "active": active(args), "moe_inter_dim": args.moe_inter_dim,
-                   "engram_table": sum(count_params(meta_model(args))["engram"]["table"].total for _ in [0])}
+                   "engram_table": count_params(meta_model(args))["engram"]["table"].total}
             for name, args in (("plain", base), ("engram", eng))}
     steps = step_bench({"plain": base, "engram": eng}, a.steps, dtype)
     overhead = steps["engram"]["median_step_s"] / steps["plain"]["median_step_s"] - 1

@@ -165,9 +165,10 @@ class ModelArgs:
         return self.engram_compressed_vocab or self.vocab_size
 
     def with_engram(self, **options) -> ModelArgs:
-        """These args with Engram on: defaults that fit the model (`engram_defaults`), then `options` (the engram_*
-        fields without the prefix; None keeps the default)."""
-        chosen = {**engram_defaults(self), **{k: v for k, v in options.items() if v is not None}}
+        """These args with Engram on: its settings so far (a preset's), or defaults that fit the model
+        (`engram_defaults`), then `options` (the engram_* fields without the prefix; None keeps the setting)."""
+        base = {k: getattr(self, f"engram_{k}") for k in ENGRAM_KEYS} if self.engram else engram_defaults(self)
+        chosen = {**base, **{k: v for k, v in options.items() if v is not None}}
         vocab = chosen["vocab"]
         if isinstance(vocab, int) or len(vocab) == 1:  # one size for every order
             chosen["vocab"] = [vocab if isinstance(vocab, int) else vocab[0]] * (chosen["max_ngram"] - 1)

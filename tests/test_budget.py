@@ -63,6 +63,37 @@ def test_the_decided_steps_fill_the_budget_and_no_more(tmp_path):
         assert json.loads(b.path.read_text())["steps"] == decision.steps == b.load().steps
 
 
+def test_a_host_that_drifts_after_the_decision_still_ends_on_time(tmp_path):
+    """wsd: the host runs 15% faster or 20% slower after the decision (snapshots of a big table, a busy neighbour);
+    the revisions while the lr is flat refit the rest, without changing any lr already used."""
+    rng = random.Random(1)
+    for i in range(200):
+        total, tokens = rng.uniform(300, 3600), 4096
+        dt = rng.uniform(total / 3000, total / 300)
+        reserve = rng.choice([0, 20 * tokens])
+        b = StepBudget(deadline=total, path=tmp_path / f"{i}.json", tokens_per_step=tokens, schedule="wsd",
+                       warmup=rng.randint(4, 30), reserve_tokens=reserve, started=0.0)
+        first, step, now = simulate(b, rng, compile_s=rng.uniform(0, 0.1 * total), dt=dt, jitter=0.02)
+        slow = dt * rng.choice([0.85, 1.2])
+        decisions = [first]
+        while step < decisions[-1].steps:
+            step += 1
+            now += slow * rng.uniform(0.98, 1.02)
+            revised = b.observe(step, now)
+            if revised is not None:
+                assert revised.revision > 0 and revised.at_step == step
+                decisions.append(revised)
+        steps, last = decisions[-1].steps, b.load()
+        assert last.revision > 0 and last.steps == steps
+        finish = now + reserve / tokens * slow
+        assert finish <= total, (i, finish, total)
+        assert finish >= total - (b.margin + 0.05) * (total - (last.at_step * dt)) - 2 * slow, (i, finish, total)
+        # every step before a revision ran at the flat lr under the schedule in force then, and under the new one
+        for old, new in zip(decisions, decisions[1:] + [last]):
+            assert all(wsd_schedule(s, b.warmup, old.steps) == wsd_schedule(s, b.warmup, new.steps) == 1.0
+                       for s in range(b.warmup, new.at_step + 1))
+
+
 def test_a_budget_too_small_still_trains_past_the_decision(tmp_path):
     b = StepBudget(deadline=10.0, path=tmp_path / "b.json", tokens_per_step=4096, schedule="wsd", warmup=5,
                    started=0.0)

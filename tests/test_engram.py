@@ -3,6 +3,7 @@ hashing, the module against a per-stream loop, incremental decoding against the 
 leaves untouched rows (and their optimizer state) bit for bit, checkpoints."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -316,3 +317,41 @@ def test_checkpoint_round_trip_keeps_the_memory(tmp_path):
     assert loaded.layers[1].engram.table.weight.dtype == torch.float32
     torch.testing.assert_close(loaded(ids), compressed(ids), atol=0, rtol=0)
     assert not torch.equal(loaded(ids), model(ids))  # the compression changed the rows read
+
+
+def test_an_engram_run_resumes_exactly(tmp_path):
+    """The pipeline with --engram: the compression saved with the checkpoint, SparseAdam's state in the snapshots,
+    and a run resumed from a middle snapshot continues with exactly the uninterrupted run's losses."""
+    import shutil
+    import sysconfig
+
+    from dsv4.train.config import StageConfig, TrainConfig
+    from dsv4.train.pipeline import run
+    from dsv4.train.plots import read_metrics
+    from dsv4.weights.checkpoint import read_tensor
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "heapq.py", "fnmatch.py"):
+        shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), data / name)
+
+    def config(out):
+        return TrainConfig(out=str(out), preset="tiny", data=str(data), val_frac=0.3, dtype="fp32", device="cpu",
+                           compile="off", engram={"vocab": 300},
+                           pretrain=StageConfig(steps=8, batch_size=2, seq_len=64, warmup=3, eval_every=4,
+                                                save_every=4),
+                           sft=StageConfig(steps=0))
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "pretrain" / "metrics.jsonl")]
+
+    final = run(config(tmp_path / "full"), progress=False)
+    lookup = read_tensor(final, "engram_ids")
+    args = ModelArgs.from_hf_config(final)
+    assert args.engram_layers == [1] and int(lookup.max()) + 1 == args.compressed_vocab < args.vocab_size
+    cut = tmp_path / "cut"
+    run(config(cut), progress=False)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "pretrain" / "step-000000008")  # as if killed after step 4's snapshot
+    run(config(cut), resume=True, progress=False)
+    assert losses(cut) == losses(tmp_path / "full") and len(losses(cut)) == 8

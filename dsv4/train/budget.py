@@ -12,8 +12,13 @@ When the decision is taken depends on the schedule, so that no step runs with a 
     cosine  at the end of the warm-up (the warm-up's ramp does not depend on the total)
     wsd     at the end of the warm-up once `measure` of the pretraining budget has passed (the lr stays flat until the
             decay starts, and the total is kept large enough that the decay starts after the decision)
-The decision is written to OUT/pretrain/budget.json before the next step, so `--resume` continues with exactly the
-same schedule (a resumed run keeps its steps and no longer fits the original clock).
+With wsd the decision is revised while the lr is still flat, at the midpoint between the last decision and the decay's
+start (while that is >= 10 steps away) and at the last flat step (at most MAX_REVISIONS times): the steps since the
+last decision give a fresh rate (hosts drift by 10-20% within minutes; snapshots of a large Engram table cost more
+than the first steps showed), and the remaining steps are fitted again; every step so far ran at the flat peak lr,
+whatever the total.
+Each decision is written to OUT/pretrain/budget.json before the next step, so `--resume` continues with exactly the
+same schedule (a resumed run keeps the steps on disk, never revises, and no longer fits the original clock).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dsv4.atomic import atomic_text
 from dsv4.train.optim import WSD_DECAY_FRAC
 
 OPEN = 10**9  # the step count of a stage whose length is not decided yet
+MAX_REVISIONS = 4
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -57,6 +63,7 @@ class Decision:
     tokens_per_s: float
     seconds_left: float
     reserved_s: float
+    revision: int = 0  # 0 = the first decision, then each revision (wsd)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class StepBudget:
     decay_frac: float = WSD_DECAY_FRAC
     started: float = field(default_factory=time.monotonic)
     _times: list[tuple[int, float]] = field(default_factory=list)
+    _decision: Decision | None = None  # taken in this process (None after a resume: the file's is kept)
 
     def load(self) -> Decision | None:
         """The decision an earlier (killed) try of this run took, if any."""
@@ -88,36 +96,59 @@ class StepBudget:
         """Seconds the later stages need at `dt` seconds per step."""
         return self.reserve_tokens / self.tokens_per_step * dt
 
-    def estimate(self) -> tuple[float, int] | None:
-        """(seconds per step, steps that fit) from the steps seen so far; None before two measured steps."""
-        if len(self._times) < 2:
+    def estimate(self, since: int = 0) -> tuple[float, int] | None:
+        """(seconds per step, steps that fit) from the steps seen so far (from step `since` on); None before two
+        measured steps."""
+        times = [(s, t) for s, t in self._times if s >= since]
+        if len(times) < 2:
             return None
-        (s0, t0), (s1, t1) = self._times[0], self._times[-1]
+        (s0, t0), (s1, t1) = times[0], times[-1]
         if s1 <= s0:
             return None
         dt = (t1 - t0) / (s1 - s0)
         fit = int(((self.deadline - t1) * (1 - self.margin) - self.reserved(dt)) / dt)
         return dt, s1 + max(fit, 0)
 
+    @property
+    def revisable(self) -> bool:
+        """Whether a decision taken in this process may still be revised (wsd)."""
+        return self.schedule == "wsd" and self._decision is not None and self._decision.revision < MAX_REVISIONS
+
     def observe(self, step: int, now: float | None = None) -> Decision | None:
-        """Call after each finished step (`step` steps done); returns the Decision when it is taken (then saved)."""
+        """Call after each finished step (`step` steps done); returns the Decision when one is taken (then saved):
+        the first, and with wsd its revisions (returned only when they change the steps)."""
         now = time.monotonic() if now is None else now
         if step >= self.skip:
             self._times.append((step, now))
+        if self._decision is not None:
+            return self._revise(step, now) if self.revisable else None
         if not self._ready(step, now):
             return None
         est = self.estimate()
-        if est is None:
-            return None
-        dt, steps = est
+        return None if est is None else self._decide(step, now, *est)
+
+    def _decide(self, step: int, now: float, dt: float, steps: int, revision: int = 0) -> Decision:
         if self.schedule == "wsd":  # the decay must start after this step, as it would have with the open count
             steps = max(steps, math.ceil((step + 1) / (1 - self.decay_frac)) + 1)
         steps = max(steps, step + 1)
-        decision = Decision(steps=steps, at_step=step, sec_per_step=round(dt, 4),
-                            tokens_per_s=round(self.tokens_per_step / dt, 1),
-                            seconds_left=round(self.deadline - now, 1), reserved_s=round(self.reserved(dt), 1))
-        atomic_text(self.path, json.dumps(asdict(decision), indent=1))
-        return decision
+        self._decision = Decision(steps=steps, at_step=step, sec_per_step=round(dt, 4),
+                                  tokens_per_s=round(self.tokens_per_step / dt, 1),
+                                  seconds_left=round(self.deadline - now, 1), reserved_s=round(self.reserved(dt), 1),
+                                  revision=revision)
+        atomic_text(self.path, json.dumps(asdict(self._decision), indent=1))
+        return self._decision
+
+    def _revise(self, step: int, now: float) -> Decision | None:
+        """Midway to the decay's start and at its last flat step, fit the remaining steps again at the rate since the
+        last decision."""
+        last = self._decision
+        decay = last.steps - int(self.decay_frac * last.steps)
+        mid = (last.at_step + decay) // 2
+        if step != decay - 1 and not (step == mid and mid - last.at_step >= 10):
+            return None
+        est = self.estimate(since=last.at_step) or (last.sec_per_step, last.steps)
+        revised = self._decide(step, now, *est, revision=last.revision + 1)
+        return revised if revised.steps != last.steps else None
 
     def _ready(self, step: int, now: float) -> bool:
         if step < max(self.warmup, self.skip + 2):

@@ -40,15 +40,15 @@ DONE = "DONE"  # marker file in out/final once the whole pipeline has finished
 
 
 def model_args(cfg: TrainConfig, tok) -> tuple[ModelArgs, object]:
-    """The preset's ModelArgs, with Engram when asked: its compressed vocabulary comes from the tokenizer
-    (-> (args, the compression [vocab_size] or None))."""
+    """The preset's ModelArgs, with Engram when the preset has it or --engram asks: its compressed vocabulary comes
+    from the tokenizer (-> (args, the compression [vocab_size] or None))."""
     args = ModelArgs.from_name(cfg.preset)
-    if cfg.engram is None:
+    if cfg.engram is None and not args.engram:
         return args, None
     from dsv4.model.engram import compress_vocab
 
     lookup = compress_vocab(tok, args.vocab_size)
-    return args.with_engram(**cfg.engram, compressed_vocab=int(lookup.max()) + 1), lookup
+    return args.with_engram(**(cfg.engram or {}), compressed_vocab=int(lookup.max()) + 1), lookup
 
 
 def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:

@@ -201,7 +201,7 @@ class Trainer:
                 row, load = self.train_step(micro)
                 row.update(start)
                 start = {}
-                if budget and cfg.steps == OPEN:
+                if budget and (cfg.steps == OPEN or budget.revisable):
                     self._budget_step(budget, bar)
                     cfg = self.cfg
                 tokens_done += cfg.tokens_per_step
@@ -238,7 +238,8 @@ class Trainer:
             if self.progress:
                 tqdm.write(f"{self.desc}: {decision.sec_per_step:.2f} s a step ({decision.tokens_per_s:.0f} tokens/s) "
                            f"-> {decision.steps} steps to end on time ({decision.seconds_left:.0f} s left, "
-                           f"{decision.reserved_s:.0f} s of them for the stages after this one)")
+                           f"{decision.reserved_s:.0f} s of them for the stages after this one)"
+                           + (f" (revision {decision.revision})" if decision.revision else ""))
         est = budget.estimate()
         bar.total = self.cfg.steps if self.cfg.steps != OPEN else (est[1] if est else None)
         bar.refresh()
