@@ -22,12 +22,13 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q
 
-# the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-2m` in 10 minutes on this machine (the steps
-# are sized by the measured step time), then held-out bits-per-byte and sample completions; a finished run in
-# runs/v4-2m is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
+# the one-command CPU run: tokenizer, pretraining and fine-tuning of `v4-2m-engram` (v4-2m + Engram memory) in 10
+# minutes on this machine (the steps are sized by the measured step time), then held-out bits-per-byte and sample
+# completions; a finished run in runs/v4-2m-engram is reused, a killed one continues. DTYPE=fp32 forces fp32 (how a CPU without fast bf16 runs it).
 # Preset, vocabulary and windows (dsv4 train's defaults): what bench/scaling.py and bench/budget_runs.py found best in
-# equal wall-clock (bench/results/scaling.json, budget_runs_10m.json). RUN_ARGS: any further `dsv4 train` flags.
-RUN_PRESET ?= v4-2m
+# equal wall-clock (bench/results/scaling.json, budget_runs_10m.json, engram_iso_10m.json). RUN_ARGS: any further
+# `dsv4 train` flags.
+RUN_PRESET ?= v4-2m-engram
 RUN_BUDGET ?= 10m
 DTYPE ?= auto
 RUN_ARGS ?=

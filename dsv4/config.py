@@ -472,10 +472,19 @@ PRESETS["v4-3m"] = {
     "rope_head_dim": 32, "q_lora_rank": 64, "o_groups": 2, "o_lora_rank": 64, "compress_ratios": [0, 4, 128, 4, 0],
     "index_n_heads": 4, "index_head_dim": 64, "index_topk": 32, "n_routed_experts": 8, "moe_inter_dim": 128,
 }
-# what `make run` trains: the V4 architecture whole (mHC, an SWA, a CSA with the indexer and an HCA block, a hash-routed
-# then routed + shared experts, MTP) at the size and vocabulary that learned most in 10 minutes on a 2-core CPU
-# (bench/budget_runs.py: 2.2M total, 1.0M active parameters, a 2048-token vocabulary)
+# the V4 architecture whole (mHC, an SWA, a CSA with the indexer and an HCA block, a hash-routed then routed + shared
+# experts, MTP) at the size and vocabulary that learned most in 10 minutes on a 2-core CPU (bench/budget_runs.py:
+# 2.2M total, 1.0M active parameters, a 2048-token vocabulary); `make run` trained it until v4-2m-engram
 PRESETS["v4-2m"] = {**PRESETS["v4-3m"], "vocab_size": 2048, "n_layers": 3, "compress_ratios": [0, 4, 128, 0]}
+# what `make run` trains: `v4-2m` with Engram at layer 1 (orders 2 and 3, 4 heads each of 16-wide rows, 170,888 rows
+# per head: tables of 21.9M parameters, 10x the backbone; the short convolution), its experts narrowed from 128 to
+# 104 so that its active parameters equal v4-2m's (1.04M): in 10 minutes it ends 0.10 bpb below v4-2m
+# (bench/results/engram_iso_10m.json); the compressed vocabulary is filled in from the tokenizer when it trains
+PRESETS["v4-2m-engram"] = {
+    **PRESETS["v4-2m"], "moe_inter_dim": 104, "engram_layers": [1], "engram_max_ngram": 3, "engram_heads": 4,
+    "engram_vocab": [170888, 170888], "engram_dim": 64, "engram_seed": 0, "engram_conv": True, "engram_kernel": 4,
+    "engram_pad_id": 2,
+}
 # long-context retrieval on a 2-core CPU (~15M parameters): small's trunk at half the width and depth, with wide heads
 # (a compressed entry is one 128-wide vector for 4-8 tokens) and a 64-token window, so a needle is reached through
 # CSA's top-32 entries (or HCA) from a few hundred tokens on

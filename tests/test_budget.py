@@ -145,7 +145,8 @@ def test_steps_and_a_time_budget_together_are_refused():
     cfg = train_config(parser().parse_args(["train", "--time-budget", "1h30m"]))
     assert cfg.time_budget == 5400 and cfg.pretrain.steps == 0
     default = train_config(parser().parse_args(["train"]))  # what make run trains: v4-2m for 10 minutes
-    assert (default.time_budget, default.preset, default.out, default.pretrain.steps) == (600, "v4-2m", "runs/v4-2m", 0)
+    assert (default.time_budget, default.preset, default.out, default.pretrain.steps) == (
+        600, "v4-2m-engram", "runs/v4-2m-engram", 0)
     fixed = train_config(parser().parse_args(["train", "--preset", "small", "--steps", "100"]))
     assert (fixed.time_budget, fixed.out, fixed.pretrain.steps) == (None, "runs/small", 100)
 

@@ -38,7 +38,22 @@ def expected_params(a: ModelArgs) -> int:
     total = a.vocab_size * D * (1 if a.tie_embeddings else 2) + head
     total += sum(block(r) for r in a.compress_ratios[: a.n_layers])
     mtp = [block(r) + 2 * D + 2 * D * D + head for r in a.compress_ratios[a.n_layers:]]  # enorm/hnorm, e/h_proj
-    return total + sum(mtp)
+    return total + sum(mtp) + engram(a)
+
+
+def engram(a: ModelArgs) -> int:
+    """Engram's parameters: per layer the table (the prime table sizes x the row width), the key projection to every
+    stream and the value projection (with biases), three per-stream norms and the depthwise convolution."""
+    if not a.engram:
+        return 0
+    from dsv4.model.engram import table_sizes
+
+    D, n, E = a.dim, a.hc_mult, a.engram_dim * (a.engram_max_ngram - 1)
+    per_row = a.engram_dim // a.engram_heads
+    sizes = table_sizes(a.engram_layers, a.engram_max_ngram, a.engram_heads, a.engram_vocab)
+    gating = E * n * D + n * D + E * D + D + 3 * n * D + (n * D * a.engram_kernel if a.engram_conv else 0)
+    gating -= 0 if a.engram_conv else n * D  # no convolution, no norm before it
+    return sum(sum(map(sum, sizes[layer])) * per_row + gating for layer in a.engram_layers)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -50,8 +50,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     """The whole pipeline: model, data, both stages, where it goes."""
-    out: str = "runs/v4-2m"
-    preset: str = "v4-2m"
+    out: str = "runs/v4-2m-engram"
+    preset: str = "v4-2m-engram"
     data: str | None = None           # None = the interpreter's standard library; a folder; or a .jsonl with "text"
     val_frac: float = 0.03
     device: str | None = None         # None = the accelerator if any, else the CPU
