@@ -36,7 +36,6 @@ VARIANTS = {
     "d128-l3-v2k-lr7e-3": (trunk(128, 3, 2048, heads=2), dict(lr=7e-3)),
     "d128-l3-v2k-nomtp": (trunk(128, 3, 2048, heads=2), dict(mtp_weight=0.0)),  # what MTP's quarter of a step buys
     "d128-l3-v2k-adam1.5e-2": (trunk(128, 3, 2048, heads=2), dict(lr=1.5e-2, muon_lr=5e-3)),  # AdamW's groups 3x
-    "d128-l3-v2k-muon1e-2": (trunk(128, 3, 2048, heads=2), dict(lr=5e-3, muon_lr=1e-2)),  # Muon's matrices 2x
     # issue 21's iso-compute pair, run back to back: the preset as `make run` trains it, and the same model with
     # Engram at layer 1 (tables 10x the backbone's 2.19M parameters: 170,888 rows per head, 2 orders x 4 heads of
     # 16) and its routed and shared experts narrowed from 128 to 104 so that the active parameters stay equal
