@@ -3,6 +3,7 @@ and the training step of the `make run` model with Engram (a table 10x the backb
 model without, at equal active parameters.
 
     python bench/engram.py --json bench/results/engram.json
+    python bench/engram.py --no-conv --json bench/results/engram_noconv.json     # V4.1's variant
 
 Lookup + gating: one Engram layer of the `make run` model's width reading a 16 x 256 batch of random ids, forward
 only (what inference does per layer), the table held in RAM or memory-mapped from a safetensors file
@@ -38,13 +39,13 @@ def total(args: ModelArgs) -> int:
     return sum(count_params(meta_model(args))["main"].values(), Count()).total
 
 
-def with_engram(base: ModelArgs, table_ratio: float) -> ModelArgs:
+def with_engram(base: ModelArgs, table_ratio: float, conv: bool = True) -> ModelArgs:
     """`base` + Engram with tables of table_ratio x base's parameters, the experts narrowed to base's active count."""
     args = base.with_engram()
     per_row = args.engram_dim // args.engram_heads
     rows = int(table_ratio * total(base) / per_row / len(args.engram_layers)
                / ((args.engram_max_ngram - 1) * args.engram_heads))
-    args = base.with_engram(vocab=rows)
+    args = base.with_engram(vocab=rows, conv=conv)
     target = active(base)
     best = min(range(8, base.moe_inter_dim + 1, 8), key=lambda inter: abs(
         active(ModelArgs.from_dict({**args.to_dict(), "moe_inter_dim": inter})) - target))
@@ -116,11 +117,12 @@ def main():
     p.add_argument("--steps", type=int, default=12, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=20, help="timed lookups per table")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--no-conv", action="store_true", help="Engram without the short convolution (V4.1's variant)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     base = ModelArgs.from_name(a.preset)
-    eng = with_engram(base, a.table_ratio)
+    eng = with_engram(base, a.table_ratio, conv=not a.no_conv)
     info = {name: {"total": total(args), "active": active(args), "moe_inter_dim": args.moe_inter_dim,
                    "engram_table": count_params(meta_model(args))["engram"]["table"].total}
             for name, args in (("plain", base), ("engram", eng))}
