@@ -114,7 +114,10 @@ def plot(points: list[dict], work: Path, path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("whole make-run pipelines, same wall-clock budget each (held-out bpb from dsv4 eval)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from dsv4.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

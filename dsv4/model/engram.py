@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.kernels.fused import Linear
+from dsv4.model.norm import RMSNorm
 
 SENTINEL = "\ue000"  # keeps a token that is a lone space from being stripped to nothing
 PRIME_STEP = 10007  # per-layer seed offset of the hash multipliers
@@ -143,7 +144,6 @@ class EngramHash:
     """One layer's addressing: multipliers, prime table sizes, offsets of each head's table in the shared one."""
 
     def __init__(self, layer: int, seed: int, max_ngram: int, compressed_vocab: int, primes: list[list[int]]):
-        self.layer, self.max_ngram = layer, max_ngram
         self.mults = multipliers(seed, layer, max_ngram, compressed_vocab)
         self.primes = primes
         flat = [p for order in primes for p in order]
@@ -177,22 +177,6 @@ def engram_hashes(args) -> dict[int, EngramHash]:
 
 
 # ---- the module -----------------------------------------------------------------------------------------------------
-class StreamNorm(nn.Module):
-    """RMSNorm over the last dim with one fp32 weight per hyper-connection stream: [..., n, D] -> same."""
-
-    def __init__(self, n: int, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n, dim, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps))
-
-    def reset_parameters(self, std: float = 0.0):
-        nn.init.ones_(self.weight)
-
-
 class Engram(nn.Module):
     """One layer's Engram: table lookup, context-aware gating per stream, value, optional short convolution."""
 
@@ -206,11 +190,11 @@ class Engram(nn.Module):
         self.table = nn.Embedding(hashing.n_rows, self.head_dim, sparse=True)
         self.key = Linear(width, n * D, bias=True)
         self.value = Linear(width, D, bias=True)
-        self.key_norm = StreamNorm(n, D, args.norm_eps)
-        self.query_norm = StreamNorm(n, D, args.norm_eps)
+        self.key_norm = RMSNorm((n, D), args.norm_eps)  # one weight per stream, in fp32
+        self.query_norm = RMSNorm((n, D), args.norm_eps)
         self.kernel, self.dilation = args.engram_kernel, args.engram_max_ngram
         if args.engram_conv:
-            self.conv_norm = StreamNorm(n, D, args.norm_eps)
+            self.conv_norm = RMSNorm((n, D), args.norm_eps)
             self.conv = nn.Conv1d(n * D, n * D, self.kernel, dilation=self.dilation, groups=n * D, bias=False)
         else:
             self.conv_norm = self.conv = None
@@ -233,7 +217,7 @@ class Engram(nn.Module):
         before this step (zeros before the sequence start); None = the sequence starts here."""
         dtype = self.key.weight.dtype
         e = self.lookup(rows).to(dtype)
-        k = self.key_norm(self.key(e).unflatten(-1, (self.n, self.dim)))
+        k = self.key_norm(self.key(e).float().unflatten(-1, (self.n, self.dim)))
         g = (self.query_norm(h) * k).sum(-1) / math.sqrt(self.dim)
         alpha = torch.sigmoid(g.sign() * g.abs().clamp_min(1e-6).sqrt())  # [B, S, n]
         u = alpha.unsqueeze(-1) * self.value(e).float().unsqueeze(-2)  # [B, S, n, D] fp32

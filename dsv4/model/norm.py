@@ -10,7 +10,9 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """Over the last dim; `dim` may be a shape (n, D): one weight per hyper-connection stream (Engram's norms)."""
+
+    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))  # kept in fp32 like the release

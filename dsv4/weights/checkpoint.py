@@ -132,25 +132,26 @@ def _mmap_entry(path: str, entry: _Entry, stored: str) -> torch.Tensor:
     return torch.from_numpy(array).view(dtype)
 
 
-def mmap_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a checkpoint directory (by our name, any layout) memory-mapped rather than read."""
-    path = os.fspath(path)
+def _find(path: str, name: str) -> tuple[str, _Entry]:
+    """(stored name, entry) of the tensor our model calls `name`, whatever the layout stored it as."""
     for stored, entry in _scan(path).items():
         target = resolve(stored)
         if target is not None and target.param == name and target.expert is None:
-            return _mmap_entry(path, entry, stored)
+            return stored, entry
     raise KeyError(f"{path} holds no tensor {name!r}")
+
+
+def mmap_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint directory (by our name, any layout) memory-mapped rather than read."""
+    stored, entry = _find(os.fspath(path), name)
+    return _mmap_entry(os.fspath(path), entry, stored)
 
 
 def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
     """One tensor of a checkpoint directory, by our name (whatever the layout stored it as), read alone."""
-    path = os.fspath(path)
-    for stored, entry in _scan(path).items():
-        target = resolve(stored)
-        if target is not None and target.param == name and target.expert is None:
-            with safe_open(os.path.join(path, entry.file), framework="pt") as f:
-                return f.get_tensor(stored)
-    raise KeyError(f"{path} holds no tensor {name!r}")
+    stored, entry = _find(os.fspath(path), name)
+    with safe_open(os.path.join(os.fspath(path), entry.file), framework="pt") as f:
+        return f.get_tensor(stored)
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
