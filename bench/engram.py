@@ -8,10 +8,14 @@ model without, at equal active parameters.
 Lookup + gating: one Engram layer of the `make run` model's width reading a 16 x 256 batch of random ids, forward
 only (what inference does per layer), the table held in RAM or memory-mapped from a safetensors file
 (`dsv4.weights.checkpoint.mmap_tensor`: a cold page cache is not forced, so repeated reads hit pages already read).
-Training step: `Trainer.train_step` as `dsv4 train` runs it (16 x 256 tokens, MTP, Muon + AdamW + SparseAdam for the
-table, eager), on a fixed batch; the Engram model's routed experts are narrowed so that its active parameters
-(backbone + Engram's gating + the rows a token reads) equal the plain model's. The two step functions alternate
-(A, B, A, B, ...) in one process so the machine's drift falls on both; the overhead is the ratio of medians.
+Training step: `Trainer.train_step` as `dsv4 train` runs it (16 x 256 tokens, MTP, Muon + AdamW + RowAdam for the
+table, eager, the CPU allocator tuned as the CLI tunes it), on a fixed batch; the Engram model's routed experts are
+narrowed so that its active parameters (backbone + Engram's gating + the rows a token reads) equal the plain
+model's. The two step functions alternate (A, B, A, B, ...) in one process so the machine's drift falls on both; the
+overhead is the ratio of medians. Timing starts after --warmup steps of each: the first few dozen steps of a process
+grow the heap (glibc) and fault its fresh pages in, more so for the model with more tensor shapes (Engram's first
+ten steps fault ~13K pages each against ~4K, then ~1K against ~0.4K), so early steps measure the allocator, not
+the step a 600-step run repeats.
 """
 
 import argparse
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
 
 from dsv4.config import ModelArgs  # noqa: E402
+from dsv4.device import tune_cpu_allocator  # noqa: E402
 from dsv4.weights.info import Count, count_params, meta_model  # noqa: E402
 
 
@@ -82,7 +87,7 @@ def lookup_bench(args: ModelArgs, reps: int) -> dict:
     return out
 
 
-def step_bench(variants: dict[str, ModelArgs], steps: int, dtype: torch.dtype) -> dict:
+def step_bench(variants: dict[str, ModelArgs], steps: int, warmup: int, dtype: torch.dtype) -> dict:
     from dsv4.train.config import StageConfig
     from dsv4.train.pipeline import build_model
     from dsv4.train.trainer import Trainer
@@ -97,9 +102,10 @@ def step_bench(variants: dict[str, ModelArgs], steps: int, dtype: torch.dtype) -
                                                                                           None), [], dtype,
                           progress=False)
         micro = trainer.batches(0)
-        for _ in range(3):
-            trainer.train_step(micro)
         runners[name] = (trainer, micro)
+    for _ in range(warmup):
+        for trainer, micro in runners.values():
+            trainer.train_step(micro)
     times = {name: [] for name in variants}
     for _ in range(steps):
         for name, (trainer, micro) in runners.items():
@@ -114,19 +120,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="v4-2m")
     p.add_argument("--table-ratio", type=float, default=10.0, help="Engram's table parameters / the backbone's")
-    p.add_argument("--steps", type=int, default=12, help="timed training steps per model")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per model")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps per model first (the heap settles: see above)")
     p.add_argument("--reps", type=int, default=20, help="timed lookups per table")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--no-conv", action="store_true", help="Engram without the short convolution (V4.1's variant)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args()
+    tune_cpu_allocator()  # as `dsv4 train` does (dsv4.cli)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     base = ModelArgs.from_name(a.preset)
     eng = with_engram(base, a.table_ratio, conv=not a.no_conv)
     info = {name: {"total": total(args), "active": active(args), "moe_inter_dim": args.moe_inter_dim,
                    "engram_table": count_params(meta_model(args))["engram"]["table"].total}
             for name, args in (("plain", base), ("engram", eng))}
-    steps = step_bench({"plain": base, "engram": eng}, a.steps, dtype)
+    steps = step_bench({"plain": base, "engram": eng}, a.steps, a.warmup, dtype)
     overhead = steps["engram"]["median_step_s"] / steps["plain"]["median_step_s"] - 1
     emit({"benchmark": "Engram: lookup + gating (table in memory vs memory-mapped) and the training step overhead at "
                        "equal active parameters", "preset": a.preset, "dtype": a.dtype,

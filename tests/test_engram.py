@@ -136,7 +136,7 @@ def engram_model(seed: int = 0, conv: bool = True, **overrides) -> Transformer:
 
 def loop_engram(block, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The module written per stream, as the demo writes it: one key projection and two norms per stream, then the
-    convolution over the concatenated streams with PyTorch's padded Conv1d."""
+    convolution over the concatenated streams, padded as PyTorch's Conv1d pads."""
     eng = block.engram
     e = eng.table(rows).flatten(-2)
     n, D = eng.n, eng.dim
@@ -155,10 +155,9 @@ def loop_engram(block, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if eng.conv is None:
         return h + u
     x = torch.cat([norm(u[:, :, i], eng.conv_norm.weight[i]) for i in range(n)], -1).transpose(1, 2)
-    conv = torch.nn.Conv1d(n * D, n * D, eng.kernel, groups=n * D, bias=False, dilation=eng.dilation,
-                           padding=(eng.kernel - 1) * eng.dilation)
-    conv.weight.data = eng.conv.weight.data
-    y = torch.nn.functional.silu(conv(x)[..., : h.shape[1]]).transpose(1, 2)
+    y = torch.nn.functional.conv1d(x, eng.conv.weight, groups=n * D, dilation=eng.dilation,
+                                   padding=(eng.kernel - 1) * eng.dilation)  # Conv1d's padded, both sides
+    y = torch.nn.functional.silu(y[..., : h.shape[1]]).transpose(1, 2)
     return h + u + y.view_as(u)
 
 
@@ -171,6 +170,70 @@ def test_module_equals_a_per_stream_loop(conv):
     h = torch.randn(2, 30, model.args.hc_mult, model.args.dim)
     block = model.layers[1]
     torch.testing.assert_close(block.engram(h, rows)[0], loop_engram(block, h, rows), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_module_gradients_equal_the_per_stream_loop(conv):
+    """In fp64, every parameter's gradient (the table's a sparse one) and the streams' equal the loop's autograd."""
+    model = engram_model(conv=conv).double()
+    ids = random_ids(model.args, 2, 30, seed=6)
+    rows = model.engram_rows(ids)[1]
+    block = model.layers[1]
+    h = torch.randn(2, 30, model.args.hc_mult, model.args.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn_like(h)
+    grads = []
+    for f in (lambda: block.engram(h, rows)[0], lambda: loop_engram(block, h, rows)):
+        block.zero_grad(set_to_none=True)
+        h.grad = None
+        (f() * w).sum().backward()
+        grads.append({"h": h.grad, **{k: p.grad.to_dense() if p.grad.is_sparse else p.grad
+                                      for k, p in block.engram.named_parameters()}})
+    assert block.engram.table.weight.grad is not None
+    for k in grads[1]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-9, rtol=1e-7, msg=k)
+
+
+def test_kernels_equal_their_plain_twins():
+    """dsv4.kernels.engram against the formulas autograd differentiates (fp64: gradcheck, and values and gradients
+    against RMSNorm-then-product, F.conv1d over the padded sequence, F.embedding(sparse=True) coalesced)."""
+    from dsv4.kernels.engram import causal_conv, gate_logit, lookup
+    from dsv4.train.optim import coalesced
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    h, k, w = rand(2, 7, 3, 5), rand(2, 7, 3, 5), rand(3, 5)
+    assert torch.autograd.gradcheck(lambda h, k, w: gate_logit(h, k, w, 1e-6), (h, k, w))
+
+    def rms(x):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+    torch.testing.assert_close(gate_logit(h, k, w, 1e-6), (rms(h) * rms(k) * w).sum(-1) / math.sqrt(5))
+    for S, dilation, with_past in ((11, 3, False), (11, 3, True), (2, 3, False), (9, 1, True)):
+        x, c = rand(2, S, 6), rand(6, 4)
+        past = torch.randn(2, 3 * dilation, 6, generator=g, dtype=torch.float64) if with_past else None
+        assert torch.autograd.gradcheck(lambda x, c, d=dilation, p=past: causal_conv(x, c, d, p), (x, c))
+        padded = torch.cat([past if with_past else x.new_zeros(2, 3 * dilation, 6), x], 1)
+        plain = torch.nn.functional.conv1d(padded.transpose(1, 2), c.unsqueeze(1), dilation=dilation, groups=6)
+        torch.testing.assert_close(causal_conv(x, c, dilation, past), plain.transpose(1, 2))
+    with pytest.raises(ValueError, match="takes no gradient"):
+        causal_conv(x, c, 1, rand(2, 3, 6))
+    table, rows = rand(20, 4), torch.randint(0, 20, (3, 5, 2), generator=g)
+    grads = []
+    for f in (lookup, lambda t, r: torch.nn.functional.embedding(r, t, sparse=True)):
+        table.grad = None
+        out = f(table, rows)
+        (out * torch.arange(4.0, dtype=torch.float64)).pow(2).sum().backward()
+        grads.append(table.grad)
+    assert torch.equal(grads[0]._indices()[0], rows.unique())  # one entry per row read, in order: coalesced
+    torch.testing.assert_close(grads[0].to_dense(), grads[1].to_dense())
+    for grad in grads:  # the trainer's check: sorted distinct rows are taken as they are, others coalesced
+        done = coalesced(grad)
+        assert done.is_coalesced() and (done is grad) == (grad is grads[0])
+        torch.testing.assert_close(done.to_dense(), grads[1].to_dense())
+    torch.testing.assert_close(lookup(table, rows), table[rows])
 
 
 @torch.no_grad()

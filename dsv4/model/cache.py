@@ -53,7 +53,7 @@ class LayerCache:
     window: torch.Tensor  # [slots + 1, W, d]
     compressed: CompressedState | None = None
     index: CompressedState | None = None
-    conv: torch.Tensor | None = None  # Engram's short convolution: [slots + 1, context + 1, n * dim]
+    conv: torch.Tensor | None = None  # Engram's short convolution: [slots + 1, context + 1, n * dim] fp32
 
     def tensors(self) -> list[torch.Tensor]:
         parts = [self.window]
@@ -84,7 +84,7 @@ class KVCache:
                 cache.index = CompressedState.empty(slots, max_len, ratio, args.index_head_dim, True, device, dtype)
             if layer_id in args.engram_layers and args.engram_conv:
                 context = (args.engram_kernel - 1) * args.engram_max_ngram
-                cache.conv = torch.zeros(slots + 1, context + 1, args.hc_mult * args.dim, device=device, dtype=dtype)
+                cache.conv = torch.zeros(slots + 1, context + 1, args.hc_mult * args.dim, device=device)  # fp32
             self.layers.append(cache)
         # the compressed ids of each sequence's last N - 1 positions (+ 1 row), for Engram's n-gram hash
         self.engram_ids = (torch.zeros(slots + 1, args.engram_max_ngram, device=device, dtype=torch.long)

@@ -20,7 +20,6 @@ touches only the rows a batch read (`dsv4.train.optim` steps it with a lazy, row
 
 from __future__ import annotations
 
-import math
 from functools import cache
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.kernels import engram as kernels
 from dsv4.kernels.fused import Linear
 from dsv4.model.norm import RMSNorm
 
@@ -207,27 +207,32 @@ class Engram(nn.Module):
     @torch.compiler.disable  # a sparse-gradient lookup, possibly on another device: left to eager in compiled blocks
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows [B, S, H'] of the shared table -> e [B, S, E] on the rows' device, gathered where the table lives."""
-        e = self.table(rows.to(self.table.weight.device)).flatten(-2)
+        e = kernels.lookup(self.table.weight, rows.to(self.table.weight.device)).flatten(-2)
         return e.to(rows.device)
 
     def forward(self, h: torch.Tensor, rows: torch.Tensor, conv_state: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Streams h [B, S, n, D] fp32, rows [B, S, H'] -> (h + out, the convolution's input [B, S, n D] for a cache
-        to keep, or None without the convolution). conv_state [B, conv_context, n D]: that input at the positions
-        before this step (zeros before the sequence start); None = the sequence starts here."""
+        """Streams h [B, S, n, D] fp32, rows [B, S, H'] -> (h + out, the convolution's input [B, S, n D] fp32 for a
+        cache to keep, or None without the convolution). conv_state [B, conv_context, n D]: that input at the
+        positions before this step (zeros before the sequence start); None = the sequence starts here.
+
+        The formulas of the module docstring, arranged for fewer passes over [B, S, n, D] (`dsv4.kernels.engram`):
+        the two norms of the gate fold into one weight of a single product, and rmsnorm(alpha v) = s v with
+        s = alpha / sqrt(alpha^2 mean(v^2) + eps), its per-channel weight folded into the depthwise convolution's
+        taps. tests/test_engram.py holds the module to the formulas written out per stream."""
         dtype = self.key.weight.dtype
         e = self.lookup(rows).to(dtype)
-        k = self.key_norm(self.key(e).float().unflatten(-1, (self.n, self.dim)))
-        g = (self.query_norm(h) * k).sum(-1) / math.sqrt(self.dim)
-        alpha = torch.sigmoid(g.sign() * g.abs().clamp_min(1e-6).sqrt())  # [B, S, n]
-        u = alpha.unsqueeze(-1) * self.value(e).float().unsqueeze(-2)  # [B, S, n, D] fp32
+        k = self.key(e).to(h.dtype).unflatten(-1, (self.n, self.dim))
+        g = kernels.gate_logit(h, k, self.query_norm.weight * self.key_norm.weight, self.key_norm.eps)
+        alpha = torch.sigmoid(g.sign() * g.abs().clamp_min(1e-6).sqrt()).unsqueeze(-1)  # [B, S, n, 1]
+        v = self.value(e).to(h.dtype).unsqueeze(-2)  # [B, S, 1, D]
         if self.conv is None:
-            return h + u, None
-        x = self.conv_norm(u).flatten(-2).to(self.conv.weight.dtype)  # [B, S, n D]
-        past = conv_state if conv_state is not None else x.new_zeros(x.shape[0], self.conv_context, x.shape[-1])
-        y = F.conv1d(torch.cat([past.to(x.dtype), x], 1).transpose(1, 2), self.conv.weight,
-                     dilation=self.dilation, groups=x.shape[-1])  # causal: exactly S outputs
-        return h + u + F.silu(y.transpose(1, 2).float()).unflatten(-1, (self.n, self.dim)), x
+            return torch.addcmul(h, alpha, v), None
+        s = alpha * torch.rsqrt(alpha.square() * v.square().mean(-1, keepdim=True) + self.conv_norm.eps)
+        x = (s * v).flatten(-2)  # [B, S, n D]: the normed u without its weight
+        taps = self.conv.weight[:, 0].to(h.dtype) * self.conv_norm.weight.flatten().unsqueeze(-1)  # [n D, kernel]
+        y = kernels.causal_conv(x, taps, self.dilation, conv_state)
+        return h + torch.addcmul(F.silu(y).unflatten(-1, (self.n, self.dim)), alpha, v), x
 
     def reset_parameters(self, std: float = 0.02):
         """Table and projections N(0, std), biases 0, the convolution as PyTorch initialises one (the demo's)."""
