@@ -45,6 +45,9 @@ VARIANTS = {
     # a candidate for `make run` (not iso-compute): the experts at full width, Engram's rows twice as wide (32: 128 per
     # order) and half as many (85,444 per head), the same table size
     "v4-2m-engram-wide": (trunk(128, 3, 2048, heads=2), dict(engram={"vocab": 85444, "dim": 128})),
+    # the tables at 5x the peak lr (the paper trains its Engram embeddings with Adam at 5x the lr)
+    "v4-2m-engram-mem5x": ({**trunk(128, 3, 2048, heads=2), "moe_inter_dim": 104},
+                           dict(engram={"vocab": 170888}, memory_lr=2.5e-2)),
 }
 
 

@@ -84,6 +84,8 @@ def add_train(subparsers):
     g.add_argument("--optimizer", default=pre.optimizer, choices=("muon", "adamw"))
     g.add_argument("--lr", type=float, default=pre.lr, help="peak learning rate (AdamW, and Muon unless --muon-lr)")
     g.add_argument("--muon-lr", type=float, default=pre.muon_lr, help="Muon's peak learning rate (hidden matrices)")
+    g.add_argument("--memory-lr", type=float, default=pre.memory_lr,
+                   help="peak learning rate of Engram's tables (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=pre.weight_decay)
     g.add_argument("--warmup", type=int, default=pre.warmup, help="warm-up steps")
     g.add_argument("--schedule", default=pre.schedule, choices=("cosine", "wsd"))
@@ -168,8 +170,8 @@ def train_config(opts):
                   eval_every=opts.eval_every, save_every=opts.save_every, seed=opts.seed)
     pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else opts.steps, batch_size=opts.batch_size,
                                    grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
-                                   muon_lr=opts.muon_lr, warmup=opts.warmup, schedule=opts.schedule,
-                                   indexer_warmup=opts.indexer_warmup, **shared)
+                                   muon_lr=opts.muon_lr, memory_lr=opts.memory_lr, warmup=opts.warmup,
+                                   schedule=opts.schedule, indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
                               seq_len=opts.sft_seq_len, grad_accum=opts.grad_accum, **shared)
     longctx = dataclasses.replace(d.longctx, steps=opts.longctx_steps, seq_len=opts.longctx_seq_len,

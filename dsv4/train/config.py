@@ -26,6 +26,7 @@ class StageConfig:
     optimizer: str = "muon"           # muon (hidden matrices; AdamW for the rest) | adamw
     lr: float = 5e-3                  # peak lr of AdamW (embedding, head, norms, router, mHC scalars) and of Muon
     muon_lr: float | None = None      # Muon's own peak lr (hidden matrices); None = lr
+    memory_lr: float | None = None    # peak lr of Engram's tables (RowAdam); None = lr
     weight_decay: float = 0.1
     warmup: int = 10
     schedule: str = "wsd"             # wsd | cosine (wsd: a --time-budget decides the length late)

@@ -165,10 +165,11 @@ def param_kind(name: str, p: nn.Parameter, module: nn.Module | None = None) -> s
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: float | None = None,
-                 use_muon: bool = True, master=None) -> dict[str, list[dict]]:
+                 use_muon: bool = True, master=None, memory_lr: float | None = None) -> dict[str, list[dict]]:
     """Split the model's trainable parameters: {'adamw': [decay group, no_decay group], 'muon': [group],
     'sparse': [group]}.
     Each group records its `kind` and `base_lr` (what set_lr scales). With use_muon=False muon matrices join 'decay'.
+    memory_lr: the sparse group's (Engram's tables) peak lr; None = lr.
     `master(p)`, if given, is the tensor the optimizer updates for parameter p (its fp32 master copy in mixed
     precision, see dsv4.train.MixedPrecision)."""
     kinds: dict[str, list] = {"muon": [], "decay": [], "no_decay": [], "sparse": []}
@@ -186,7 +187,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, muon_lr: floa
         return dict(params=kinds[kind], lr=glr, base_lr=glr, weight_decay=wd, kind=kind)
     return {"adamw": [group("decay", lr, weight_decay), group("no_decay", lr, 0.0)],
             "muon": [group("muon", muon_lr, weight_decay)] if use_muon else [],
-            "sparse": [group("sparse", lr, 0.0)]}
+            "sparse": [group("sparse", lr if memory_lr is None else memory_lr, 0.0)]}
 
 
 class Optimizer:
@@ -227,13 +228,15 @@ class Optimizer:
 
 
 def build_optimizer(model: nn.Module, name: str = "muon", lr: float = 3e-4, weight_decay: float = 0.1,
-                    muon_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    momentum: float = 0.95, ns_dtype: torch.dtype = torch.float32, master=None) -> Optimizer:
+                    muon_lr: float | None = None, memory_lr: float | None = None,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95,
+                    ns_dtype: torch.dtype = torch.float32, master=None) -> Optimizer:
     """name='muon': Muon on hidden matrices + AdamW on the rest; name='adamw': AdamW on everything.
     `master`: see `param_groups`."""
     if name not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}")
-    groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon", master=master)
+    groups = param_groups(model, lr, weight_decay, muon_lr, use_muon=name == "muon", master=master,
+                          memory_lr=memory_lr)
     adamw_groups = [g for g in groups["adamw"] if g["params"]]
     # the fused kernel is several times faster than the per-tensor loop (one pass over params, grads and moments)
     fused = all(has_fused_adamw(p.device) for g in adamw_groups for p in g["params"])

@@ -60,7 +60,8 @@ class Trainer:
         # Muon's Newton-Schulz is robust in bf16
         ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         muon_lr=cfg.muon_lr, ns_dtype=ns_dtype, master=self.mp.master)
+                                         muon_lr=cfg.muon_lr, memory_lr=cfg.memory_lr, ns_dtype=ns_dtype,
+                                         master=self.mp.master)
         self.params = [self.mp.master(p) for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         blocks = [*model.layers, *model.mtp]
         self.moes, self.moe_layers = [b.ffn for b in blocks], [b.layer_id for b in blocks]
