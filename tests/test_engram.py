@@ -317,7 +317,9 @@ def test_training_touches_only_the_rows_it_read():
 
     model = engram_model()
     model.train()
-    opt = build_optimizer(model, "muon", lr=1e-2)
+    assert [g["lr"] for g in build_optimizer(model, "muon", lr=1e-2, memory_lr=3e-2).sparse.param_groups] == [3e-2]
+    opt = build_optimizer(model, "muon", lr=1e-2)  # the tables at the lr of the rest (--memory-lr not given)
+    assert [g["lr"] for g in opt.sparse.param_groups] == [1e-2]
     assert opt.sparse is not None and [p for g in opt.sparse.param_groups for p in g["params"]] == [
         model.layers[1].engram.table.weight, model.layers[2].engram.table.weight]
     tables = [model.layers[i].engram.table.weight for i in (1, 2)]

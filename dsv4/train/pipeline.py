@@ -90,6 +90,7 @@ def prepare_data(cfg: TrainConfig, out: Path, vocab_size: int, progress: bool = 
     if not train_docs or not val_docs:
         raise ValueError(f"the corpus split into {len(train_docs)} train and {len(val_docs)} val documents; "
                          f"both need at least one (more data or another --val-frac)")
+    out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"
     if cfg.init and not tok_path.exists():  # continuing a checkpoint: its tokenizer, not a new one
         shutil.copy(Path(cfg.init) / "tokenizer.json", tok_path)
