@@ -45,6 +45,9 @@ VARIANTS = {
     # a candidate for `make run` (not iso-compute): the experts at full width, Engram's rows twice as wide (32: 128 per
     # order) and half as many (85,444 per head), the same table size
     "v4-2m-engram-wide": (trunk(128, 3, 2048, heads=2), dict(engram={"vocab": 85444, "dim": 128})),
+    # half the batch (2048 tokens a step, twice the updates): the sweep's b32 lost to b16 at this budget
+    "v4-2m-engram-b8": ({**trunk(128, 3, 2048, heads=2), "moe_inter_dim": 104},
+                        dict(engram={"vocab": 170888}, batch_size=8)),
     # the tables at 5x the peak lr (the paper trains its Engram embeddings with Adam at 5x the lr)
     "v4-2m-engram-mem5x": ({**trunk(128, 3, 2048, heads=2), "moe_inter_dim": 104},
                            dict(engram={"vocab": 170888}, memory_lr=2.5e-2)),
@@ -56,9 +59,11 @@ def train_point(name: str, budget: float, work: Path, dtype: str) -> None:
     import dataclasses
 
     from dsv4.config import PRESETS
+    from dsv4.device import tune_cpu_allocator
     from dsv4.train import pipeline
     from dsv4.train.config import TrainConfig
 
+    tune_cpu_allocator()  # as `dsv4 train` does (the points up to engram_memlr_10m.json ran without it)
     model, train = VARIANTS[name]
     PRESETS[f"budget-{name}"] = {**PRESETS["small"], **BASE, **model}
     out, data = work / name, work / f"tokens-v{model['vocab_size']}"
