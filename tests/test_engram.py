@@ -385,7 +385,7 @@ def test_checkpoint_round_trip_keeps_the_memory(tmp_path):
 
 
 def test_an_engram_run_resumes_exactly(tmp_path):
-    """The pipeline with --engram: the compression saved with the checkpoint, SparseAdam's state in the snapshots,
+    """The pipeline with --engram: the compression saved with the checkpoint, RowAdam's state in the snapshots,
     and a run resumed from a middle snapshot continues with exactly the uninterrupted run's losses."""
     import shutil
     import sysconfig

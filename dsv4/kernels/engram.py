@@ -11,8 +11,10 @@ Their plain twins are what the autograd of the module's formulas would do: RMSNo
 compares them, values and gradients, in fp64. Why: at the `make run` model's width each of these works on [tokens,
 4 streams, 128] fp32 tensors with a handful of flops per element, so eager autograd's cost is its passes over memory
 (a norm's backward alone is ~8): the gate here takes 4 passes forward and 6 back, the convolution K forward and
-3K back without the zero-padded copies autograd makes for each shifted slice, and the lookup's backward sorts the
-rows once (`torch.unique`) instead of coalescing a gradient with one entry per token and head.
+2K back without the zero-padded copies autograd makes for each shifted slice, and the lookup's backward sorts the
+rows once (`torch.unique`) instead of coalescing a gradient with one entry per token and head. At 16 x 256 tokens
+(forward + backward, scratch timings): the gate 4.9 ms against autograd's 13.8, the convolution 6.0 ms against
+~18 (autograd of the shifted sums) and ~30 (F.conv1d).
 """
 
 import math
