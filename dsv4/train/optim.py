@@ -66,6 +66,14 @@ def muon_scale(shape: torch.Size) -> float:
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def _closure_loss(closure) -> torch.Tensor | None:
+    """An optimizer step's optional closure (re-evaluates the loss), run with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D matrices and [E, out, in] stacks (each expert matrix orthogonalised on its own). Matrices of one
     shape go through Newton-Schulz together, one batched product per iteration for all of them."""
@@ -82,10 +90,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             by_shape: dict[torch.Size, list] = {}  # same-shaped matrices orthogonalise in one batched call
@@ -118,10 +123,7 @@ class RowAdam(torch.optim.SparseAdam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), eps, lr = group["betas"], group["eps"], float(group["lr"])
             for p in group["params"]:
