@@ -12,6 +12,7 @@ import torch
 from dsv4.cli import parser
 from dsv4.config import ModelArgs
 from dsv4.train.budget import OPEN, StepBudget, parse_duration
+from dsv4.train.config import TrainConfig
 from dsv4.train.optim import wsd_schedule
 from dsv4.train.pipeline import build_model
 from dsv4.train.plots import read_metrics
@@ -173,3 +174,41 @@ def test_short_stages_run_eagerly_unless_told_otherwise():
     assert compile_enabled("on", cpu, torch.float32, 1) and not compile_enabled("off", cpu, torch.bfloat16, None)
     with pytest.raises(ValueError, match="auto, on or off"):
         compile_enabled("yes", cpu, torch.bfloat16, None)
+
+
+def test_auto_dtype_measures_where_bf16_is_native_and_keeps_its_choice_on_resume(tmp_path, monkeypatch):
+    """--dtype auto: where the matmul says bf16 is native, the faster measured step wins (either way), is written
+    down and read back on --resume without measuring again; a named dtype, an emulated bf16 or a short run measure
+    nothing."""
+    import dsv4.train.autodtype as autodtype
+
+    cpu, stage = torch.device("cpu"), dataclasses.replace(TrainConfig().pretrain, steps=100)
+    calls = []
+
+    def fake(times):
+        return lambda build, stage: calls.append(1) or times
+
+    monkeypatch.setattr(autodtype, "cpu_bf16_is_fast", lambda: True)
+    for times, want in (({"bf16": 0.4, "fp32": 0.5}, torch.bfloat16), ({"bf16": 0.7, "fp32": 0.5}, torch.float32)):
+        path = tmp_path / f"{want}.json"
+        assert autodtype.training_dtype("auto", cpu, None, stage, path, measure=fake(times)) == want
+        assert json.loads(path.read_text())["step_seconds"] == times
+        assert autodtype.training_dtype("auto", cpu, None, stage, path, measure=fake({"bf16": 9, "fp32": 9})) == want
+    assert len(calls) == 2  # the resumed calls read the file
+    short = dataclasses.replace(stage, steps=10)
+    assert autodtype.training_dtype("auto", cpu, None, short, tmp_path / "s.json", measure=fake({})) == torch.bfloat16
+    assert autodtype.training_dtype("auto", cpu, None, short, tmp_path / "b.json", budgeted=True,
+                                    measure=fake({"bf16": 0.7, "fp32": 0.5})) == torch.float32
+    assert autodtype.training_dtype("fp32", cpu, None, stage, tmp_path / "n.json", measure=fake({})) == torch.float32
+    monkeypatch.setattr(autodtype, "cpu_bf16_is_fast", lambda: False)
+    assert autodtype.training_dtype("auto", cpu, None, stage, tmp_path / "e.json", measure=fake({})) == torch.float32
+    assert len(calls) == 3 and not (tmp_path / "n.json").exists()
+
+
+def test_the_dtype_probe_times_real_steps_of_each_dtype():
+    args = ModelArgs.from_name("tiny")
+    stage = dataclasses.replace(TrainConfig().pretrain, batch_size=2, seq_len=32)
+    from dsv4.train.autodtype import time_steps
+
+    seconds = time_steps(lambda: build_model(args, torch.device("cpu"), 0), stage, rounds=1)
+    assert set(seconds) == {"bf16", "fp32"} and all(0 < s < 60 for s in seconds.values())

@@ -4,8 +4,9 @@ update moves each bias by exactly gamma toward balance."""
 
 import torch
 
+from dsv4.device import grouped_rows_multiple
 from dsv4.kernels.fused import Fused, Products
-from dsv4.model.moe import Experts, MoE, expert_load, sequence_balance
+from dsv4.model.moe import Experts, MoE, expert_load, padded_groups, sequence_balance
 from dsv4.model.stats import LayerStats
 from dsv4.train.trainer import update_balance_bias
 from tests.helpers import tiny_args
@@ -88,3 +89,50 @@ def test_gathered_experts_agree_across_products_and_with_the_dense_twin():
     for ops in (Products, Fused):
         ex.ops = ops
         torch.testing.assert_close(ex(x, w, idx), want, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_groups_place_every_assignment_in_its_experts_rounded_group():
+    """Over many random routings: every assignment gets its own row, inside its expert's group; every group but the
+    last is a multiple of `rows` long and holds its expert's assignments first; the total is static."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        E, A, rows = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (9, 300, 70))
+        expert_A = torch.randint(0, E, (A,), generator=g).sort().values
+        counts_E = torch.bincount(expert_A, minlength=E)
+        pos_A, offs_E, total = padded_groups(expert_A, counts_E, rows)
+        assert total == A + E * (rows - 1) and int(offs_E[-1]) == total
+        assert len(set(pos_A.tolist())) == A and int(pos_A.min()) >= 0 and int(pos_A.max()) < total
+        starts = [0, *offs_E[:-1].tolist()]
+        for e in range(E):
+            mine = pos_A[expert_A == e].tolist()
+            assert mine == list(range(starts[e], starts[e] + len(mine)))  # first in its group, in order
+            if e < E - 1:
+                assert (offs_E[e] - starts[e]) % rows == 0 and offs_E[e] - starts[e] < counts_E[e] + rows
+
+
+def test_padded_grouped_experts_equal_the_unpadded_ones_forward_and_backward(monkeypatch):
+    """Rounding each expert's rows up (what bf16 on the CPU does so that oneDNN's kernels are reused) changes neither
+    the output nor any gradient: the padding rows are zeros and their outputs are never read."""
+    import dsv4.model.moe as moe_module
+
+    args = tiny_args(n_routed_experts=8, n_activated_experts=2, moe_inter_dim=32, dim=64)
+    torch.manual_seed(0)
+    ex = Experts(args)
+    ex.reset_parameters(0.1)
+    x, w = torch.randn(97, 64, requires_grad=True), torch.rand(97, 2)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(97)])
+    idx[:40] = torch.tensor([3, 5])  # a crowded pair of experts and some nearly empty ones
+    results = []
+    for rows in (1, 5, 64):
+        monkeypatch.setattr(moe_module, "grouped_rows_multiple", lambda device, dtype, r=rows: r)
+        ex.zero_grad(set_to_none=True)
+        x.grad = None
+        y = ex(x, w, idx)
+        (y * torch.linspace(-1, 1, 64)).sum().backward()
+        results.append((y.detach(), x.grad.clone(), ex.w13.grad.clone(), ex.w2.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[0][0], ex.forward_dense(x, w, idx).detach(), atol=1e-5, rtol=1e-5)
+    assert grouped_rows_multiple(torch.device("cpu"), torch.bfloat16) > 1
+    assert grouped_rows_multiple(torch.device("cpu"), torch.float32) == 1

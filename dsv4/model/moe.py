@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelArgs
+from dsv4.device import grouped_rows_multiple
 from dsv4.kernels.fused import Linear, LinearGroup, Products
 from dsv4.model.stats import LayerStats
 
@@ -115,10 +116,16 @@ class Experts(nn.Module):
         flat = idx_NK.flatten()  # expert counts with a static shape (bincount's length depends on the data)
         counts_E = torch.zeros(self.w13.shape[0], dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        offs_E = counts_E.cumsum(0).to(torch.int32)
-        x_AD = x_ND[token_A]
-        h_A2I = F.grouped_mm(x_AD, self.w13.transpose(-1, -2), offs=offs_E)
-        y_AD = F.grouped_mm(self.act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
+        rows = grouped_rows_multiple(x_ND.device, x_ND.dtype)
+        if rows == 1:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            h_A2I = F.grouped_mm(x_ND[token_A], self.w13.transpose(-1, -2), offs=offs_E)
+            y_AD = F.grouped_mm(self.act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
+        else:
+            pos_A, offs_E, total = padded_groups(flat[order_A], counts_E, rows)
+            x_PD = x_ND.new_zeros(total, x_ND.shape[-1]).index_copy_(0, pos_A, x_ND[token_A])
+            h_P2I = F.grouped_mm(x_PD, self.w13.transpose(-1, -2), offs=offs_E)
+            y_AD = F.grouped_mm(self.act(h_P2I), self.w2.transpose(-1, -2), offs=offs_E)[pos_A]
         y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
@@ -177,6 +184,22 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_ND)
         return y.view(shape)
+
+
+def padded_groups(expert_A: torch.Tensor, counts_E: torch.Tensor, rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where each of A expert-sorted assignments goes when every expert's group is rounded up to a multiple of
+    `rows` (so that a grouped GEMM sees only a few distinct shapes) -> (row of each assignment [A], the groups' ends
+    [E] int32, total rows). The total is static, A + E (rows - 1); the last group takes the slack. The padding rows
+    are zeros: they add nothing to the weights' gradients and their outputs are never read."""
+    E = counts_E.shape[0]
+    total = expert_A.shape[0] + E * (rows - 1)
+    padded_E = (counts_E + rows - 1) // rows * rows
+    ends_E = padded_E.cumsum(0)
+    rank_A = torch.arange(expert_A.shape[0], device=expert_A.device) - (counts_E.cumsum(0) - counts_E)[expert_A]
+    pos_A = (ends_E - padded_E)[expert_A] + rank_A
+    offs_E = torch.cat([ends_E[:-1], ends_E.new_full((1,), total)]).to(torch.int32)
+    return pos_A, offs_E, total
 
 
 def expert_load(idx_NK: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,8 +28,9 @@ import torch
 from dsv4.atomic import atomic_dir, atomic_text
 from dsv4.config import ModelArgs
 from dsv4.data.tasks import LongContextMix
-from dsv4.device import can_compile, default_device, resolve_dtype
+from dsv4.device import can_compile, default_device
 from dsv4.model.transformer import Transformer
+from dsv4.train.autodtype import training_dtype
 from dsv4.train.budget import StepBudget
 from dsv4.train.config import StageConfig, TrainConfig
 from dsv4.train.snapshot import list_snapshots, load_latest
@@ -49,6 +50,19 @@ def model_args(cfg: TrainConfig, tok) -> tuple[ModelArgs, object]:
 
     lookup = compress_vocab(tok, args.vocab_size)
     return args.with_engram(**(cfg.engram or {}), compressed_vocab=int(lookup.max()) + 1), lookup
+
+
+def model_builder(cfg: TrainConfig, tok, device: torch.device) -> tuple[ModelArgs, Callable[[], Transformer]]:
+    """(the run's ModelArgs, a function that builds its freshly initialised fp32 model, Engram's vocabulary set)."""
+    args, lookup = model_args(cfg, tok)
+
+    def build() -> Transformer:
+        model = build_model(args, device, cfg.init_seed)
+        if lookup is not None:
+            model.set_engram_vocab(lookup)
+        return model
+
+    return args, build
 
 
 def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
@@ -236,7 +250,6 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
 
     device = torch.device(cfg.device) if cfg.device else default_device()
-    dtype = resolve_dtype(cfg.dtype, device)
     args = ModelArgs.from_name(cfg.preset)
     seq = max((stage.seq_len for _, stage in stages), default=0)
     if seq > args.max_seq_len:
@@ -244,10 +257,10 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
-    args, lookup = model_args(cfg, tok)
-    model = build_model(args, device, cfg.init_seed)
-    if lookup is not None:
-        model.set_engram_vocab(lookup)
+    args, build = model_builder(cfg, tok, device)
+    dtype = training_dtype(cfg.dtype, device, build, stages[0][1] if stages else cfg.pretrain, out / "dtype.json",
+                           budgeted=bool(cfg.time_budget), progress=progress)
+    model = build()
     if cfg.init:
         model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
     for name, stage in stages:
