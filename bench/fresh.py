@@ -5,6 +5,8 @@ tests.
 
     python bench/fresh.py --target test --json bench/results/make_test.json
     python bench/fresh.py --target run --json bench/results/make_run.json --png bench/results/make_run_loss.png
+    python bench/fresh.py --target run --make-var DTYPE=fp32 --env ATEN_CPU_CAPABILITY=avx2 --env ONEDNN_MAX_CPU_ISA=AVX2 \
+        --env MKL_ENABLE_INSTRUCTIONS=AVX2 --json bench/results/make_run_avx2.json   # a CPU without AVX-512
 """
 
 import argparse
@@ -70,13 +72,16 @@ def main():
     p.add_argument("--json", metavar="PATH", help="also write the report here (bench/results/NAME.json)")
     p.add_argument("--make-var", action="append", default=[], metavar="NAME=VALUE",
                    help="passed to make, e.g. DTYPE=fp32 (the run of a CPU without fast bf16)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set for the install and the target, e.g. ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2 "
+                        "and MKL_ENABLE_INSTRUCTIONS=AVX2: a CPU without AVX-512, on one that has it)")
     p.add_argument("--png", metavar="PATH", help="--target run: copy the run's pretraining loss curve here")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dsv4-fresh-") as tmp:
         clone, cache = os.path.join(tmp, "dsv4"), os.path.join(tmp, "inductor-cache")
         subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, **dict(e.split("=", 1) for e in args.env)}
         if args.target == "test":
             env["PYTEST_ADDOPTS"] = "--durations=10 -p no:cacheprovider"
         install, rc, out = timed(["make", "venv"], clone, env)
@@ -84,7 +89,7 @@ def main():
             sys.exit(f"make venv failed:\n{out[-3000:]}")
         target, rc, out = timed(["make", args.target, *args.make_var], clone, env)
         report = {"benchmark": f"make {args.target} from a fresh clone, torch.compile cache empty",
-                  "make_vars": args.make_var,
+                  "make_vars": args.make_var, "env": args.env,
                   "install_s": round(install, 1), f"make_{args.target}_s": round(target, 1),
                   "total_s": round(install + target, 1), "total_min": round((install + target) / 60, 2),
                   "exit_code": rc}
