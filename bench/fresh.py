@@ -5,8 +5,9 @@ tests.
 
     python bench/fresh.py --target test --json bench/results/make_test.json
     python bench/fresh.py --target run --json bench/results/make_run.json --png bench/results/make_run_loss.png
-    python bench/fresh.py --target run --make-var DTYPE=fp32 --env ATEN_CPU_CAPABILITY=avx2 --env ONEDNN_MAX_CPU_ISA=AVX2 \
-        --env MKL_ENABLE_INSTRUCTIONS=AVX2 --json bench/results/make_run_avx2.json   # a CPU without AVX-512
+    python bench/fresh.py --target run --make-var DTYPE=fp32 --env ATEN_CPU_CAPABILITY=avx2 \
+        --env ONEDNN_MAX_CPU_ISA=AVX2 --env MKL_ENABLE_INSTRUCTIONS=AVX2 --json bench/results/make_run_avx2.json
+        (the last: a CPU without AVX-512, emulated on one that has it)
 """
 
 import argparse
@@ -73,8 +74,8 @@ def main():
     p.add_argument("--make-var", action="append", default=[], metavar="NAME=VALUE",
                    help="passed to make, e.g. DTYPE=fp32 (the run of a CPU without fast bf16)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="set for the install and the target, e.g. ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2 "
-                        "and MKL_ENABLE_INSTRUCTIONS=AVX2: a CPU without AVX-512, on one that has it)")
+                   help="set for the install and the target, e.g. ATEN_CPU_CAPABILITY=avx2 (with "
+                        "ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2: a CPU without AVX-512)")
     p.add_argument("--png", metavar="PATH", help="--target run: copy the run's pretraining loss curve here")
     args = p.parse_args()
 
