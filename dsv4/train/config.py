@@ -56,7 +56,7 @@ class TrainConfig:
     data: str | None = None           # None = the interpreter's standard library; a folder; or a .jsonl with "text"
     val_frac: float = 0.03
     device: str | None = None         # None = the accelerator if any, else the CPU
-    dtype: str = "auto"               # compute dtype; auto = bf16 where the device does it fast, else fp32
+    dtype: str = "auto"               # compute dtype; auto = the faster training step (dsv4.train.autodtype)
     compile: str = "auto"             # torch.compile the blocks: on | off | auto (on where a compiler backend exists)
     init_seed: int = 0
     init: str | None = None           # a checkpoint directory to start from (its weights and tokenizer)
