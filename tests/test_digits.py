@@ -42,3 +42,20 @@ def test_digit_images_are_centred_and_clips_move_as_captioned():
             assert int(clip.flatten(1).amax(1).min()) > 96  # the digit is in every frame
     with pytest.raises(ValueError, match="at least 28"):
         digit_image(images[0], size=16)
+
+
+@pytest.mark.slow
+def test_the_digit_judge_trained_on_real_digits_reads_held_out_ones():
+    """300 steps on the training split read >= 92% of the held-out real digits, framed as a generated image would be
+    (RGB 32 x 32) as well as raw (28 x 28 grey), the same either way; and it reads a noise image as some digit without
+    failing."""
+    from dsv4.eval.digits import accuracy, classify, train_classifier
+
+    model, acc = train_classifier(steps=300)
+    images, labels = load_mnist()
+    _, val = split(labels)
+    framed = torch.stack([digit_image(im) for im in images[val]])
+    assert acc >= 0.92 and accuracy(model, framed, labels[val]) == pytest.approx(acc)
+    assert torch.equal(classify(model, framed), classify(model, images[val]))
+    noise = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert classify(model, noise).shape == (4,)
