@@ -1,4 +1,4 @@
-"""dsv4.tokenizers.pixels (and the reconstruction metrics of dsv4.eval.visual): shapes of codes and frames, an image
+"""dsv4.tokenizers.pixels and its trainer (dsv4.train.pixels): shapes of codes and frames, an image
 is a clip's first latent step, later frames never reach earlier codes or pixels, the ids path equals the
 straight-through path, training on the procedural shapes reconstructs them, and PSNR / SSIM against references."""
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dsv4.data.visual import all_image_specs, draw_image
-from dsv4.eval.visual import psnr, ssim
-from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, to_uint8, to_unit
+from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, psnr, ssim, to_uint8, to_unit
 
 
 def tokenizer(seed: int = 0, **kw) -> PixelTokenizer:
@@ -99,3 +98,35 @@ def test_psnr_and_ssim_against_hand_computed_values():
 def test_pixels_convert_both_ways_exactly():
     px = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     assert torch.equal(to_uint8(to_unit(px)), px) and to_unit(px).shape == (4, 3, 32, 32)
+
+
+def test_the_pixel_trainer_saves_a_loadable_tokenizer_and_reports_every_kind(tmp_path):
+    from dsv4.train.pixels import KINDS, PixelTrainConfig, code_usage, load_pixels, train_pixels
+
+    cfg = PixelTrainConfig(out=str(tmp_path / "pixels"), steps=12, batch=8, clip_batch=2, width=16, held_out=8,
+                           warmup=4)
+    report = train_pixels(cfg, progress=False)
+    out = tmp_path / "pixels"
+    assert sorted(p.name for p in out.iterdir()) == ["pixels.json", "pixels.safetensors", "reconstructions.png",
+                                                      "report.json"]
+    assert report["steps"] == 12 and set(report["reconstruction"]) == set(KINDS)
+    for kind, r in report["reconstruction"].items():
+        assert r["frames"] == (9 if "clips" in kind else 1) and 0 < r["codes_used"] <= 1000 and r["ssim"] <= 1
+    tok = load_pixels(out)
+    x = torch.rand(2, 5, 3, 32, 32) * 2 - 1
+    assert torch.equal(tok.encode(x), load_pixels(out).encode(x))
+    with pytest.raises(FileNotFoundError, match="no pixel tokenizer"):
+        load_pixels(tmp_path)
+    usage = code_usage(torch.tensor([0, 0, 1, 1]), 4)
+    assert usage["codes_used"] == 2 and usage["share_used"] == 0.5 and usage["perplexity"] == pytest.approx(2.0)
+    budgeted = train_pixels(PixelTrainConfig(out=str(tmp_path / "b"), steps=10**6, time_budget=3.0, batch=4,
+                                             clip_batch=1, width=16, held_out=4, warmup=4), progress=False)
+    assert 4 < budgeted["steps"] < 10**6  # sized by the measured warm-up
+
+
+def test_the_pixels_command_trains_for_its_time_budget(tmp_path, capsys):
+    from dsv4.cli import main
+
+    assert main(["pixels", "--out", str(tmp_path / "px"), "--time-budget", "3s", "--width", "16"]) == 0
+    assert (tmp_path / "px" / "pixels.safetensors").exists() and "pixel tokenizer:" in capsys.readouterr().out
+    assert main(["pixels", "--out", str(tmp_path / "px2"), "--time-budget", "soon"]) == 2

@@ -99,28 +99,3 @@ def matches(pixels: torch.Tensor, caption: str | ShapeSpec) -> bool:
     first = read_image(pixels[0])
     return (first.colour, first.shape) == (spec.colour, spec.shape) and read_motion(pixels) == spec.direction
 
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images in [-1, 1] ([..., 3, H, W]), over the whole batch: 10 log10(1 / MSE)
-    on the [0, 1] scale."""
-    mse = ((x.float() - y.float()) / 2).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
-    """Mean structural similarity (Wang et al. 2004) of images in [-1, 1] ([N, 3, H, W]) on the [0, 1] scale: local
-    means, variances and covariance under a `window` x `window` Gaussian (valid positions only; 7 rather than the
-    usual 11 for 32-pixel images), C1 = 0.01^2, C2 = 0.03^2, averaged over positions, channels and images."""
-    x, y = (t.float().flatten(0, -4) / 2 + 0.5 for t in (x, y))
-    c = x.shape[1]
-    k = torch.exp(-((torch.arange(window) - (window - 1) / 2) ** 2) / (2 * sigma**2))
-    k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(c, 1, window, window)
-
-    def blur(t):
-        return torch.nn.functional.conv2d(t, k, groups=c)
-
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.mean().item()
