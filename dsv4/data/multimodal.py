@@ -24,6 +24,7 @@ from dsv4.tokenizers.multimodal import VisualVocab
 from dsv4.tokenizers.text import Tokenizer
 
 TASKS = ("text", "text->image", "text->video", "image->video", "image->caption")
+DEFAULT_MIX = {"text": 0.3, "text->image": 0.3, "text->video": 0.2, "image->video": 0.1, "image->caption": 0.1}
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ class MultimodalMix:
     images: list[VisualItem]
     clips: list[VisualItem]
     seq_len: int
-    mix: dict[str, float] = field(default_factory=lambda: {
-        "text": 0.3, "text->image": 0.3, "text->video": 0.2, "image->video": 0.1, "image->caption": 0.1})
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     drop_caption: float = 0.1
     weights: Weights = field(default_factory=Weights)
 

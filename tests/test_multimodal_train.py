@@ -1,0 +1,45 @@
+"""dsv4.train.multimodal: the whole multimodal pipeline on a tiny model, a few steps each: every part lands where the
+module says, the final checkpoint's vocabulary is text + BOF + codes and its tokenizer, pixel tokenizer and
+vocabulary file load back, the tokenized items parse as the spans they are, and a second call reuses everything."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4.train.config import StageConfig
+from dsv4.train.multimodal import MultimodalConfig, load_items, run_multimodal
+from dsv4.train.pixels import PixelTrainConfig, load_pixels
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.mark.slow
+def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "heapq.py", "fnmatch.py"):
+        shutil.copy(STDLIB / name, corpus / name)
+    cfg = MultimodalConfig(
+        out=str(tmp_path / "mm"), preset="tiny", data=str(corpus), val_frac=0.3,
+        pixels=PixelTrainConfig(steps=4, batch=4, clip_batch=1, width=16, held_out=4, warmup=2), images=6, clips=4,
+        stage=StageConfig(steps=3, batch_size=2, seq_len=256, warmup=1, eval_every=2, save_every=2, eval_batches=1),
+        device="cpu", dtype="fp32")
+    final = run_multimodal(cfg, progress=False)
+    vocab = json.loads((final / "multimodal.json").read_text())
+    config = json.loads((final / "config.json").read_text())
+    assert vocab["codebook"] == 1000 and vocab["step_codes"] == 64
+    assert config["vocab_size"] == vocab["text_size"] + 1 + 1000
+    assert load_pixels(final / "pixels").fsq.codebook_size == 1000 and (final / "tokenizer.json").exists()
+    items = load_items(tmp_path / "mm" / "items")
+    assert len(items["images"]) == 6 and len(items["clips"]) == 4
+    assert items["images"][0].codes.shape == (1, 64) and items["clips"][0].codes.shape == (3, 64)
+    assert items["clips"][1].caption.startswith("the digit ") and items["clips"][1].motion.startswith("moving ")
+    rows = [json.loads(line) for line in (tmp_path / "mm" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    stamp = (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns
+    run_multimodal(cfg, progress=False)  # reuses the tokenizers and items, and the finished stage
+    assert (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns == stamp
