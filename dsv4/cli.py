@@ -15,6 +15,7 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 serve --ckpt DIR                       the OpenAI-compatible API and the web chat page (dsv4.serve.lifecycle)
     dsv4 engram --ckpt DIR --text TEXT [--json] the Engram memory rows a text reads (dsv4.weights.engram)
     dsv4 pixels [--out DIR --time-budget 5m]    the pixel tokenizer: images/clips <-> FSQ codes (dsv4.train.pixels)
+    dsv4 multimodal [--time-budget 45m]         one model on text, images and clips (dsv4.train.multimodal)
 """
 
 import argparse
@@ -434,7 +435,44 @@ def run_pixels(opts) -> int:
     return 0
 
 
-COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram, add_pixels)
+def add_multimodal(subparsers):
+    from dsv4.train.multimodal import MultimodalConfig
+
+    d = MultimodalConfig()
+    p = subparsers.add_parser("multimodal", help="train one model on text, images and clips (issue 22, in progress)",
+                              description="Train the pixel tokenizer (or reuse OUT/pixels), then one V4 model on mixed "
+                              "rows of text, text->image, text->video, image->video and image->caption in one "
+                              "vocabulary, and write OUT/final (checkpoint, tokenizer.json, pixels/, multimodal.json).")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    p.add_argument("--time-budget", default=None, metavar="DURATION", help="e.g. 45m (overrides --steps)")
+    p.add_argument("--steps", type=int, default=d.stage.steps)
+    for name in ("images", "clips"):
+        p.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"captioned training {name}")
+    for name in ("text_weight", "visual_weight", "drop_caption"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run_multimodal)
+
+
+def run_multimodal(opts) -> int:
+    import dataclasses
+
+    from dsv4.train.budget import parse_duration
+    from dsv4.train.multimodal import MultimodalConfig, run_multimodal
+
+    d = MultimodalConfig()
+    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, images=opts.images, clips=opts.clips,
+                              time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
+                              stage=dataclasses.replace(d.stage, steps=opts.steps), text_weight=opts.text_weight,
+                              visual_weight=opts.visual_weight, drop_caption=opts.drop_caption, dtype=opts.dtype,
+                              device=opts.device)
+    print(f"multimodal: {run_multimodal(cfg)}")
+    return 0
+
+
+COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram, add_pixels, add_multimodal)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -43,3 +43,17 @@ def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp
     stamp = (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns
     run_multimodal(cfg, progress=False)  # reuses the tokenizers and items, and the finished stage
     assert (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_the_multimodal_command_maps_its_flags_onto_the_config(monkeypatch, capsys):
+    import dsv4.train.multimodal as mm
+    from dsv4.cli import main
+
+    seen = []
+    monkeypatch.setattr(mm, "run_multimodal", lambda cfg: seen.append(cfg) or Path(cfg.out) / "final")
+    assert main(["multimodal", "--out", "x", "--time-budget", "45m", "--images", "10", "--visual-weight", "2",
+                 "--drop-caption", "0.2", "--steps", "7"]) == 0
+    (cfg,) = seen
+    assert (cfg.out, cfg.time_budget, cfg.images, cfg.visual_weight, cfg.drop_caption, cfg.stage.steps) == (
+        "x", 2700.0, 10, 2.0, 0.2, 7)
+    assert "x/final" in capsys.readouterr().out
