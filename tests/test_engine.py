@@ -311,3 +311,32 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch
     assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question
     engine = engines[0]
     assert not engine.has_work() and len(engine.free) == engine.max_batch
+
+
+def test_constrained_requests_write_exact_spans_beside_free_ones(model, tok, alone):
+    """A visual span's grammar as a request's processor: greedy, it picks the argmax of the masked full-forward
+    logits; sampled, every span parses to its exact shape; a free request in the same batch is untouched; an engine
+    with speculation refuses a processor."""
+    from dsv4.tokenizers.multimodal import SpanConstraint, VisualVocab
+    from dsv4.tokenizers.text import BOI, BOV, EOI, EOV
+
+    v = VisualVocab(300, 100, 4, *(tok.token_id(t) for t in (BOI, EOI, BOV, EOV)))  # ids < the model's 512
+    image = tok.encode("a red circle") + [v.boi]
+    engine = Engine(model, tok, max_batch=3, prefill_chunk=16)
+    greedy = engine.submit(image, GREEDY, max_new_tokens=5, ignore_eos=True, processor=SpanConstraint(v))
+    clip = engine.submit(tok.encode("x") + [v.bov], SamplingParams(temperature=1.5, seed=3), max_new_tokens=11,
+                         ignore_eos=True, processor=SpanConstraint(v, steps=2, video=True))
+    free = engine.submit(PROMPTS[0], GREEDY, max_new_tokens=24, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    assert free.output == alone[0].token_ids
+    ids, c = torch.tensor([image]), SpanConstraint(v)
+    for _ in range(5):
+        t = int(c.mask(model(ids)[0, -1].float()).argmax())
+        c.advance(t)
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    assert greedy.output == ids[0, len(image):].tolist() and greedy.output[-1] == v.eoi
+    ((kind, codes),) = v.parse([v.bov] + clip.output)
+    assert kind == "video" and codes.shape == (2, 4)
+    with pytest.raises(ValueError, match="without speculation"):
+        Engine(model, tok, speculative=True).submit(image, processor=SpanConstraint(v))

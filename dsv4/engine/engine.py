@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from dsv4.device import can_compile, release_free_memory
-from dsv4.engine.request import Completion, Delta, Request, token_logprobs
+from dsv4.engine.request import Completion, Delta, LogitsProcessor, Request, token_logprobs
 from dsv4.engine.sampling import SamplingParams, apply_penalties, draft_tokens, sample, verify_drafts
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache, Step
@@ -123,9 +123,12 @@ class Engine:
     # --- requests ---
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, max_new_tokens: int = 256,
                stop: Iterable[str] = (), stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
-               ignore_eos: bool = False, callback: Callable[[Delta], None] | None = None) -> Request:
+               ignore_eos: bool = False, callback: Callable[[Delta], None] | None = None,
+               processor: LogitsProcessor | None = None) -> Request:
         """Queue a request. A str prompt is encoded as plain text; token ids (e.g. an encoded chat) go in as they are.
-        logprobs: None = off, n >= 0 = the chosen token's log-probability plus the n most likely alternatives."""
+        logprobs: None = off, n >= 0 = the chosen token's log-probability plus the n most likely alternatives (of
+        the model's distribution, before any processor). processor: constrained decoding (`LogitsProcessor`, e.g.
+        a visual span's grammar); not with speculation."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -139,12 +142,14 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
+        if processor is not None and self.speculative:
+            raise ValueError("constrained decoding (a processor) runs on an engine without speculation")
         params = params or SamplingParams()
         stops = frozenset(int(t) for t in stop_token_ids) | (
             frozenset() if ignore_eos or self.tokenizer.eos_id is None else {self.tokenizer.eos_id})
         req = Request(next(self._ids), ids, params, max_new_tokens, stops, logprobs, callback,
                       StopMatcher(tuple(stop)), self.tokenizer.stream(errors="replace"),
-                      params.generator(self.device))
+                      params.generator(self.device), processor=processor)
         with self._lock:
             self.waiting.append(req)
         return req
@@ -326,8 +331,17 @@ class Engine:
         return counts
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, extra: list[int] | None = None) -> list[int]:
-        return sample(logits.float(), [r.params for r in reqs], [r.generator for r in reqs],
-                      self._counts(reqs, extra)).tolist()
+        logits = logits.float()
+        constrained = [i for i, r in enumerate(reqs) if r.processor is not None and not r.processor.done]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                logits[i] = reqs[i].processor.mask(logits[i])
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                        self._counts(reqs, extra)).tolist()
+        for i in constrained:
+            reqs[i].processor.advance(tokens[i])
+        return tokens
 
     # --- output ---
     def _emit(self, reqs: list[Request], tokens: list[list[int]], logits: torch.Tensor) -> list[Delta]:

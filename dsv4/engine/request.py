@@ -11,6 +11,7 @@ max_new_tokens, or the end of the context ("length"); or when it is cancelled.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -46,6 +47,15 @@ def token_logprobs(logp: torch.Tensor, token: int, top: int) -> dict:
             "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
 
 
+class LogitsProcessor(Protocol):
+    """What constrained decoding asks of a request's processor."""
+    done: bool
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
+
+
 @dataclass(eq=False)
 class Request:
     id: int
@@ -66,6 +76,9 @@ class Request:
     finish_reason: str | None = None
     # speculation: main streams of positions the MTP module has not seen yet (their next tokens are known)
     mtp_rows: list[torch.Tensor] = field(default_factory=list)
+    # constrained decoding: masks the logits each token is sampled from, and is told the token sampled (e.g.
+    # dsv4.tokenizers.multimodal.SpanConstraint); once `done`, the request samples freely again
+    processor: LogitsProcessor | None = None
 
     @property
     def prefilling(self) -> bool:
