@@ -340,3 +340,37 @@ def test_constrained_requests_write_exact_spans_beside_free_ones(model, tok, alo
     assert kind == "video" and codes.shape == (2, 4)
     with pytest.raises(ValueError, match="without speculation"):
         Engine(model, tok, speculative=True).submit(image, processor=SpanConstraint(v))
+
+
+def test_guided_requests_sample_from_the_guided_logits(model, tok, alone):
+    """Classifier-free guidance: scale 1 is the plain conditional run, scale 0 the unconditional prompt's own run,
+    and scale 3 the argmax of u + 3 (c - u) from two full forwards, also when the conditional prompt needs more
+    prefill steps than the unconditional one; beside a free request, with a span grammar, and refused where it
+    cannot run."""
+    from dsv4.tokenizers.multimodal import SpanConstraint, VisualVocab
+    from dsv4.tokenizers.text import BOI, BOV, EOI, EOV
+
+    cond, uncond = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1])
+    engine = Engine(model, tok, max_batch=5, prefill_chunk=4)  # the conditional prompt takes more steps to prefill
+    one = engine.submit(cond, GREEDY, max_new_tokens=24, ignore_eos=True, guidance=(uncond, 1.0))
+    zero = engine.submit(cond, GREEDY, max_new_tokens=24, ignore_eos=True, guidance=(uncond, 0.0))
+    free = engine.submit(PROMPTS[3], GREEDY, max_new_tokens=24, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    assert one.output == alone[0].token_ids and zero.output == alone[1].token_ids
+    assert free.output == alone[3].token_ids and not engine.running and len(engine.free) == 5
+    three = Engine(model, tok, max_batch=2, prefill_chunk=4).generate([cond], GREEDY, max_new_tokens=8,
+                                                                      ignore_eos=True, guidance=(uncond, 3.0))[0]
+    c, u = torch.tensor([cond]), torch.tensor([uncond])
+    for _ in range(8):
+        lc, lu = model(c)[:, -1].float(), model(u)[:, -1].float()
+        t = (lu + 3 * (lc - lu)).argmax(-1, keepdim=True)
+        c, u = torch.cat([c, t], 1), torch.cat([u, t], 1)
+    assert three.token_ids == c[0, len(cond):].tolist()
+    v = VisualVocab(300, 100, 4, *(tok.token_id(t) for t in (BOI, EOI, BOV, EOV)))
+    out = Engine(model, tok, max_batch=2).generate([cond + [v.boi]], SamplingParams(temperature=1.0, seed=1),
+                                                   max_new_tokens=5, ignore_eos=True, guidance=([v.boi], 2.0),
+                                                   processor=SpanConstraint(v))[0]
+    assert v.parse([v.boi] + out.token_ids)[0][1].shape == (1, 4)
+    with pytest.raises(ValueError, match="max_batch >= 2"):
+        Engine(model, tok, max_batch=1).submit(cond, guidance=(uncond, 2.0))

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from dsv4.device import can_compile, release_free_memory
+from dsv4.engine.guidance import follow, guided_rows
 from dsv4.engine.request import Completion, Delta, LogitsProcessor, Request, token_logprobs
 from dsv4.engine.sampling import SamplingParams, apply_penalties, draft_tokens, sample, verify_drafts
 from dsv4.engine.stops import StopMatcher
@@ -124,11 +125,13 @@ class Engine:
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, max_new_tokens: int = 256,
                stop: Iterable[str] = (), stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
                ignore_eos: bool = False, callback: Callable[[Delta], None] | None = None,
-               processor: LogitsProcessor | None = None) -> Request:
+               processor: LogitsProcessor | None = None,
+               guidance: tuple[Sequence[int], float] | None = None) -> Request:
         """Queue a request. A str prompt is encoded as plain text; token ids (e.g. an encoded chat) go in as they are.
         logprobs: None = off, n >= 0 = the chosen token's log-probability plus the n most likely alternatives (of
         the model's distribution, before any processor). processor: constrained decoding (`LogitsProcessor`, e.g.
-        a visual span's grammar); not with speculation."""
+        a visual span's grammar); not with speculation. guidance: (unconditional prompt ids, scale) for
+        classifier-free guidance (dsv4.engine.guidance: a hidden second row; needs max_batch >= 2)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -142,14 +145,20 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
-        if processor is not None and self.speculative:
-            raise ValueError("constrained decoding (a processor) runs on an engine without speculation")
+        if (processor is not None or guidance is not None) and self.speculative:
+            raise ValueError("constrained decoding and guidance run on an engine without speculation")
+        if guidance is not None and (self.max_batch < 2 or not guidance[0]):
+            raise ValueError("guidance needs an unconditional prompt and an engine with max_batch >= 2")
         params = params or SamplingParams()
         stops = frozenset(int(t) for t in stop_token_ids) | (
             frozenset() if ignore_eos or self.tokenizer.eos_id is None else {self.tokenizer.eos_id})
         req = Request(next(self._ids), ids, params, max_new_tokens, stops, logprobs, callback,
                       StopMatcher(tuple(stop)), self.tokenizer.stream(errors="replace"),
                       params.generator(self.device), processor=processor)
+        if guidance is not None:
+            uncond, req.guide_scale = [int(i) for i in guidance[0]], float(guidance[1])
+            req.twin = Request(next(self._ids), uncond, params, max_new_tokens, frozenset(), None, None,
+                               StopMatcher(()), self.tokenizer.stream(errors="replace"), None, guides=req)
         with self._lock:
             self.waiting.append(req)
         return req
@@ -184,14 +193,16 @@ class Engine:
         for req in [r for r in self.running if r.id in cancelled]:
             deltas.append(self._finish(req, "cancelled"))
         with self._lock:
-            while self.waiting and self.free:
+            while self.waiting and len(self.free) >= 1 + (self.waiting[0].twin is not None):
                 req = self.waiting.popleft()
-                req.slot = self.free.pop()
-                self.running.append(req)
+                for r in (req, req.twin) if req.twin is not None else (req,):
+                    r.slot = self.free.pop()
+                    self.running.append(r)
         prefill = [r for r in self.running if r.prefilling]
         if prefill:
             deltas += self._prefill(prefill)
-        decode = [r for r in self.running if not r.prefilling and r not in prefill]  # new ones wait a step
+        # new ones wait a step; a guided row whose partner is still prefilling has no token to run yet
+        decode = [r for r in self.running if not r.prefilling and r not in prefill and r.pending is not None]
         if decode:
             deltas += self._speculate(decode) if self.speculative else self._decode(decode)
         self.stats["steps"] += 1
@@ -236,9 +247,7 @@ class Engine:
         if not done:
             return []
         sel = torch.tensor(done, device=self.device)
-        logits = self.model.logits(h[rows[sel], last[sel]][:, None])[:, 0]
-        finished = [reqs[i] for i in done]
-        return self._emit(finished, [[t] for t in self._sample(finished, logits)], logits[:, None])
+        return self._sample_emit([reqs[i] for i in done], self.model.logits(h[rows[sel], last[sel]][:, None])[:, 0])
 
     def _compiled(self, fn, *args):
         """Call a (compiled) step. Up to 4 rows the compiled products work row by row (dsv4.kernels.fused), so there the
@@ -269,7 +278,16 @@ class Engine:
         for r in reqs:
             r.pos += 1
         self.stats["decode_tokens"] += len(reqs)
-        return self._emit(reqs, [[t] for t in self._sample(reqs, logits)], logits[:, None])
+        return self._sample_emit(reqs, logits)
+
+    def _sample_emit(self, reqs: list[Request], logits: torch.Tensor) -> list[Delta]:
+        """One token for each row that samples (guided pairs once: dsv4.engine.guidance) from logits [B, V]."""
+        reqs, logits = guided_rows(reqs, logits)
+        if not reqs:
+            return []
+        tokens = self._sample(reqs, logits)
+        follow(reqs, tokens)
+        return self._emit(reqs, [[t] for t in tokens], logits[:, None])
 
     # --- speculation ---
     def _speculate(self, reqs: list[Request]) -> list[Delta]:
@@ -381,6 +399,8 @@ class Engine:
         return delta
 
     def _release(self, r: Request, reason: str):
+        if r.twin is not None and r.twin.finish_reason is None:
+            self._release(r.twin, reason)
         r.finish_reason = reason
         if r in self.running:
             self.running.remove(r)

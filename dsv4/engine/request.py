@@ -9,6 +9,8 @@ A request's output ends at the first of: a stop token (not shown), a stop string
 max_new_tokens, or the end of the context ("length"); or when it is cancelled.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -79,6 +81,12 @@ class Request:
     # constrained decoding: masks the logits each token is sampled from, and is told the token sampled (e.g.
     # dsv4.tokenizers.multimodal.SpanConstraint); once `done`, the request samples freely again
     processor: LogitsProcessor | None = None
+    # classifier-free guidance (dsv4.engine.guidance): the unconditional row that guides this request, or the request
+    # this row guides; logits held while the other row of the pair is still prefilling
+    twin: Request | None = None
+    guides: Request | None = None
+    guide_scale: float = 1.0
+    held: torch.Tensor | None = None
 
     @property
     def prefilling(self) -> bool:
