@@ -101,7 +101,8 @@ def test_pixels_convert_both_ways_exactly():
 
 
 def test_the_pixel_trainer_saves_a_loadable_tokenizer_and_reports_every_kind(tmp_path):
-    from dsv4.train.pixels import KINDS, PixelTrainConfig, code_usage, load_pixels, train_pixels
+    from dsv4.tokenizers.pixels import load_pixels
+    from dsv4.train.pixels import KINDS, PixelTrainConfig, code_usage, train_pixels
 
     cfg = PixelTrainConfig(out=str(tmp_path / "pixels"), steps=12, batch=8, clip_batch=2, width=16, held_out=8,
                            warmup=4)

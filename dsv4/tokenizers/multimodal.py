@@ -123,6 +123,11 @@ class SpanConstraint:
         if self.video:
             self._codes = -1
 
+    @property
+    def length(self) -> int:
+        """Tokens the whole span still writes after its opening token (codes, frame markers, the closing token)."""
+        return self.steps * (self.vocab.step_codes + int(self.video)) + 1
+
     def allowed(self) -> tuple[int, int]:
         v = self.vocab
         if self.done:

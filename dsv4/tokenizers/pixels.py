@@ -15,13 +15,16 @@ model for both kinds, because an image is a one-frame clip (the MAGVIT-v2 / Cosm
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.atomic import atomic_path, atomic_text
 from dsv4.tokenizers.fsq import FSQ
 
 
@@ -194,3 +197,23 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.mean().item()
+
+
+def save_pixels(tok: PixelTokenizer, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(out / "pixels.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, tmp)
+    atomic_text(out / "pixels.json", json.dumps(tok.args.to_dict(), indent=1))
+
+
+def load_pixels(path: str | Path, device: torch.device | str = "cpu") -> PixelTokenizer:
+    """The tokenizer saved in directory `path` (pixels.json + pixels.safetensors), in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "pixels.json").exists():
+        raise FileNotFoundError(f"{path} holds no pixel tokenizer (pixels.json); train one with `dsv4 pixels`")
+    tok = PixelTokenizer(PixelArgs.from_dict(json.loads((path / "pixels.json").read_text())))
+    tok.load_state_dict(load_file(path / "pixels.safetensors", device=str(device)))
+    return tok.to(device).eval()

@@ -25,10 +25,11 @@ from dsv4.config import ModelArgs
 from dsv4.data import digits as digit_data
 from dsv4.data.multimodal import DEFAULT_MIX, MultimodalMix, VisualItem, Weights
 from dsv4.data.visual import DIRECTIONS, all_image_specs, all_video_specs, draw_image, draw_video
+from dsv4.tokenizers.pixels import load_pixels
 from dsv4.train.budget import StepBudget
 from dsv4.train.config import StageConfig, TrainConfig
 from dsv4.train.pipeline import build_model, prepare_data
-from dsv4.train.pixels import PixelTrainConfig, load_pixels, train_pixels
+from dsv4.train.pixels import PixelTrainConfig, train_pixels
 from dsv4.train.trainer import Trainer
 
 

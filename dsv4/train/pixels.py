@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dsv4.atomic import atomic_dir, atomic_path, atomic_text
 from dsv4.data import digits as digit_data
 from dsv4.data.visual import DIRECTIONS, all_image_specs, all_video_specs, draw_image, draw_video
-from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, psnr, ssim, to_uint8, to_unit
+from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, psnr, save_pixels, ssim, to_uint8, to_unit
 
 KINDS = ("shapes", "digits", "shape clips", "digit clips")
 
@@ -111,26 +111,6 @@ def reconstruction_png(tok: PixelTokenizer, held_out: dict[str, torch.Tensor], p
     with atomic_path(path) as tmp:
         Image.fromarray(grid.numpy()).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(tmp,
                                                                                                        format="PNG")
-
-
-def save_pixels(tok: PixelTokenizer, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(out / "pixels.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, tmp)
-    atomic_text(out / "pixels.json", json.dumps(tok.args.to_dict(), indent=1))
-
-
-def load_pixels(path: str | Path, device: torch.device | str = "cpu") -> PixelTokenizer:
-    """The tokenizer saved in directory `path` (pixels.json + pixels.safetensors), in eval mode."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / "pixels.json").exists():
-        raise FileNotFoundError(f"{path} holds no pixel tokenizer (pixels.json); train one with dsv4.train.pixels")
-    tok = PixelTokenizer(PixelArgs.from_dict(json.loads((path / "pixels.json").read_text())))
-    tok.load_state_dict(load_file(path / "pixels.safetensors", device=str(device)))
-    return tok.to(device).eval()
 
 
 def train_pixels(cfg: PixelTrainConfig, progress: bool = True) -> dict:
