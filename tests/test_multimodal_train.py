@@ -7,6 +7,7 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,26 @@ def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp
     assert animated.shape == (1, 5, 32, 32, 3) and torch.equal(animated[0, 0], recon)  # frame 0 is the given image
     with pytest.raises(FileNotFoundError, match="not a multimodal checkpoint"):
         VisualModel.load(tmp_path / "mm" / "pixels")
+    # the commands: images (numbered with -n), a clip, an animated picture; wrong file kinds refused
+    from PIL import Image
+
+    from dsv4.cli import main
+
+    out = tmp_path / "gen"
+    assert main(["image", "--ckpt", str(final), "a red circle in the top left", "-o", str(out / "c.png"), "-n", "2",
+                 "--seed", "5"]) == 0
+    with Image.open(out / "c_0.png") as im:
+        assert im.size == (128, 128)  # --scale 4
+        assert torch.equal(torch.from_numpy(np.asarray(im.convert("RGB")))[::4, ::4], imgs[0])
+    assert main(["video", "--ckpt", str(final), "a blue square moving down", "-o", str(out / "v.gif")]) == 0
+    with Image.open(out / "v.gif") as im:
+        assert im.n_frames == 9
+    assert main(["animate", "--ckpt", str(final), str(out / "c_0.png"), "moving left", "-o", str(out / "a.gif"),
+                 "--steps", "2"]) == 0
+    with Image.open(out / "a.gif") as im:
+        assert im.n_frames == 5
+    assert main(["video", "--ckpt", str(final), "x", "-o", str(out / "v.mp4")]) == 2
+    assert main(["image", "--ckpt", str(tmp_path), "x", "-o", str(out / "x.png")]) == 2
     stamp = (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns
     run_multimodal(cfg, progress=False)  # reuses the tokenizers and items, and the finished stage
     assert (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns == stamp

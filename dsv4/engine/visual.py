@@ -87,3 +87,45 @@ def generate_clips(vm: VisualModel, caption: str, n: int = 1, steps: int = 3, im
     spans = [v.parse([*head, *o])[0][1] for o in outs]
     g = vm.pixels.args.grid
     return to_uint8(vm.pixels.decode(torch.stack(spans).view(n, steps, g, g)))
+
+
+def save_media(x: torch.Tensor, path: str | Path, scale: int = 4, numbered: bool = False, fps: int = 6) -> list[str]:
+    """Write uint8 images [n, H, W, 3] as PNGs or clips [n, F, H, W, 3] as GIFs, each pixel `scale` x `scale`
+    (atomically) -> the paths written: `path` itself, or PATH_0.EXT ... with `numbered`."""
+    from PIL import Image
+
+    from dsv4.atomic import atomic_path
+
+    path = Path(path)
+    clip = x.dim() == 5
+    want = ".gif" if clip else ".png"
+    if path.suffix.lower() != want:
+        raise ValueError(f"{path}: {'a clip is written as a .gif' if clip else 'an image is written as a .png'}")
+    if len(x) > 1 and not numbered:
+        raise ValueError(f"{len(x)} samples need numbered files")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, sample in enumerate(x):
+        target = path.with_name(f"{path.stem}_{i}{path.suffix}") if numbered else path
+        frames = [Image.fromarray(f.cpu().numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+                  for f in (sample if clip else sample[None])]
+        with atomic_path(target) as tmp:
+            if clip:
+                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // fps,
+                               loop=0)
+            else:
+                frames[0].save(tmp, format="PNG")
+        written.append(str(target))
+    return written
+
+
+def read_image_file(path: str | Path, size: int) -> torch.Tensor:
+    """An image file -> uint8 [size, size, 3] (RGB, resized when it is another size)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy())

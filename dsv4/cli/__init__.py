@@ -16,6 +16,7 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 engram --ckpt DIR --text TEXT [--json] the Engram memory rows a text reads (dsv4.weights.engram)
     dsv4 pixels [--out DIR --time-budget 5m]    the pixel tokenizer: images/clips <-> FSQ codes (dsv4.train.pixels)
     dsv4 multimodal [--time-budget 45m]         one model on text, images and clips (dsv4.train.multimodal)
+    dsv4 image|video|animate --ckpt DIR ...     images and clips from a multimodal checkpoint (dsv4.engine.visual)
 """
 
 import argparse
@@ -401,78 +402,10 @@ def run_engram(opts) -> int:
     return 0
 
 
-def add_pixels(subparsers):
-    from dsv4.train.pixels import PixelTrainConfig
+from dsv4.cli.media import add_animate, add_image, add_multimodal, add_pixels, add_video  # noqa: E402
 
-    d = PixelTrainConfig()
-    p = subparsers.add_parser("pixels", help="train the pixel tokenizer (images and clips <-> FSQ codes)",
-                              description="Train the FSQ autoencoder that turns images and clips into visual tokens, "
-                              "on procedural shapes and MNIST-5k digits, then write OUT/pixels.safetensors, "
-                              "OUT/pixels.json, OUT/report.json (PSNR, SSIM, code usage on held-out samples of each "
-                              "kind) and OUT/reconstructions.png (originals above reconstructions).")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--time-budget", default=None, metavar="DURATION",
-                   help="e.g. 5m: the steps are sized after the warm-up to end on time (overrides --steps)")
-    p.add_argument("--width", type=int, default=d.width, help="channels of the first conv stage")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.set_defaults(run=run_pixels)
-
-
-def run_pixels(opts) -> int:
-    import json
-
-    from dsv4.train.budget import parse_duration
-    from dsv4.train.pixels import PixelTrainConfig, train_pixels
-
-    budget = parse_duration(opts.time_budget) if opts.time_budget else None
-    cfg = PixelTrainConfig(out=opts.out, steps=10**9 if budget else opts.steps, time_budget=budget,
-                           width=opts.width, lr=opts.lr, seed=opts.seed)
-    report = train_pixels(cfg)
-    print(json.dumps(report["reconstruction"], indent=1))
-    print(f"pixel tokenizer: {report['steps']} steps in {report['seconds']:.0f} s -> {opts.out}")
-    return 0
-
-
-def add_multimodal(subparsers):
-    from dsv4.train.multimodal import MultimodalConfig
-
-    d = MultimodalConfig()
-    p = subparsers.add_parser("multimodal", help="train one model on text, images and clips (issue 22, in progress)",
-                              description="Train the pixel tokenizer (or reuse OUT/pixels), then one V4 model on mixed "
-                              "rows of text, text->image, text->video, image->video and image->caption in one "
-                              "vocabulary, and write OUT/final (checkpoint, tokenizer.json, pixels/, multimodal.json).")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
-    p.add_argument("--time-budget", default=None, metavar="DURATION", help="e.g. 45m (overrides --steps)")
-    p.add_argument("--steps", type=int, default=d.stage.steps)
-    for name in ("images", "clips"):
-        p.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"captioned training {name}")
-    for name in ("text_weight", "visual_weight", "drop_caption"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--device", default=None)
-    p.set_defaults(run=run_multimodal)
-
-
-def run_multimodal(opts) -> int:
-    import dataclasses
-
-    from dsv4.train.budget import parse_duration
-    from dsv4.train.multimodal import MultimodalConfig, run_multimodal
-
-    d = MultimodalConfig()
-    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, images=opts.images, clips=opts.clips,
-                              time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
-                              stage=dataclasses.replace(d.stage, steps=opts.steps), text_weight=opts.text_weight,
-                              visual_weight=opts.visual_weight, drop_caption=opts.drop_caption, dtype=opts.dtype,
-                              device=opts.device)
-    print(f"multimodal: {run_multimodal(cfg)}")
-    return 0
-
-
-COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram, add_pixels, add_multimodal)
+COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram, add_pixels, add_multimodal,
+            add_image, add_video, add_animate)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,136 @@
+"""The `dsv4` commands of image and video generation (issue 22): the pixel tokenizer, the multimodal run, and
+sampling images and clips from its checkpoint. Registered in dsv4.cli's COMMANDS like the others."""
+
+from dsv4.config import PRESETS
+
+
+def add_pixels(subparsers):
+    from dsv4.train.pixels import PixelTrainConfig
+
+    d = PixelTrainConfig()
+    p = subparsers.add_parser("pixels", help="train the pixel tokenizer (images and clips <-> FSQ codes)",
+                              description="Train the FSQ autoencoder that turns images and clips into visual tokens, "
+                              "on procedural shapes and MNIST-5k digits, then write OUT/pixels.safetensors, "
+                              "OUT/pixels.json, OUT/report.json (PSNR, SSIM, code usage on held-out samples of each "
+                              "kind) and OUT/reconstructions.png (originals above reconstructions).")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="e.g. 5m: the steps are sized after the warm-up to end on time (overrides --steps)")
+    p.add_argument("--width", type=int, default=d.width, help="channels of the first conv stage")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(run=run_pixels)
+
+
+def run_pixels(opts) -> int:
+    import json
+
+    from dsv4.train.budget import parse_duration
+    from dsv4.train.pixels import PixelTrainConfig, train_pixels
+
+    budget = parse_duration(opts.time_budget) if opts.time_budget else None
+    cfg = PixelTrainConfig(out=opts.out, steps=10**9 if budget else opts.steps, time_budget=budget,
+                           width=opts.width, lr=opts.lr, seed=opts.seed)
+    report = train_pixels(cfg)
+    print(json.dumps(report["reconstruction"], indent=1))
+    print(f"pixel tokenizer: {report['steps']} steps in {report['seconds']:.0f} s -> {opts.out}")
+    return 0
+
+
+def add_multimodal(subparsers):
+    from dsv4.train.multimodal import MultimodalConfig
+
+    d = MultimodalConfig()
+    p = subparsers.add_parser("multimodal", help="train one model on text, images and clips (issue 22, in progress)",
+                              description="Train the pixel tokenizer (or reuse OUT/pixels), then one V4 model on mixed "
+                              "rows of text, text->image, text->video, image->video and image->caption in one "
+                              "vocabulary, and write OUT/final (checkpoint, tokenizer.json, pixels/, multimodal.json).")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    p.add_argument("--time-budget", default=None, metavar="DURATION", help="e.g. 45m (overrides --steps)")
+    p.add_argument("--steps", type=int, default=d.stage.steps)
+    for name in ("images", "clips"):
+        p.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"captioned training {name}")
+    for name in ("text_weight", "visual_weight", "drop_caption"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run_multimodal)
+
+
+def run_multimodal(opts) -> int:
+    import dataclasses
+
+    from dsv4.train.budget import parse_duration
+    from dsv4.train.multimodal import MultimodalConfig, run_multimodal
+
+    d = MultimodalConfig()
+    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, images=opts.images, clips=opts.clips,
+                              time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
+                              stage=dataclasses.replace(d.stage, steps=opts.steps), text_weight=opts.text_weight,
+                              visual_weight=opts.visual_weight, drop_caption=opts.drop_caption, dtype=opts.dtype,
+                              device=opts.device)
+    print(f"multimodal: {run_multimodal(cfg)}")
+    return 0
+
+
+def _sampling_flags(p, seed: bool = True):
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a `dsv4 multimodal` checkpoint (OUT/final)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = none)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=4, help="pixels per generated pixel in the written file")
+    p.add_argument("--device", default=None)
+
+
+def add_image(subparsers):
+    p = subparsers.add_parser("image", help="text -> image with a multimodal checkpoint",
+                              description="Sample images of PROMPT (e.g. 'a red circle in the top left', 'the digit "
+                              "7') and write OUT.png, or OUT_0.png ... with -n K.")
+    p.add_argument("prompt")
+    p.add_argument("-n", type=int, default=1, help="how many images (OUT_0.png ... OUT_{n-1}.png)")
+    _sampling_flags(p)
+    p.set_defaults(run=run_visual, kind="image")
+
+
+def add_video(subparsers):
+    p = subparsers.add_parser("video", help="text -> clip (GIF) with a multimodal checkpoint",
+                              description="Sample a clip of PROMPT (e.g. 'a blue square moving down') and write "
+                              "OUT.gif.")
+    p.add_argument("prompt")
+    p.add_argument("--steps", type=int, default=3, help="latent steps (1 + 4 (steps - 1) frames)")
+    _sampling_flags(p)
+    p.set_defaults(run=run_visual, kind="video")
+
+
+def add_animate(subparsers):
+    p = subparsers.add_parser("animate", help="image -> clip (GIF): animate a picture as PROMPT says",
+                              description="Start a clip from IMAGE (its first frame) and continue it as PROMPT (e.g. "
+                              "'moving left') says; write OUT.gif.")
+    p.add_argument("image", help="a PNG the size of the checkpoint's images (or any size: it is resized)")
+    p.add_argument("prompt")
+    p.add_argument("--steps", type=int, default=3, help="latent steps, the image's included")
+    _sampling_flags(p)
+    p.set_defaults(run=run_visual, kind="animate")
+
+
+def run_visual(opts) -> int:
+    from dsv4.engine.sampling import SamplingParams
+    from dsv4.engine.visual import VisualModel, generate_clips, generate_images, read_image_file, save_media
+
+    vm = VisualModel.load(opts.ckpt, device=opts.device)
+    params = SamplingParams(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
+    kw = dict(params=params, cfg_scale=opts.cfg_scale, seed=opts.seed)
+    if opts.kind == "image":
+        out = generate_images(vm, opts.prompt, n=opts.n, **kw)
+        paths = save_media(out if opts.n > 1 else out[:1], opts.output, opts.scale, numbered=opts.n > 1)
+    else:
+        image = read_image_file(opts.image, vm.pixels.args.size) if opts.kind == "animate" else None
+        out = generate_clips(vm, opts.prompt, n=1, steps=opts.steps, image=image, **kw)
+        paths = save_media(out, opts.output, opts.scale)
+    print("\n".join(paths))
+    return 0
