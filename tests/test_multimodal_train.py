@@ -36,6 +36,9 @@ def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp
     assert vocab["codebook"] == 1000 and vocab["step_codes"] == 64
     assert config["vocab_size"] == vocab["text_size"] + 1 + 1000
     assert load_pixels(final / "pixels").fsq.codebook_size == 1000 and (final / "tokenizer.json").exists()
+    losses = json.loads((final / "report.json").read_text())["val_ce_by_task"]
+    assert set(losses) == {"text", "text->image", "text->video", "image->video", "image->caption"}
+    assert all(0 < v < 20 for v in losses.values())
     items = load_items(tmp_path / "mm" / "items")
     assert len(items["images"]) == 6 and len(items["clips"]) == 4
     assert items["images"][0].codes.shape == (1, 64) and items["clips"][0].codes.shape == (3, 64)

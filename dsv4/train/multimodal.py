@@ -160,9 +160,37 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     model = build_model(args, device, cfg.seed)  # the final weights at full precision, then the compute dtype
     model.load_state_dict(load_latest(out / "pretrain")["model"])
     model.to_dtype(dtype)
+    report = {"val_ce_by_task": task_losses(model, mix, cfg.seed + 2, device)}
     with atomic_dir(out / "final") as tmp:
         save_pretrained(model, tmp)
         tok.save(Path(tmp) / "tokenizer.json")
         shutil.copytree(out / "pixels", Path(tmp) / "pixels")
         atomic_text(Path(tmp) / "multimodal.json", json.dumps(asdict(vocab), indent=1))
+        atomic_text(Path(tmp) / "report.json", json.dumps(report, indent=1))
+    if progress:
+        losses = report["val_ce_by_task"]
+        print("multimodal: validation CE by task " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
     return out / "final"
+
+
+@torch.no_grad()
+def task_losses(model, mix: MultimodalMix, seed: int, device: torch.device, rows_per_task: int = 8) -> dict:
+    """Mean weighted CE (nats per counted target) of each task's rows, drawn from a seed training never uses; the
+    row weights as training counts them (image->video: the generated steps only)."""
+    from dsv4.train.loss import cross_entropy
+
+    model.eval()
+    by_task: dict[str, list] = {}
+    k = 0
+    while min((len(v) for v in by_task.values()), default=0) < rows_per_task and k < 200 * rows_per_task:
+        task, ids, w = mix.row(k, seed)
+        by_task.setdefault(task, [])
+        if len(by_task[task]) < rows_per_task:
+            by_task[task].append((ids, w))
+        k += 1
+    out = {}
+    for task, rows in sorted(by_task.items()):
+        ids = torch.stack([r[0] for r in rows]).to(device)
+        w = torch.stack([r[1] for r in rows]).to(device)
+        out[task] = round(cross_entropy(model(ids[:, :-1]), ids[:, 1:], w[:, 1:]).item(), 4)
+    return out
