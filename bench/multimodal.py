@@ -66,13 +66,13 @@ def clips(vm, steps: int, cfg: float, seed: int) -> tuple[dict, torch.Tensor]:
 
     captions = [s.caption for s in all_video_specs()] + [caption(d, m) for d in range(10) for m in DIRECTIONS]
     moved = shape_match = 0
-    first = None
     for k, text in enumerate(captions):
         clip = generate_clips(vm, text, n=1, steps=steps, cfg_scale=cfg, seed=seed + k)[0]
         moved += read_motion(clip) == text.rsplit(" ", 1)[1]
         if not text.startswith("the digit"):
             shape_match += matches(clip, text)
-        first = clip if first is None else first
+        if k == 0:
+            first = clip
     return {"clips": len(captions), "motion_share": moved / len(captions),
             "shape_clips_all_match_share": shape_match / 48}, first
 
@@ -88,7 +88,7 @@ def animate(vm, steps: int, cfg: float, seed: int, count: int = 40) -> tuple[dic
     images, labels = digit_data.load_mnist()
     _, held = digit_data.split(labels)
     specs, dirs = all_image_specs(), list(DIRECTIONS)
-    moved, psnrs, first = 0, [], None
+    moved, psnrs = 0, []
     for k in range(count):
         if k % 2 == 0:
             start = draw_image(specs[int(torch.randint(len(specs), (), generator=g))], 32, g)
@@ -99,7 +99,8 @@ def animate(vm, steps: int, cfg: float, seed: int, count: int = 40) -> tuple[dic
                               seed=seed + k)[0]
         psnrs.append(psnr(to_unit(clip[0]), to_unit(start)))
         moved += read_motion(clip) == direction
-        first = clip if first is None else first
+        if k == 0:
+            first = clip
     return {"clips": count, "motion_share": moved / count, "frame0_psnr_db_median": sorted(psnrs)[count // 2]}, first
 
 

@@ -71,3 +71,29 @@ def test_the_mix_draws_every_task_drops_captions_and_is_deterministic(setup):
         MultimodalMix(tok, vocab, text, images, clips, seq_len=30, mix={"text->video": 1.0}).row(0)
     with pytest.raises(ValueError, match="task mix"):
         MultimodalMix(tok, vocab, text, images, clips, seq_len=128, mix={"text->sound": 1.0})
+
+
+def test_the_captioned_sampler_draws_what_its_captions_say():
+    from dsv4.data.digits import load_mnist, parse_caption
+    from dsv4.data.multimodal import VISUAL_KINDS, CaptionedSampler
+    from dsv4.eval.visual import matches, read_motion
+
+    sampler, g = CaptionedSampler(32, 9, "held_out"), torch.Generator().manual_seed(0)
+    images, labels = load_mnist()
+    for _ in range(10):
+        for kind in VISUAL_KINDS:
+            caption, motion, px = sampler.sample(kind, g)
+            assert px.shape == ((9 if "clips" in kind else 1), 32, 32, 3)
+            assert (motion is None) == ("clips" not in kind)
+            if kind.startswith("shape"):
+                assert matches(px if motion else px[0], caption)
+            else:
+                digit, direction = parse_caption(caption)
+                assert direction == (motion.split()[1] if motion else None)
+                if motion:
+                    assert read_motion(px) == direction
+                else:  # the pixels are a held-out digit of that class
+                    same = (images == px[0, 2:30, 2:30, 0]).flatten(1).all(1).nonzero().flatten()
+                    assert int(labels[same[0]]) == digit
+    with pytest.raises(ValueError, match="unknown kind"):
+        sampler.sample("sounds", g)

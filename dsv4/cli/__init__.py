@@ -274,13 +274,18 @@ def add_sampling(p, temperature: float):
     add_engine_args(p, "context length to allocate the cache for (default: prompt + max new tokens for generate, "
                        "8192 for chat)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    add_sampling_flags(p, temperature)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def add_sampling_flags(p, temperature: float):
+    """The sampling settings every generation command takes (sampling_params reads them back)."""
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
 def sampling_params(opts):

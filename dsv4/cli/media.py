@@ -75,14 +75,13 @@ def run_multimodal(opts) -> int:
     return 0
 
 
-def _sampling_flags(p, seed: bool = True):
+def _sampling_flags(p):
+    from dsv4.cli import add_sampling_flags
+
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a `dsv4 multimodal` checkpoint (OUT/final)")
     p.add_argument("-o", "--output", required=True, metavar="PATH")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 = none)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(p, temperature=1.0)
     p.add_argument("--scale", type=int, default=4, help="pixels per generated pixel in the written file")
     p.add_argument("--device", default=None)
 
@@ -119,12 +118,11 @@ def add_animate(subparsers):
 
 
 def run_visual(opts) -> int:
-    from dsv4.engine.sampling import SamplingParams
+    from dsv4.cli import sampling_params
     from dsv4.engine.visual import VisualModel, generate_clips, generate_images, read_image_file, save_media
 
     vm = VisualModel.load(opts.ckpt, device=opts.device)
-    params = SamplingParams(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
-    kw = dict(params=params, cfg_scale=opts.cfg_scale, seed=opts.seed)
+    kw = dict(params=sampling_params(opts), cfg_scale=opts.cfg_scale, seed=opts.seed or 0)
     if opts.kind == "image":
         out = generate_images(vm, opts.prompt, n=opts.n, **kw)
         paths = save_media(out if opts.n > 1 else out[:1], opts.output, opts.scale, numbered=opts.n > 1)

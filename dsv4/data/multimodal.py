@@ -10,7 +10,8 @@ image->caption, in the joint vocabulary of `dsv4.tokenizers.multimodal`, each wi
 A caption is dropped (the row keeps BOS and the span alone) with probability `drop_caption`, so that the model also
 learns the unconditional distribution that classifier-free guidance subtracts. Rows are padded to seq_len + 1
 tokens with weight 0. Row k of a seed is always the same row (`MultimodalMix.row`), so a resumed run continues
-exactly.
+exactly. `CaptionedSampler` draws the captioned pixels (shapes and MNIST-5k digits, images and clips) that the pixel
+tokenizer trains on and that become the rows' visual items.
 """
 
 from __future__ import annotations
@@ -20,11 +21,49 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv4.data import digits as digit_data
+from dsv4.data.visual import DIRECTIONS, all_image_specs, all_video_specs, draw_image, draw_video
 from dsv4.tokenizers.multimodal import VisualVocab
 from dsv4.tokenizers.text import Tokenizer
 
 TASKS = ("text", "text->image", "text->video", "image->video", "image->caption")
 DEFAULT_MIX = {"text": 0.3, "text->image": 0.3, "text->video": 0.2, "image->video": 0.1, "image->caption": 0.1}
+
+
+VISUAL_KINDS = ("shapes", "digits", "shape clips", "digit clips")
+
+
+class CaptionedSampler:
+    """Captioned samples of each of VISUAL_KINDS from a generator: shapes drawn afresh, digits from one split of
+    MNIST-5k ("train" or "held_out"), clips of `frames` frames."""
+
+    def __init__(self, size: int, frames: int, digit_split: str):
+        images, labels = digit_data.load_mnist()
+        train, held_out = digit_data.split(labels)
+        pick = train if digit_split == "train" else held_out
+        self.size, self.frames, self.digits, self.labels = size, frames, images[pick], labels[pick]
+        self.image_specs, self.video_specs = all_image_specs(), all_video_specs()
+
+    def sample(self, kind: str, g: torch.Generator) -> tuple[str, str | None, torch.Tensor]:
+        """(caption, its motion words or None, uint8 pixels [F, H, W, 3]) (F = 1 for the image kinds)."""
+        def pick(n: int) -> int:
+            return int(torch.randint(n, (), generator=g))
+
+        if kind == "shapes":
+            spec = self.image_specs[pick(len(self.image_specs))]
+            return spec.caption, None, draw_image(spec, self.size, g)[None]
+        if kind == "shape clips":
+            spec = self.video_specs[pick(len(self.video_specs))]
+            return spec.caption, f"moving {spec.direction}", draw_video(spec, self.frames, self.size, g)
+        if kind not in VISUAL_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; one of {VISUAL_KINDS}")
+        k = pick(len(self.digits))
+        digit, label = self.digits[k], int(self.labels[k])
+        if kind == "digits":
+            return digit_data.caption(label), None, digit_data.digit_image(digit, self.size)[None]
+        direction = list(DIRECTIONS)[pick(4)]
+        return (digit_data.caption(label, direction), f"moving {direction}",
+                digit_data.digit_video(digit, direction, self.frames, self.size, g))
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,13 @@ def _run(vm: VisualModel, prompt: list[int], uncond: list[int], n: int, constrai
          cfg_scale: float, seed: int) -> list[list[int]]:
     """n constrained (and, unless cfg_scale == 1, guided) samples of one prompt -> their generated ids."""
     guided = cfg_scale != 1.0
-    engine = Engine(vm.model, vm.tok, max_batch=max(2, n * (2 if guided else 1)))
-    reqs = []
-    for i in range(n):
-        p = dataclasses.replace(params, seed=seed + i)
-        span = constraint()
-        reqs.append(engine.submit(prompt, p, max_new_tokens=span.length, ignore_eos=True, processor=span,
-                                  guidance=(uncond, cfg_scale) if guided else None))
+    spans = [constraint() for _ in range(n)]
+    # the cache holds just these rows: the prompt and the span
+    engine = Engine(vm.model, vm.tok, max_batch=max(2, n * (2 if guided else 1)),
+                    max_len=len(prompt) + spans[0].length + 1)
+    reqs = [engine.submit(prompt, dataclasses.replace(params, seed=seed + i), max_new_tokens=span.length,
+                          ignore_eos=True, processor=span, guidance=(uncond, cfg_scale) if guided else None)
+            for i, span in enumerate(spans)]
     while engine.has_work():
         engine.step()
     return [r.output for r in reqs]

@@ -22,10 +22,9 @@ import torch
 
 from dsv4.atomic import atomic_dir, atomic_text
 from dsv4.config import ModelArgs
-from dsv4.data import digits as digit_data
-from dsv4.data.multimodal import DEFAULT_MIX, MultimodalMix, VisualItem, Weights
-from dsv4.data.visual import DIRECTIONS, all_image_specs, all_video_specs, draw_image, draw_video
+from dsv4.data.multimodal import DEFAULT_MIX, CaptionedSampler, MultimodalMix, VisualItem, Weights
 from dsv4.tokenizers.pixels import load_pixels
+from dsv4.train.autodtype import training_dtype
 from dsv4.train.budget import StepBudget
 from dsv4.train.config import StageConfig, TrainConfig
 from dsv4.train.pipeline import build_model, prepare_data
@@ -57,30 +56,9 @@ class MultimodalConfig:
 def draw_items(n_images: int, n_clips: int, frames: int, seed: int) -> tuple[list, list]:
     """(images, clips) as (caption, motion words or None, uint8 pixels [F, H, W, 3]), half shapes, half training
     digits each."""
-    g = torch.Generator().manual_seed(seed)
-    images_mnist, labels = digit_data.load_mnist()
-    train, _ = digit_data.split(labels)
-    shapes, motions = all_image_specs(), all_video_specs()
-
-    def pick(n):
-        return int(torch.randint(n, (), generator=g))
-
-    images, clips = [], []
-    for i in range(n_images):
-        if i % 2 == 0:
-            spec = shapes[pick(len(shapes))]
-            images.append((spec.caption, None, draw_image(spec, 32, g)[None]))
-        else:
-            k = int(train[pick(len(train))])
-            images.append((digit_data.caption(int(labels[k])), None, digit_data.digit_image(images_mnist[k])[None]))
-    for i in range(n_clips):
-        if i % 2 == 0:
-            spec = motions[pick(len(motions))]
-            clips.append((spec.caption, f"moving {spec.direction}", draw_video(spec, frames, 32, g)))
-        else:
-            k, direction = int(train[pick(len(train))]), list(DIRECTIONS)[pick(4)]
-            clips.append((digit_data.caption(int(labels[k]), direction), f"moving {direction}",
-                          digit_data.digit_video(images_mnist[k], direction, frames, 32, g)))
+    g, sampler = torch.Generator().manual_seed(seed), CaptionedSampler(32, frames, "train")
+    images = [sampler.sample(("shapes", "digits")[i % 2], g) for i in range(n_images)]
+    clips = [sampler.sample(("shape clips", "digit clips")[i % 2], g) for i in range(n_clips)]
     return images, clips
 
 
@@ -138,7 +116,7 @@ def prepare(cfg: MultimodalConfig, out: Path, device: torch.device, progress: bo
 
 def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     """Run (or continue, or reuse the parts of) the whole multimodal pipeline -> OUT/final."""
-    from dsv4.device import default_device, resolve_dtype
+    from dsv4.device import default_device
     from dsv4.train.snapshot import load_latest
     from dsv4.weights.checkpoint import save_pretrained
 
@@ -146,8 +124,9 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device) if cfg.device else default_device()
     tok, vocab, mix = prepare(cfg, out, device, progress)
-    args = ModelArgs.from_name(cfg.preset, vocab_size=vocab.size)
-    dtype, stage = resolve_dtype(cfg.dtype, device), cfg.stage
+    args, stage = ModelArgs.from_name(cfg.preset, vocab_size=vocab.size), cfg.stage
+    dtype = training_dtype(cfg.dtype, device, lambda: build_model(args, device, cfg.seed), stage, out / "dtype.json",
+                           budgeted=bool(cfg.time_budget), progress=progress)
     val = [next(mix.batches(stage.batch_size, seed=cfg.seed + 1, start_step=i)) for i in range(stage.eval_batches)]
     trainer = Trainer(build_model(args, device, cfg.seed), stage, out / "pretrain",
                       lambda start: mix.batches(stage.batch_size, cfg.seed, start), val, dtype,

@@ -21,11 +21,10 @@ import torch
 from tqdm import tqdm
 
 from dsv4.atomic import atomic_dir, atomic_path, atomic_text
-from dsv4.data import digits as digit_data
-from dsv4.data.visual import DIRECTIONS, all_image_specs, all_video_specs, draw_image, draw_video
+from dsv4.data.multimodal import VISUAL_KINDS, CaptionedSampler
 from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, psnr, save_pixels, ssim, to_uint8, to_unit
 
-KINDS = ("shapes", "digits", "shape clips", "digit clips")
+KINDS = VISUAL_KINDS
 
 
 @dataclass
@@ -43,34 +42,15 @@ class PixelTrainConfig:
     held_out: int = 64                # held-out samples per kind in the report
 
 
-class PixelData:
-    """Samples of each kind, from a generator: shapes drawn afresh, digits from one split of MNIST-5k."""
+class PixelData(CaptionedSampler):
+    """The tokenizer's training and held-out pixels (captions unused)."""
 
     def __init__(self, args: PixelArgs, digit_split: str):
-        images, labels = digit_data.load_mnist()
-        train, val = digit_data.split(labels)
-        self.args, self.digits = args, images[train if digit_split == "train" else val]
-        self.frames = 1 + 2 * args.temporal
-        self.image_specs, self.video_specs = all_image_specs(), all_video_specs()
-
-    def _pick(self, n: int, g: torch.Generator) -> int:
-        return int(torch.randint(n, (), generator=g))
-
-    def sample(self, kind: str, g: torch.Generator) -> torch.Tensor:
-        """uint8 [F, H, W, 3] (F = 1 for the image kinds)."""
-        size = self.args.size
-        if kind == "shapes":
-            return draw_image(self.image_specs[self._pick(len(self.image_specs), g)], size, g)[None]
-        if kind == "shape clips":
-            return draw_video(self.video_specs[self._pick(len(self.video_specs), g)], self.frames, size, g)
-        digit = self.digits[self._pick(len(self.digits), g)]
-        if kind == "digits":
-            return digit_data.digit_image(digit, size)[None]
-        return digit_data.digit_video(digit, list(DIRECTIONS)[self._pick(4, g)], self.frames, size, g)
+        super().__init__(args.size, 1 + 2 * args.temporal, digit_split)
 
     def batch(self, kinds: tuple[str, ...], n: int, g: torch.Generator) -> torch.Tensor:
         """[n, F, 3, H, W] in [-1, 1], kinds taken in turn."""
-        return to_unit(torch.stack([self.sample(kinds[i % len(kinds)], g) for i in range(n)]))
+        return to_unit(torch.stack([self.sample(kinds[i % len(kinds)], g)[2] for i in range(n)]))
 
 
 def code_usage(ids: torch.Tensor, codebook: int) -> dict:
