@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pip runs again only when pyproject.toml or this file changes (the stamp lives inside the ignored venv)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test run
+.PHONY: venv browser test run run-multimodal
 
 venv: $(STAMP)
 
@@ -40,3 +40,17 @@ run: venv
 	$(VENV)/bin/dsv4 info --preset $(RUN_PRESET)
 	$(VENV)/bin/dsv4 train --preset $(RUN_PRESET) --out runs/$(RUN_PRESET) --time-budget $(RUN_BUDGET) --dtype $(DTYPE) $(RUN_ARGS) --resume
 	$(VENV)/bin/dsv4 eval --ckpt runs/$(RUN_PRESET)/final --dtype $(DTYPE) --json runs/$(RUN_PRESET)/eval.json
+
+# issue 22: one V4 model that writes text, pictures and clips. Trains the pixel tokenizer, then the model on mixed rows
+# (text, text->image, text->video, image->video, image->caption) within MM_BUDGET, writes runs/multimodal/final, and
+# samples a few pictures and clips into runs/multimodal/samples; a finished run is reused (delete the folder to train
+# again). MM_ARGS: any further `dsv4 multimodal` flags.
+MM_BUDGET ?= 38m
+MM_ARGS ?=
+MM := runs/multimodal
+run-multimodal: venv
+	$(VENV)/bin/dsv4 multimodal --out $(MM) --time-budget $(MM_BUDGET) --dtype $(DTYPE) $(MM_ARGS)
+	$(VENV)/bin/dsv4 image --ckpt $(MM)/final "a red circle in the top left" -n 4 --seed 0 -o $(MM)/samples/red_circle.png
+	$(VENV)/bin/dsv4 image --ckpt $(MM)/final "the digit 7" -n 4 --seed 0 -o $(MM)/samples/digit_7.png
+	$(VENV)/bin/dsv4 video --ckpt $(MM)/final "a blue square moving down" --seed 0 -o $(MM)/samples/blue_square_down.gif
+	$(VENV)/bin/dsv4 animate --ckpt $(MM)/final $(MM)/samples/digit_7_0.png "moving left" --seed 0 -o $(MM)/samples/digit_7_left.mp4

@@ -1,13 +1,15 @@
 """How long the two set-up commands take from a fresh clone: `git clone` of this checkout's HEAD into a temporary
-directory, then `make venv` (the pinned install) and `make TARGET` (`test` or `run`) with torch.compile's on-disk
-cache empty, each timed from outside. For `make test` the report also carries pytest's summary and its slowest
-tests.
+directory, then `make venv` (the pinned install) and `make TARGET` (`test`, `run` or `run-multimodal`) with
+torch.compile's on-disk cache empty, each timed from outside. For `make test` the report also carries pytest's
+summary and its slowest tests; for `make run-multimodal`, the run's report and budget, and the run is kept (--keep)
+for bench/multimodal.py.
 
     python bench/fresh.py --target test --json bench/results/make_test.json
     python bench/fresh.py --target run --json bench/results/make_run.json --png bench/results/make_run_loss.png
     python bench/fresh.py --target run --make-var DTYPE=fp32 --env ATEN_CPU_CAPABILITY=avx2 \
         --env ONEDNN_MAX_CPU_ISA=AVX2 --env MKL_ENABLE_INSTRUCTIONS=AVX2 --json bench/results/make_run_avx2.json
         (the last: a CPU without AVX-512, emulated on one that has it)
+    python bench/fresh.py --target run-multimodal --keep runs/multimodal-fresh --json bench/results/make_run_mm.json
 """
 
 import argparse
@@ -67,9 +69,36 @@ def run_results(clone: str, png: str | None) -> dict:
     return res
 
 
+def multimodal_results(clone: str, keep: str | None) -> dict:
+    """What `make run-multimodal` left in the clone: the final report (validation CE per task, expert load per
+    modality's distances), the pixel tokenizer's report, the budget decision and the last metrics row; the whole run
+    directory copied to `keep`."""
+    import json
+    import shutil
+
+    run = os.path.join(clone, "runs", "multimodal")
+    if not os.path.exists(os.path.join(run, "final", "report.json")):
+        return {}
+    report = json.load(open(os.path.join(run, "final", "report.json")))
+    pixels = json.load(open(os.path.join(run, "pixels", "report.json")))
+    rows = [json.loads(x) for x in open(os.path.join(run, "pretrain", "metrics.jsonl"))]
+    res = {"val_ce_by_task": report["val_ce_by_task"],
+           "expert_load_tv_from_text": report["expert_load_by_modality"]["tv_from_text"],
+           "pixels": {"steps": pixels["steps"], "seconds": pixels["seconds"],
+                      "reconstruction": pixels["reconstruction"]},
+           "budget_decision": json.load(open(os.path.join(run, "pretrain", "budget.json"))),
+           "pretrain_last": rows[-1], "samples": sorted(os.listdir(os.path.join(run, "samples")))}
+    if keep:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(run, keep)
+        res["kept_in"] = keep
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", choices=("test", "run"), default="test")
+    p.add_argument("--target", choices=("test", "run", "run-multimodal"), default="test")
+    p.add_argument("--keep", metavar="DIR", help="--target run-multimodal: copy the run here")
     p.add_argument("--json", metavar="PATH", help="also write the report here (bench/results/NAME.json)")
     p.add_argument("--make-var", action="append", default=[], metavar="NAME=VALUE",
                    help="passed to make, e.g. DTYPE=fp32 (the run of a CPU without fast bf16)")
@@ -96,6 +125,9 @@ def main():
                   "exit_code": rc}
         if args.target == "test":
             report["pytest"] = pytest_summary(out)
+        elif args.target == "run-multimodal":
+            report["output_tail"] = "\n".join(line.rsplit("\r", 1)[-1] for line in out.split("\n"))[-4000:]
+            report.update(multimodal_results(clone, args.keep))
         else:
             # progress bars redraw with \r: keep what each line ended as, so the tail shows the run's messages
             report["output_tail"] = "\n".join(line.rsplit("\r", 1)[-1] for line in out.split("\n"))[-4000:]

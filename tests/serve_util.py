@@ -118,3 +118,40 @@ def tool_calling_checkpoint(path: Path, steps: int = 120) -> Path:
         opt.step()
     save_pretrained(model.eval(), path)
     return path
+
+
+def tiny_multimodal_checkpoint(path: Path) -> Path:
+    """`tiny_checkpoint`'s tokenizer with a random pixel tokenizer and a random tiny model of the joint vocabulary:
+    what `dsv4 multimodal` writes, untrained (the server's image and video endpoints and the web page only need the
+    shapes)."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from dsv4.tokenizers.multimodal import VisualVocab
+    from dsv4.tokenizers.pixels import PixelArgs, PixelTokenizer, save_pixels
+
+    tok = Tokenizer.train((p.read_text() for p in FEW), vocab_size=512, n_vis=4)
+    torch.manual_seed(0)
+    pixels = PixelTokenizer(PixelArgs(width=8)).eval()
+    vocab = VisualVocab.build(tok, pixels.fsq.codebook_size, pixels.args.grid ** 2)
+    save_pretrained(random_model(0, vocab_size=vocab.size), path)
+    tok.save(path / "tokenizer.json")
+    (path / "pixels").mkdir()
+    save_pixels(pixels, path / "pixels")
+    (path / "multimodal.json").write_text(json.dumps(dataclasses.asdict(vocab)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mm_ckpt(tmp_path_factory) -> Path:
+    return tiny_multimodal_checkpoint(tmp_path_factory.mktemp("mm"))
+
+
+@pytest.fixture(scope="module")
+def mm_server(mm_ckpt):
+    """`live_server` for the tiny multimodal checkpoint: the image and video endpoints on."""
+    server = Server(mm_ckpt, "--max-batch", "8")
+    yield server.url
+    server.stop()

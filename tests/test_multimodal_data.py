@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv4.data.corpus import stdlib_files
-from dsv4.data.multimodal import TASKS, MultimodalMix, VisualItem, Weights, row
+from dsv4.data.multimodal import PACK, TASKS, MultimodalMix, VisualItem, Weights, row
 from dsv4.tokenizers.multimodal import VisualVocab
 from dsv4.tokenizers.text import Tokenizer
 
@@ -71,6 +71,42 @@ def test_the_mix_draws_every_task_drops_captions_and_is_deterministic(setup):
         MultimodalMix(tok, vocab, text, images, clips, seq_len=30, mix={"text->video": 1.0}).row(0)
     with pytest.raises(ValueError, match="task mix"):
         MultimodalMix(tok, vocab, text, images, clips, seq_len=128, mix={"text->sound": 1.0})
+
+
+def test_a_packed_row_is_whole_examples_back_to_back(setup):
+    tok, vocab, images, clips = setup
+    text = torch.randint(100, tok.vocab_size, (5000,), generator=torch.Generator().manual_seed(1))
+    mix = MultimodalMix(tok, vocab, text, images, clips, seq_len=128, drop_caption=0.2)
+    used, rows_text = [], 0
+    for k in range(120):
+        task, ids, w = mix.packed_row(k)
+        first = mix.example(k * PACK)
+        assert task == first[0]
+        if task == "text":
+            rows_text += 1
+            assert ids.tolist() == first[1] and w.tolist() == first[2]
+            continue
+        # the visual examples it promised, in order, each whole: rebuild the row from them
+        want_ids, want_w = [], []
+        for j in range(PACK):
+            t, e_ids, e_w = mix.example(k * PACK + j)
+            if t == "text":
+                continue
+            if len(want_ids) + len(e_ids) > 129:
+                break
+            want_ids, want_w = want_ids + e_ids, want_w + e_w
+        n = len(want_ids)
+        assert ids[:n].tolist() == want_ids and w[:n].tolist() == want_w
+        assert bool((ids[n:] == tok.pad_id).all()) and bool((w[n:] == 0).all())
+        assert want_ids.count(tok.bos_id) == want_ids.count(tok.eos_id) >= 1
+        used.append(n / 129)
+    assert 0.15 < rows_text / 120 < 0.45  # the mix's 0.3, unchanged by packing
+    assert sum(used) / len(used) > 0.7  # images are 21 tokens here: a row holds several
+    loose = MultimodalMix(tok, vocab, text, images, clips, seq_len=128, pack=False)
+    ids, targets, weights = next(loose.batches(3, seed=5))
+    rows = [loose.row(j, 5) for j in range(3)]
+    assert torch.equal(ids, torch.stack([r[1][:-1] for r in rows]))  # unpacked: one example per row
+    assert torch.equal(weights, torch.stack([r[2][1:] for r in rows]))
 
 
 def test_the_captioned_sampler_draws_what_its_captions_say():

@@ -83,11 +83,22 @@ def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp
                  "--steps", "2"]) == 0
     with Image.open(out / "a.gif") as im:
         assert im.n_frames == 5
-    assert main(["video", "--ckpt", str(final), "x", "-o", str(out / "v.mp4")]) == 2
+    assert main(["video", "--ckpt", str(final), "a blue square moving down", "-o", str(out / "v.mp4"),
+                 "--scale", "2"]) == 0
+    from dsv4.engine.media import read_clip_bytes
+
+    assert read_clip_bytes((out / "v.mp4").read_bytes()).shape == (9, 64, 64, 3)
+    assert main(["video", "--ckpt", str(final), "x", "-o", str(out / "v.png")]) == 2
     assert main(["image", "--ckpt", str(tmp_path), "x", "-o", str(out / "x.png")]) == 2
     stamp = (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns
+    final_stamp = (final / "report.json").stat().st_mtime_ns
+    assert run_multimodal(cfg, progress=False) == final  # a finished run is reused whole
+    assert (final / "report.json").stat().st_mtime_ns == final_stamp
+    shutil.rmtree(final)
     run_multimodal(cfg, progress=False)  # reuses the tokenizers and items, and the finished stage
     assert (tmp_path / "mm" / "pixels" / "pixels.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((final / "report.json").read_text())["val_ce_by_task"] == losses
+    assert (final / "expert_load.png").exists()
 
 
 def test_the_multimodal_command_maps_its_flags_onto_the_config(monkeypatch, capsys):
@@ -102,3 +113,9 @@ def test_the_multimodal_command_maps_its_flags_onto_the_config(monkeypatch, caps
     assert (cfg.out, cfg.time_budget, cfg.images, cfg.visual_weight, cfg.drop_caption, cfg.stage.steps) == (
         "x", 2700.0, 10, 2.0, 0.2, 7)
     assert "x/final" in capsys.readouterr().out
+    assert cfg.pack and cfg.mix == mm.MultimodalConfig().mix
+    assert main(["multimodal", "--mix", "text=0.5, text->image=0.5", "--no-pack"]) == 0
+    assert seen[1].mix == {"text": 0.5, "text->image": 0.5} and not seen[1].pack
+    for bad in ("text=0.5,video=0.5", "text:1"):
+        with pytest.raises(SystemExit):
+            main(["multimodal", "--mix", bad])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv4.data.corpus import stdlib_files
-from dsv4.tokenizers.multimodal import SpanConstraint, VisualVocab
+from dsv4.tokenizers.multimodal import SpanConstraint, TextOnly, VisualVocab
 from dsv4.tokenizers.text import BOI, EOI, Tokenizer
 
 
@@ -70,3 +70,20 @@ def test_sequences_that_break_the_grammar_are_refused_where_they_break(vocab):
     c = SpanConstraint(v)
     with pytest.raises(ValueError, match="breaks the span's grammar"):
         c.advance(v.eoi)  # too early
+
+
+def test_text_only_keeps_a_reply_to_text_ids(vocab):
+    vocab, _ = vocab
+    rule = TextOnly(vocab.text_size)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(3, vocab.size, generator=g) * 5
+        logits[:, vocab.code0:] += 100  # the visual ids would win unmasked
+        masked = rule.mask(logits)
+        assert torch.equal(masked[:, :vocab.text_size], logits[:, :vocab.text_size])
+        assert bool(torch.isinf(masked[:, vocab.text_size:]).all())
+        token = int(masked[0].argmax())
+        rule.advance(token)
+        assert token < vocab.text_size and not rule.done
+    with pytest.raises(ValueError, match="not a text id"):
+        rule.advance(vocab.bof)

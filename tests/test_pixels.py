@@ -131,3 +131,14 @@ def test_the_pixels_command_trains_for_its_time_budget(tmp_path, capsys):
     assert main(["pixels", "--out", str(tmp_path / "px"), "--time-budget", "3s", "--width", "16"]) == 0
     assert (tmp_path / "px" / "pixels.safetensors").exists() and "pixel tokenizer:" in capsys.readouterr().out
     assert main(["pixels", "--out", str(tmp_path / "px2"), "--time-budget", "soon"]) == 2
+
+
+def test_the_pixel_budget_follows_the_pace():
+    from dsv4.train.pixels import budget_steps
+
+    assert budget_steps(100, 50.0, 100.0) == 190  # 2 steps/s: 95 s of the 100 hold 190 steps
+    assert budget_steps(100, 90.0, 100.0) == 105  # the machine slowed down: fewer steps than first planned
+    assert budget_steps(100, 200.0, 100.0) == 101  # past the budget: one more step, then the run ends
+    for step, elapsed in ((10, 1.0), (500, 30.0), (3000, 400.0)):
+        n = budget_steps(step, elapsed, 420.0)
+        assert n > step and (n - step) * elapsed / step <= 420.0 - elapsed + elapsed / step  # ends on time

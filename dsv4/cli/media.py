@@ -42,7 +42,7 @@ def add_multimodal(subparsers):
     from dsv4.train.multimodal import MultimodalConfig
 
     d = MultimodalConfig()
-    p = subparsers.add_parser("multimodal", help="train one model on text, images and clips (issue 22, in progress)",
+    p = subparsers.add_parser("multimodal", help="train one model on text, images and clips",
                               description="Train the pixel tokenizer (or reuse OUT/pixels), then one V4 model on mixed "
                               "rows of text, text->image, text->video, image->video and image->caption in one "
                               "vocabulary, and write OUT/final (checkpoint, tokenizer.json, pixels/, multimodal.json).")
@@ -54,9 +54,28 @@ def add_multimodal(subparsers):
         p.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"captioned training {name}")
     for name in ("text_weight", "visual_weight", "drop_caption"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    p.add_argument("--mix", type=parse_mix, default=d.mix, metavar="TASK=W,...",
+                   help="share of rows per task, e.g. 'text=0.2,text->image=0.4,text->video=0.2,image->video=0.1,"
+                   "image->caption=0.1' (default: %(default)s)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one example per training row (default: visual examples packed while they fit)")
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--device", default=None)
     p.set_defaults(run=run_multimodal)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    import argparse
+
+    from dsv4.data.multimodal import TASKS
+
+    try:
+        mix = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT,..., got {text!r}") from None
+    if set(mix) - set(TASKS):
+        raise argparse.ArgumentTypeError(f"unknown task(s) {sorted(set(mix) - set(TASKS))}; tasks: {TASKS}")
+    return mix
 
 
 def run_multimodal(opts) -> int:
@@ -70,6 +89,7 @@ def run_multimodal(opts) -> int:
                               time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
                               stage=dataclasses.replace(d.stage, steps=opts.steps), text_weight=opts.text_weight,
                               visual_weight=opts.visual_weight, drop_caption=opts.drop_caption, dtype=opts.dtype,
+                              mix=opts.mix, pack=opts.pack,
                               device=opts.device)
     print(f"multimodal: {run_multimodal(cfg)}")
     return 0
@@ -97,9 +117,9 @@ def add_image(subparsers):
 
 
 def add_video(subparsers):
-    p = subparsers.add_parser("video", help="text -> clip (GIF) with a multimodal checkpoint",
+    p = subparsers.add_parser("video", help="text -> clip (GIF or MP4) with a multimodal checkpoint",
                               description="Sample a clip of PROMPT (e.g. 'a blue square moving down') and write "
-                              "OUT.gif.")
+                              "OUT.gif or OUT.mp4.")
     p.add_argument("prompt")
     p.add_argument("--steps", type=int, default=3, help="latent steps (1 + 4 (steps - 1) frames)")
     _sampling_flags(p)
@@ -107,9 +127,9 @@ def add_video(subparsers):
 
 
 def add_animate(subparsers):
-    p = subparsers.add_parser("animate", help="image -> clip (GIF): animate a picture as PROMPT says",
+    p = subparsers.add_parser("animate", help="image -> clip (GIF or MP4): animate a picture as PROMPT says",
                               description="Start a clip from IMAGE (its first frame) and continue it as PROMPT (e.g. "
-                              "'moving left') says; write OUT.gif.")
+                              "'moving left') says; write OUT.gif or OUT.mp4.")
     p.add_argument("image", help="a PNG the size of the checkpoint's images (or any size: it is resized)")
     p.add_argument("prompt")
     p.add_argument("--steps", type=int, default=3, help="latent steps, the image's included")
@@ -119,7 +139,8 @@ def add_animate(subparsers):
 
 def run_visual(opts) -> int:
     from dsv4.cli import sampling_params
-    from dsv4.engine.visual import VisualModel, generate_clips, generate_images, read_image_file, save_media
+    from dsv4.engine.media import read_image_file, save_media
+    from dsv4.engine.visual import VisualModel, generate_clips, generate_images
 
     vm = VisualModel.load(opts.ckpt, device=opts.device)
     kw = dict(params=sampling_params(opts), cfg_scale=opts.cfg_scale, seed=opts.seed or 0)
@@ -127,7 +148,7 @@ def run_visual(opts) -> int:
         out = generate_images(vm, opts.prompt, n=opts.n, **kw)
         paths = save_media(out if opts.n > 1 else out[:1], opts.output, opts.scale, numbered=opts.n > 1)
     else:
-        image = read_image_file(opts.image, vm.pixels.args.size) if opts.kind == "animate" else None
+        image = read_image_file(opts.image, vm.size) if opts.kind == "animate" else None
         out = generate_clips(vm, opts.prompt, n=1, steps=opts.steps, image=image, **kw)
         paths = save_media(out, opts.output, opts.scale)
     print("\n".join(paths))

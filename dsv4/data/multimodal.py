@@ -8,8 +8,9 @@ image->caption, in the joint vocabulary of `dsv4.tokenizers.multimodal`, each wi
                      the given first step weighs 0; the caption names only the motion, as `dsv4 animate` will
     image->caption   BOS  BOI codes EOI  caption EOS                                 only the caption: `text`
 A caption is dropped (the row keeps BOS and the span alone) with probability `drop_caption`, so that the model also
-learns the unconditional distribution that classifier-free guidance subtracts. Rows are padded to seq_len + 1
-tokens with weight 0. Row k of a seed is always the same row (`MultimodalMix.row`), so a resumed run continues
+learns the unconditional distribution that classifier-free guidance subtracts. Training packs visual examples (each
+BOS ... EOS) into a row while they fit (`MultimodalMix.packed_row`); rows are padded to seq_len + 1 tokens with
+weight 0. Row k of a seed is always the same row (`MultimodalMix.row`), so a resumed run continues
 exactly. `CaptionedSampler` draws the captioned pixels (shapes and MNIST-5k digits, images and clips) that the pixel
 tokenizer trains on and that become the rows' visual items.
 """
@@ -27,8 +28,11 @@ from dsv4.tokenizers.multimodal import VisualVocab
 from dsv4.tokenizers.text import Tokenizer
 
 TASKS = ("text", "text->image", "text->video", "image->video", "image->caption")
-DEFAULT_MIX = {"text": 0.3, "text->image": 0.3, "text->video": 0.2, "image->video": 0.1, "image->caption": 0.1}
+# rows per task: text a fifth (its quality is reported, not the goal here); pictures most, the hardest to get right
+DEFAULT_MIX = {"text": 0.2, "text->image": 0.35, "text->video": 0.2, "image->video": 0.15, "image->caption": 0.1}
 
+
+PACK = 8  # examples drawn per packed row, at most
 
 VISUAL_KINDS = ("shapes", "digits", "shape clips", "digit clips")
 
@@ -118,6 +122,7 @@ class MultimodalMix:
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     drop_caption: float = 0.1
     weights: Weights = field(default_factory=Weights)
+    pack: bool = True  # several visual examples per row (`packed_row`)
 
     def __post_init__(self):
         unknown = set(self.mix) - set(TASKS)
@@ -126,8 +131,8 @@ class MultimodalMix:
         self._tasks = list(self.mix)
         self._p = torch.tensor([self.mix[t] for t in self._tasks], dtype=torch.float64)
 
-    def row(self, k: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """Row k of `seed` -> (task, ids [seq_len + 1], weights [seq_len + 1]); too long a row is an error."""
+    def example(self, k: int, seed: int = 0) -> tuple[str, list[int], list[float]]:
+        """Example k of `seed`, unpadded -> (task, ids, weights); a text example is a whole row's window."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         task = self._tasks[int(torch.multinomial(self._p, 1, generator=g))]
         if task == "text":
@@ -141,14 +146,38 @@ class MultimodalMix:
             ids, w = row(task, item, self.tok, self.vocab, self.weights, drop=drop)
         if len(ids) > self.seq_len + 1:
             raise ValueError(f"a {task} row has {len(ids)} tokens, more than seq_len + 1 = {self.seq_len + 1}")
+        return task, ids, w
+
+    def _padded(self, task: str, ids: list[int], w: list[float]) -> tuple[str, torch.Tensor, torch.Tensor]:
         pad = self.seq_len + 1 - len(ids)
         return task, torch.tensor(ids + [self.tok.pad_id] * pad), torch.tensor(w + [0.0] * pad)
+
+    def row(self, k: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Row k of `seed`, one example -> (task, ids [seq_len + 1], weights [seq_len + 1]); too long an example is
+        an error."""
+        return self._padded(*self.example(k, seed))
+
+    def packed_row(self, k: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Row k of `seed`, packed: example k PACK of `seed` decides; a text window fills the row alone, a visual
+        example is followed by the next visual examples (k PACK + 1, ...; text ones skipped, so a row is text as
+        often as `mix` says) while they fit, each from its BOS to its EOS -> (the first example's task, ids,
+        weights). Visual rows are ~130 tokens, so a 256-token row holds ~1.6 where it held one."""
+        task, ids, w = self.example(k * PACK, seed)
+        for j in range(1, PACK if task != "text" else 1):
+            more, more_ids, more_w = self.example(k * PACK + j, seed)
+            if more == "text":
+                continue
+            if len(ids) + len(more_ids) > self.seq_len + 1:
+                break
+            ids, w = ids + more_ids, w + more_w  # its BOS weighs 0: never a target
+        return self._padded(task, ids, w)
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         step = start_step
         while True:
-            rows = [self.row(step * batch_size + j, seed) for j in range(batch_size)]
+            make = self.packed_row if self.pack else self.row
+            rows = [make(step * batch_size + j, seed) for j in range(batch_size)]
             ids = torch.stack([r[1] for r in rows])
             w = torch.stack([r[2] for r in rows])
             yield ids[:, :-1], ids[:, 1:], w[:, 1:]

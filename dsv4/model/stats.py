@@ -11,6 +11,8 @@ writes its results as graph outputs). The weights (alpha, the indexer's) belong 
 bias update to the trainer.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import torch
@@ -49,3 +51,35 @@ class TrainStats:
     def collect(self, name: str) -> dict[int, torch.Tensor]:
         """{layer id: tensor} of one field ("load", "seq_balance", "indexer_kl") over the layers that reported it."""
         return {i: getattr(s, name) for i, s in self.layers.items() if getattr(s, name) is not None}
+
+
+class RouteTrace:
+    """The experts every token is routed to, per MoE layer, while the trace is open (forward hooks on the gates):
+
+        with RouteTrace(model) as trace:
+            model(ids)
+        trace.routes  ->  {module name of the MoE layer: [N, K] expert ids of each forward, concatenated}
+
+    An inference-time probe (e.g. expert load per modality); the model keeps nothing of it."""
+
+    def __init__(self, model: torch.nn.Module):
+        from dsv4.model.moe import MoE
+
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+        self.routes: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        self._hooks: list = []
+
+    def __enter__(self) -> RouteTrace:
+        for name, moe in self.layers.items():
+            self._hooks.append(moe.gate.register_forward_hook(
+                lambda _m, _inp, out, name=name: self.routes[name].append(out[1].detach())))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def experts(self, name: str) -> torch.Tensor:
+        """[N, K] over every forward so far of layer `name`."""
+        return torch.cat(self.routes[name])

@@ -17,21 +17,36 @@ import uvicorn
 
 from dsv4.engine.engine import Engine
 from dsv4.engine.load import load_engine, load_model
+from dsv4.engine.visual import VisualModel, read_vocab
 from dsv4.serve.app import create_app
 from dsv4.serve.runner import EngineRunner
+from dsv4.tokenizers.pixels import load_pixels
 
 DEFAULT_MAX_LEN = 8192  # the cache's context per sequence unless max_len says otherwise
 
 
 def open_engine(ckpt: str | os.PathLike, max_len: int | None, max_batch: int, device: str | None, dtype: str,
                 compile: bool | str, speculative: bool | None) -> Engine:
-    """The engine, its step graphs compiled now (when compiling) rather than while the first clients wait."""
+    """The engine, its step graphs compiled now (when compiling) rather than while the first clients wait. A
+    multimodal checkpoint's engine runs without speculation (its visual spans are constrained)."""
     model, tok = load_model(ckpt, device, dtype)
+    if (Path(ckpt) / "multimodal.json").exists():
+        if speculative:
+            raise ValueError("a multimodal checkpoint is served without speculation (its spans are constrained)")
+        speculative = False
     engine = load_engine(model, tok, max_len=max_len or DEFAULT_MAX_LEN, max_batch=max_batch, compile=compile,
                          speculative=speculative)
     if engine.compile:  # minutes the first time, then cached on disk
         engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
     return engine
+
+
+def visual_side(ckpt: str | os.PathLike, engine: Engine) -> VisualModel | None:
+    """A multimodal checkpoint's vocabulary and pixel tokenizer around the engine's model (None: text only)."""
+    if not (Path(ckpt) / "multimodal.json").exists():
+        return None
+    device = next(engine.model.parameters()).device
+    return VisualModel(engine.model, engine.tokenizer, read_vocab(ckpt), load_pixels(Path(ckpt) / "pixels", device))
 
 
 def http_server(app, host: str, port: int, drain: float) -> uvicorn.Server:
@@ -73,15 +88,18 @@ def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
     the checkpoint directory's name). Must run on the main thread (signal handlers) -> 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = open_engine(ckpt, max_len, max_batch, device, dtype, compile, speculative)
+    visual = visual_side(ckpt, engine)
     name = model_name or Path(ckpt).resolve().name
     runner = EngineRunner(engine)
     drain = max(drain_timeout, 0.0)
-    server = http_server(create_app(engine, name, api_key=api_key, runner=runner, shutdown_timeout=drain), host,
+    server = http_server(create_app(engine, name, api_key=api_key, runner=runner, shutdown_timeout=drain,
+                                    visual=visual), host,
                          port, drain)
     stop_on_signals(server, runner, drain)
     http = start_http(server, runner)
     print(f"dsv4 serve: {name} on http://{host}:{port}  (context {engine.max_len} tokens, {max_batch} sequences at "
-          f"once{', API key required' if api_key else ''})", file=sys.stderr)
+          f"once{', API key required' if api_key else ''}{', images and clips too' if visual else ''})",
+          file=sys.stderr)
     runner.run()  # until the signal handler or the HTTP thread stops it
     http.join()
     return 0

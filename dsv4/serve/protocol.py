@@ -252,6 +252,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "dsv4"
     max_model_len: int
+    modalities: list[str] = ["text"]  # what it generates: + "image", "video" for a multimodal checkpoint
 
 
 class ModelList(BaseModel):

@@ -3,6 +3,7 @@ the request (key, model name, room in the context), starts a Run and hands it to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,14 +11,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from dsv4.engine.engine import Engine
+from dsv4.engine.visual import VisualModel
 from dsv4.serve import protocol as api
 from dsv4.serve.errors import ERRORS, APIError
 from dsv4.serve.metrics import Metrics
 from dsv4.serve.prompts import budget, chat_prompt, completion_prompts
 from dsv4.serve.responses import chat_chunks, chat_response, completion_chunks, completion_response, sse
-from dsv4.serve.run import Run, sampling
+from dsv4.serve.run import Run, sampling, text_requests
 from dsv4.serve.runner import EngineRunner
 from dsv4.serve.tools import OutputParser
+from dsv4.tokenizers.multimodal import TextOnly
 
 STATIC = Path(__file__).parent / "static"
 MAX_CHOICES = 64  # engine requests one API call may start
@@ -26,13 +29,22 @@ MAX_CHOICES = 64  # engine requests one API call may start
 @dataclass
 class Served:
     """What the app serves: the engine and the thread that drives it, the model's public name, the API key (None:
-    open), the metrics, and when it started (the model card's `created`)."""
+    open), the metrics, when it started (the model card's `created`) and, for a multimodal checkpoint, its visual
+    side (vocabulary and pixel tokenizer)."""
     engine: Engine
     runner: EngineRunner
     metrics: Metrics
     model_name: str
     api_key: str | None
     created: int
+    visual: VisualModel | None = None  # a multimodal checkpoint's: the image and video endpoints
+
+    @property
+    def text_only(self):
+        """For a multimodal model, a factory of the processor that keeps text requests to text ids, else None."""
+        if self.visual is None:
+            return None
+        return functools.partial(TextOnly, self.visual.vocab.text_size)
 
     @property
     def tokenizer(self):
@@ -72,7 +84,9 @@ async def page():
 
 
 async def models(s: Served = Depends(served)):
-    return api.ModelList(data=[api.ModelCard(id=s.model_name, created=s.created, max_model_len=s.engine.max_len)])
+    modalities = ["text", "image", "video"] if s.visual is not None else ["text"]
+    return api.ModelList(data=[api.ModelCard(id=s.model_name, created=s.created, max_model_len=s.engine.max_len,
+                                             modalities=modalities)])
 
 
 async def chat(body: api.ChatCompletionRequest, s: Served = Depends(served)):
@@ -81,7 +95,8 @@ async def chat(body: api.ChatCompletionRequest, s: Served = Depends(served)):
     max_new = budget(s.engine.max_len, len(prompt), body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     tools = bool(body.tools) and body.tool_choice != "none"
-    run = Run(s.runner, s.metrics, [prompt] * body.n, sampling(body, body.n), max_new, body.stops(), logprobs)
+    run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, sampling(body, body.n), max_new, body.stops(),
+                                               logprobs, s.text_only))
     parsers = [OutputParser(body.wants_thinking(), tools) for _ in range(body.n)]
     if body.stream:
         return sse(chat_chunks(run, body, parsers, s.model_name, s.tokenizer))
@@ -96,7 +111,8 @@ async def complete(body: api.CompletionRequest, s: Served = Depends(served)):
         raise APIError(400, f"at most {MAX_CHOICES} completions per request (prompts x n), got "
                             f"{len(prompts)} x {body.n}", param="prompt")
     each = [p for p in prompts for _ in range(body.n)]
-    run = Run(s.runner, s.metrics, each, sampling(body, len(each)), max_new, body.stops(), body.logprobs)
+    run = Run(s.runner, s.metrics, text_requests(each, sampling(body, len(each)), max_new, body.stops(),
+                                               body.logprobs, s.text_only))
     if body.stream:
         return sse(completion_chunks(run, body, each, s.model_name, s.tokenizer))
     return await completion_response(run, body, each, s.model_name, s.tokenizer)
@@ -110,3 +126,6 @@ def add_routes(app: FastAPI):
     app.get("/v1/models", dependencies=key, response_model=api.ModelList, responses=ERRORS)(models)
     app.post("/v1/chat/completions", dependencies=key, response_model=api.ChatCompletion, responses=ERRORS)(chat)
     app.post("/v1/completions", dependencies=key, response_model=api.Completion, responses=ERRORS)(complete)
+    from dsv4.serve.media import add_media_routes  # it builds on this module's Served
+
+    add_media_routes(app, key, ERRORS)

@@ -21,22 +21,31 @@ def sampling(body: api.Sampling, count: int) -> list[SamplingParams]:
                            seed=None if body.seed is None else (body.seed + i) % 2 ** 63) for i in range(count)]
 
 
-class Run:
-    """The requests of one API call: submitted at once (a refused one -> 400, or 503 while shutting down, and the
-    others cancelled), read as a stream or collected, and cancelled if the caller stops listening."""
+def text_requests(prompts: list[list[int]], params: list[SamplingParams], max_new: int, stops: list[str],
+                  logprobs: int | None, processor=None) -> list[dict]:
+    """The engine requests of a completion or chat call (see `Run`). `processor`: a factory of each request's
+    logits processor (a multimodal model's text requests keep to text ids)."""
+    return [dict(prompt=p, params=sp, max_new_tokens=max_new, stop=stops, logprobs=logprobs,
+                 processor=processor and processor()) for p, sp in zip(prompts, params)]
 
-    def __init__(self, runner: EngineRunner, metrics: Metrics, prompts: list[list[int]], params: list[SamplingParams],
-                 max_new: int, stops: list[str], logprobs: int | None):
-        self.runner, self.metrics, self.logprobs = runner, metrics, logprobs
+
+class Run:
+    """The requests of one API call, each a dict of `Engine.submit` keywords with its "prompt": submitted at once (a
+    refused one -> 400, or 503 while shutting down, and the others cancelled), read as a stream or collected, and
+    cancelled if the caller stops listening."""
+
+    def __init__(self, runner: EngineRunner, metrics: Metrics, requests: list[dict]):
+        self.runner, self.metrics = runner, metrics
+        self.logprobs = requests[0].get("logprobs") if requests else None
         self.start = time.perf_counter()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.prompt_tokens = sum(len(r["prompt"]) for r in requests)
         self.completion_tokens = 0
         self.ids: list[int] = []
         try:
-            for i, (p, sp) in enumerate(zip(prompts, params)):
-                self.ids.append(runner.submit(p, self.queue, i, params=sp, max_new_tokens=max_new, stop=stops,
-                                              logprobs=logprobs))
+            for i, r in enumerate(requests):
+                submit = dict(r)
+                self.ids.append(runner.submit(submit.pop("prompt"), self.queue, i, **submit))
         except ShuttingDown as e:
             self.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from e

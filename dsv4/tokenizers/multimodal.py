@@ -159,3 +159,22 @@ class SpanConstraint:
         out = torch.full_like(logits, float("-inf"))
         out[..., lo:hi] = logits[..., lo:hi]
         return out
+
+
+@dataclass
+class TextOnly:
+    """The grammar of a text reply from a multimodal model: any text id, never a frame marker or visual code (what
+    the server's chat and completions ask of such a model). Never done."""
+    text_size: int
+    done: bool = False
+
+    def allowed(self) -> tuple[int, int]:
+        return 0, self.text_size
+
+    def advance(self, token: int) -> None:
+        if not 0 <= token < self.text_size:
+            raise ValueError(f"token {token} is not a text id (< {self.text_size})")
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, torch.arange(self.text_size, logits.shape[-1], device=logits.device),
+                                 float("-inf"))

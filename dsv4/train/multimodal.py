@@ -5,7 +5,9 @@
     OUT/items/                the captioned training images and clips, drawn once and tokenized by the pixel
                               tokenizer (codes.safetensors + captions.json)
     OUT/pretrain/             the Trainer's snapshots and metrics, on `dsv4.data.multimodal.MultimodalMix` rows
-    OUT/final/                checkpoint (vocabulary = text + BOF + codes) + tokenizer.json + pixels/ + multimodal.json
+    OUT/final/                checkpoint (vocabulary = text + BOF + codes) + tokenizer.json + pixels/ + multimodal.json,
+                              report.json (validation CE by task, expert load by modality: `dsv4.train.modality`)
+                              and expert_load.png
 With a time budget, the pixel tokenizer gets `pixel_share` of it and the model the rest (its steps measured as
 `dsv4 train` measures them).
 """
@@ -27,8 +29,10 @@ from dsv4.tokenizers.pixels import load_pixels
 from dsv4.train.autodtype import training_dtype
 from dsv4.train.budget import StepBudget
 from dsv4.train.config import StageConfig, TrainConfig
+from dsv4.train.modality import expert_load_by_modality, rows_by_task, task_losses
 from dsv4.train.pipeline import build_model, prepare_data
 from dsv4.train.pixels import PixelTrainConfig, train_pixels
+from dsv4.train.plots import plot_expert_load
 from dsv4.train.trainer import Trainer
 
 
@@ -41,11 +45,12 @@ class MultimodalConfig:
     time_budget: float | None = None  # seconds for the whole run
     pixel_share: float = 0.2          # of the time budget, for the pixel tokenizer
     pixels: PixelTrainConfig = field(default_factory=PixelTrainConfig)
-    images: int = 4000                # captioned training images (half shapes, half digits)
-    clips: int = 1000                 # captioned training clips (half shapes, half digits)
+    images: int = 12000               # captioned training images (half shapes, half digits)
+    clips: int = 4000                 # captioned training clips (half shapes, half digits)
     stage: StageConfig = field(default_factory=lambda: StageConfig(steps=600, batch_size=16, seq_len=256))
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     drop_caption: float = 0.1
+    pack: bool = True                 # several visual examples per training row
     text_weight: float = 1.0
     visual_weight: float = 1.0
     device: str | None = None         # None = the accelerator if any, else the CPU
@@ -110,7 +115,8 @@ def prepare(cfg: MultimodalConfig, out: Path, device: torch.device, progress: bo
     vocab = VisualVocab.build(tok, pixel_tok.fsq.codebook_size, pixel_tok.args.grid ** 2)
     text = torch.from_numpy(load_tokens(train_file).astype("int64"))
     mix = MultimodalMix(tok, vocab, text, items["images"], items["clips"], cfg.stage.seq_len, mix=cfg.mix,
-                        drop_caption=cfg.drop_caption, weights=Weights(cfg.text_weight, cfg.visual_weight))
+                        drop_caption=cfg.drop_caption, weights=Weights(cfg.text_weight, cfg.visual_weight),
+                        pack=cfg.pack)
     return tok, vocab, mix
 
 
@@ -121,6 +127,10 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     from dsv4.weights.checkpoint import save_pretrained
 
     started, out = time.monotonic(), Path(cfg.out)
+    if (out / "final" / "multimodal.json").exists():
+        if progress:
+            print(f"multimodal: reusing the finished run in {out / 'final'} (delete {out} to train again)", flush=True)
+        return out / "final"
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device) if cfg.device else default_device()
     tok, vocab, mix = prepare(cfg, out, device, progress)
@@ -139,37 +149,20 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     model = build_model(args, device, cfg.seed)  # the final weights at full precision, then the compute dtype
     model.load_state_dict(load_latest(out / "pretrain")["model"])
     model.to_dtype(dtype)
-    report = {"val_ce_by_task": task_losses(model, mix, cfg.seed + 2, device)}
+    rows = rows_by_task(mix, cfg.seed + 2, rows_per_task=8)
+    report = {"val_ce_by_task": task_losses(model, rows, device),
+              "expert_load_by_modality": expert_load_by_modality(model, rows, vocab, tok.pad_id, device)}
     with atomic_dir(out / "final") as tmp:
         save_pretrained(model, tmp)
         tok.save(Path(tmp) / "tokenizer.json")
         shutil.copytree(out / "pixels", Path(tmp) / "pixels")
         atomic_text(Path(tmp) / "multimodal.json", json.dumps(asdict(vocab), indent=1))
         atomic_text(Path(tmp) / "report.json", json.dumps(report, indent=1))
+        plot_expert_load(report["expert_load_by_modality"], Path(tmp) / "expert_load.png")
     if progress:
-        losses = report["val_ce_by_task"]
+        losses, tv = report["val_ce_by_task"], report["expert_load_by_modality"]["tv_from_text"]
         print("multimodal: validation CE by task " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
+        for layer, d in tv.items():
+            print(f"multimodal: {layer} expert load, total variation from text's: "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in d.items()), flush=True)
     return out / "final"
-
-
-@torch.no_grad()
-def task_losses(model, mix: MultimodalMix, seed: int, device: torch.device, rows_per_task: int = 8) -> dict:
-    """Mean weighted CE (nats per counted target) of each task's rows, drawn from a seed training never uses; the
-    row weights as training counts them (image->video: the generated steps only)."""
-    from dsv4.train.loss import cross_entropy
-
-    model.eval()
-    by_task: dict[str, list] = {}
-    k = 0
-    while min((len(v) for v in by_task.values()), default=0) < rows_per_task and k < 200 * rows_per_task:
-        task, ids, w = mix.row(k, seed)
-        by_task.setdefault(task, [])
-        if len(by_task[task]) < rows_per_task:
-            by_task[task].append((ids, w))
-        k += 1
-    out = {}
-    for task, rows in sorted(by_task.items()):
-        ids = torch.stack([r[0] for r in rows]).to(device)
-        w = torch.stack([r[1] for r in rows]).to(device)
-        out[task] = round(cross_entropy(model(ids[:, :-1]), ids[:, 1:], w[:, 1:]).item(), 4)
-    return out

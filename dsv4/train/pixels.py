@@ -93,6 +93,13 @@ def reconstruction_png(tok: PixelTokenizer, held_out: dict[str, torch.Tensor], p
                                                                                                        format="PNG")
 
 
+def budget_steps(step: int, elapsed: float, budget: float) -> int:
+    """The step count that ends `budget` seconds in (95%, at the pace so far), revised as the run goes: after the
+    warm-up and at every eighth of the run, so that a machine that slows down (another job, thermal limits) still
+    ends on time. Never fewer than one more step; the cosine schedule follows the revised count."""
+    return max(step + 1, int(budget * 0.95 * step / max(elapsed, 1e-9)))
+
+
 def train_pixels(cfg: PixelTrainConfig, progress: bool = True) -> dict:
     """Train, save and report (see the module docstring) -> the report."""
     started, out = time.monotonic(), Path(cfg.out)
@@ -116,9 +123,8 @@ def train_pixels(cfg: PixelTrainConfig, progress: bool = True) -> dict:
         loss.backward()
         opt.step()
         step += 1
-        if cfg.time_budget and step == cfg.warmup:  # the steps that fit, at the warm-up's pace
-            per_step = (time.monotonic() - started) / step
-            steps = max(step + 1, int(cfg.time_budget * 0.95 / per_step))
+        if cfg.time_budget and (step == cfg.warmup or step % max(1, steps // 8) == 0):
+            steps = budget_steps(step, time.monotonic() - started, cfg.time_budget)
             bar.total = steps
         bar.set_postfix_str(f"mse {loss.item():.4f}")
         bar.update(1)

@@ -90,3 +90,25 @@ def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         written.append(os.path.join(out_dir, "expert_load.png"))
         _save(fig, written[-1])
     return written
+
+
+def plot_expert_load(load: dict, path: str | os.PathLike) -> str:
+    """Expert load per modality (`dsv4.train.modality.expert_load_by_modality`): one heat map per MoE layer, a row
+    per modality, a column per expert, the share of that modality's routed assignments; the layer's title gives each
+    modality's total variation distance from text's."""
+    import numpy as np
+
+    layers = list(load["share"])
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.1 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        mods = list(load["share"][layer])
+        grid = np.array([load["share"][layer][m] for m in mods])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(mods)), mods)
+        tv = load["tv_from_text"].get(layer, {})
+        ax.set_title(f"{layer}  (TV from text: " + ", ".join(f"{m} {v:.2f}" for m, v in tv.items()) + ")", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    axes[-1, 0].set_xlabel("routed expert")
+    fig.suptitle("expert load per modality (share of each modality's assignments)")
+    _save(fig, os.fspath(path))
+    return os.fspath(path)
