@@ -149,8 +149,10 @@ def main():
     p.add_argument("--digit-samples", type=int, default=10, help="images per digit")
     p.add_argument("--animate", type=int, default=40, help="pictures animated")
     p.add_argument("--steps", type=int, default=3, help="latent steps per clip")
-    p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    from dsv4.engine.visual import CFG_SCALE, TEMPERATURE
+
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--text-tokens", type=int, default=100_000, help="held-out tokens for the text comparison")
     p.add_argument("--only", nargs="+", choices=("shapes", "digits", "clips", "animate", "text"))

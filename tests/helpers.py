@@ -63,3 +63,15 @@ def random_model(seed: int = 0, **overrides) -> Transformer:
 
 def random_ids(args: ModelArgs, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def small_visual_vocab(step_codes: int = 16):
+    """(a 512-token BPE trained on four standard-library files, the joint vocabulary with its 1,000 codes): the
+    multimodal data tests' small setting."""
+    from dsv4.data.corpus import stdlib_files
+    from dsv4.tokenizers.multimodal import VisualVocab
+    from dsv4.tokenizers.text import Tokenizer
+
+    _, files = stdlib_files()
+    tok = Tokenizer.train((f.read_text() for f in files[:4]), vocab_size=512, n_vis=4)
+    return tok, VisualVocab.build(tok, codebook=1000, step_codes=step_codes)

@@ -78,12 +78,17 @@ def server_ckpt(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture(scope="module")
-def live_server(server_ckpt):
-    """The running server's base URL (API key `API_KEY`, model `MODEL`); stopped with SIGTERM after the module."""
-    server = Server(server_ckpt, "--max-batch", "8")
+def serving(ckpt: Path):
+    """A fixture's body: the running server's base URL (API key `API_KEY`, model `MODEL`); stopped with SIGTERM
+    after the module."""
+    server = Server(ckpt, "--max-batch", "8")
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_server(server_ckpt):
+    yield from serving(server_ckpt)
 
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -152,6 +157,4 @@ def mm_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mm_server(mm_ckpt):
     """`live_server` for the tiny multimodal checkpoint: the image and video endpoints on."""
-    server = Server(mm_ckpt, "--max-batch", "8")
-    yield server.url
-    server.stop()
+    yield from serving(mm_ckpt)

@@ -4,21 +4,16 @@ the model takes (cross-checked against the load the training forward reports), a
 import pytest
 import torch
 
-from dsv4.data.corpus import stdlib_files
 from dsv4.data.multimodal import MultimodalMix, VisualItem
 from dsv4.model.stats import RouteTrace, TrainStats
-from dsv4.tokenizers.multimodal import VisualVocab
-from dsv4.tokenizers.text import Tokenizer
 from dsv4.train.modality import MODALITIES, expert_load_by_modality, rows_by_task, task_losses, token_modalities
 from dsv4.train.plots import plot_expert_load
-from tests.helpers import random_model
+from tests.helpers import random_model, small_visual_vocab
 
 
 @pytest.fixture(scope="module")
 def setup():
-    root, files = stdlib_files()
-    tok = Tokenizer.train((f.read_text() for f in files[:4]), vocab_size=512, n_vis=4)
-    vocab = VisualVocab.build(tok, codebook=1000, step_codes=16)
+    tok, vocab = small_visual_vocab()
     g = torch.Generator().manual_seed(0)
     images = [VisualItem(f"the digit {i}", torch.randint(0, 1000, (1, 16), generator=g)) for i in range(4)]
     clips = [VisualItem(f"the digit {i} moving up", torch.randint(0, 1000, (3, 16), generator=g), "moving up")

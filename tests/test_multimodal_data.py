@@ -4,17 +4,13 @@ exactly the targets the task trains on, dropped captions leave BOS + span, and b
 import pytest
 import torch
 
-from dsv4.data.corpus import stdlib_files
 from dsv4.data.multimodal import PACK, TASKS, MultimodalMix, VisualItem, Weights, row
-from dsv4.tokenizers.multimodal import VisualVocab
-from dsv4.tokenizers.text import Tokenizer
+from tests.helpers import small_visual_vocab
 
 
 @pytest.fixture(scope="module")
 def setup():
-    root, files = stdlib_files()
-    tok = Tokenizer.train((f.read_text() for f in files[:4]), vocab_size=512, n_vis=4)
-    vocab = VisualVocab.build(tok, codebook=1000, step_codes=16)
+    tok, vocab = small_visual_vocab()
     g = torch.Generator().manual_seed(0)
     images = [VisualItem(f"a red circle in the top left #{i}", torch.randint(0, 1000, (1, 16), generator=g))
               for i in range(5)]

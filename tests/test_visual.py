@@ -15,7 +15,7 @@ from dsv4.data.visual import (
     parse_caption,
     shape_mask,
 )
-from dsv4.eval.visual import Reading, matches, read_image, read_motion
+from dsv4.eval.visual import Reading, largest_component, matches, read_image, read_motion
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -71,6 +71,28 @@ def test_a_sample_that_shows_something_else_does_not_match():
     clip = draw_video(ShapeSpec("blue", "square", direction="right"), 8, 32, g)
     assert not matches(clip, "a blue square moving left") and not matches(clip.flip(0), "a blue square moving right")
     assert not matches(clip, "a blue circle moving right")
+
+
+def test_the_object_is_the_largest_region_and_specks_elsewhere_do_not_count():
+    g = torch.Generator().manual_seed(5)
+    for spec in all_image_specs():
+        img = draw_image(spec, 32, g)
+        mask = img.amax(-1) > 0
+        specked = img.clone()
+        free = (~mask).nonzero()
+        for r, c in free[torch.randperm(len(free), generator=g)[:3]]:  # 3 stray pixels in other colours
+            specked[r, c] = torch.tensor([255, 255, 255] if int(r) % 2 else [0, 0, 200], dtype=torch.uint8)
+        assert matches(specked, spec), spec.caption
+    # two separate squares: the larger one is the object, wherever the smaller one is
+    two = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    two[2:12, 2:12] = torch.tensor([0, 200, 0], dtype=torch.uint8)  # 100 pixels, top left
+    two[20:26, 22:28] = torch.tensor([200, 0, 0], dtype=torch.uint8)  # 36 pixels, bottom right
+    assert read_image(two) == Reading("green", "square", "top left")
+    big = largest_component(torch.rand(32, 32, generator=g) > 0.5)
+    assert bool(big.any()) and int(big.sum()) <= 32 * 32
+    ring = torch.zeros(16, 16, dtype=torch.bool)  # a region that reaches around: one component
+    ring[2, 2:14] = ring[13, 2:14] = ring[2:14, 2] = ring[2:14, 13] = True
+    assert torch.equal(largest_component(ring), ring)
 
 
 def test_captions_round_trip_and_other_text_is_refused():

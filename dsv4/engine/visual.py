@@ -24,6 +24,12 @@ from dsv4.tokenizers.multimodal import SpanConstraint, VisualVocab
 from dsv4.tokenizers.pixels import PixelTokenizer, load_pixels, to_uint8, to_unit
 from dsv4.tokenizers.text import Tokenizer
 
+# the sampling that `dsv4 image` / `video` / `animate` and the server use unless told otherwise: chosen on the 40-minute
+# `make run-multimodal` model with bench/multimodal.py (seed 0), where a lower temperature and a milder guidance
+# than 1.0 / 3.0 drew cleaner shapes (docs/NOTES.md, issue 22's second pass)
+TEMPERATURE = 0.7
+CFG_SCALE = 2.0
+
 
 @dataclass
 class VisualModel:
@@ -118,7 +124,7 @@ def clip_job(vm: VisualModel, caption: str, steps: int = 3, image: torch.Tensor 
 def run_jobs(vm: VisualModel, job: VisualJob, n: int, params: SamplingParams | None, cfg_scale: float,
              seed: int) -> torch.Tensor:
     """n samples of one job on an engine of its own (its cache just these rows) -> pixels (`VisualJob.decode`)."""
-    reqs = job.requests(vm, n, params or SamplingParams(), cfg_scale, seed)
+    reqs = job.requests(vm, n, params or SamplingParams(temperature=TEMPERATURE), cfg_scale, seed)
     rows = n * (2 if cfg_scale != 1.0 else 1)  # a guided sample runs its unconditional twin
     engine = Engine(vm.model, vm.tok, max_batch=max(2, rows), max_len=job.max_len(vm.vocab))
     running = [engine.submit(r.pop("prompt"), **r) for r in reqs]
@@ -128,12 +134,12 @@ def run_jobs(vm: VisualModel, job: VisualJob, n: int, params: SamplingParams | N
 
 
 def generate_images(vm: VisualModel, caption: str, n: int = 1, params: SamplingParams | None = None,
-                    cfg_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+                    cfg_scale: float = CFG_SCALE, seed: int = 0) -> torch.Tensor:
     """n images of `caption` -> uint8 [n, H, W, 3]."""
     return run_jobs(vm, image_job(vm, caption), n, params, cfg_scale, seed)
 
 
 def generate_clips(vm: VisualModel, caption: str, n: int = 1, steps: int = 3, image: torch.Tensor | None = None,
-                   params: SamplingParams | None = None, cfg_scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+                   params: SamplingParams | None = None, cfg_scale: float = CFG_SCALE, seed: int = 0) -> torch.Tensor:
     """n clips of `steps` latent steps -> uint8 [n, F, H, W, 3] (`clip_job`)."""
     return run_jobs(vm, clip_job(vm, caption, steps, image), n, params, cfg_scale, seed)

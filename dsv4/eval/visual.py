@@ -2,7 +2,9 @@
 
 The judges of issue 22's acceptance for the procedural data (`dsv4.data.visual`), by pixel analysis only:
     foreground  pixels whose brightest channel is > FOREGROUND (the background is black)
-    colour      the palette colour nearest the foreground's mean RGB
+    object      an image's largest 4-connected foreground region: a generated picture's stray specks elsewhere (a
+                few wrong codes in the background) are not part of the one shape it shows
+    colour      the palette colour nearest the object's mean RGB
     quadrant    which quarter of the image holds the foreground's centroid
     shape       a triangle (pointing up) holds 1/4 of its pixels in the top half of its bounding box and 3/4 in the
                 bottom half; of the rest, a square fills its box (~1) and a circle pi/4 of it (~0.79). Sides of >= 8
@@ -39,6 +41,24 @@ def foreground(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.amax(-1) > FOREGROUND
 
 
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 4-connected region of a bool [H, W] mask (ties: the one with the highest-numbered pixel), by
+    propagating each region's largest pixel number until nothing changes."""
+    if not bool(mask.any()):
+        return mask
+    h, w = mask.shape
+    label = torch.where(mask, torch.arange(1, h * w + 1, device=mask.device).view(h, w), 0)
+    while True:
+        p = torch.nn.functional.pad(label, (1, 1, 1, 1))
+        spread = torch.stack([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]).amax(0)
+        spread = torch.where(mask, spread, 0)
+        if torch.equal(spread, label):
+            break
+        label = spread
+    ids, counts = label[mask].unique(return_counts=True)
+    return label == ids[counts.argmax()]
+
+
 def centroid(mask: torch.Tensor) -> tuple[float, float] | None:
     """(row, column) of the mask's pixel centres' mean, or None for too few pixels."""
     rows, cols = mask.nonzero(as_tuple=True)
@@ -65,8 +85,8 @@ def shape_of(mask: torch.Tensor) -> str:
 
 
 def read_image(pixels: torch.Tensor) -> Reading:
-    """uint8 [H, W, 3] -> what it shows."""
-    mask = foreground(pixels)
+    """uint8 [H, W, 3] -> what its object (the largest foreground region) shows."""
+    mask = largest_component(foreground(pixels))
     at = centroid(mask)
     if at is None:
         return Reading(None, None, None)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from dsv4.engine.media import encode_media, read_image_bytes
 from dsv4.engine.sampling import SamplingParams
-from dsv4.engine.visual import VisualJob, VisualModel, clip_job, image_job
+from dsv4.engine.visual import CFG_SCALE, TEMPERATURE, VisualJob, VisualModel, clip_job, image_job
 from dsv4.serve.errors import APIError
 from dsv4.serve.protocol import Body, Seed, Temperature, TopP, now
 from dsv4.serve.routes import Served, served
@@ -42,8 +42,8 @@ class ImageRequest(Body):
     response_format: Literal["b64_json"] = "b64_json"  # no hosted files: the bytes come back in the body
     output_format: Literal["png"] = "png"
     seed: Seed | None = None
-    cfg_scale: Annotated[float, Field(ge=0, le=30)] = 3.0  # classifier-free guidance; 1 = none
-    temperature: Temperature = 1.0
+    cfg_scale: Annotated[float, Field(ge=0, le=30)] = CFG_SCALE  # classifier-free guidance; 1 = none
+    temperature: Temperature = TEMPERATURE
     top_p: TopP = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
 

@@ -99,7 +99,8 @@ def plot_expert_load(load: dict, path: str | os.PathLike) -> str:
     import numpy as np
 
     layers = list(load["share"])
-    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.1 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.5 * len(layers)), squeeze=False,
+                             layout="constrained")
     for ax, layer in zip(axes[:, 0], layers):
         mods = list(load["share"][layer])
         grid = np.array([load["share"][layer][m] for m in mods])
@@ -108,6 +109,7 @@ def plot_expert_load(load: dict, path: str | os.PathLike) -> str:
         tv = load["tv_from_text"].get(layer, {})
         ax.set_title(f"{layer}  (TV from text: " + ", ".join(f"{m} {v:.2f}" for m, v in tv.items()) + ")", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+        ax.set_xticks(range(grid.shape[1]))
     axes[-1, 0].set_xlabel("routed expert")
     fig.suptitle("expert load per modality (share of each modality's assignments)")
     _save(fig, os.fspath(path))
