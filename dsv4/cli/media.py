@@ -97,11 +97,10 @@ def run_multimodal(opts) -> int:
 
 def _sampling_flags(p):
     from dsv4.cli import add_sampling_flags
+    from dsv4.engine.visual import CFG_SCALE, TEMPERATURE
 
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a `dsv4 multimodal` checkpoint (OUT/final)")
     p.add_argument("-o", "--output", required=True, metavar="PATH")
-    from dsv4.engine.visual import CFG_SCALE, TEMPERATURE
-
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance (1 = none)")
     add_sampling_flags(p, temperature=TEMPERATURE)
     p.add_argument("--scale", type=int, default=4, help="pixels per generated pixel in the written file")

@@ -121,7 +121,7 @@ def clip_job(vm: VisualModel, caption: str, steps: int = 3, image: torch.Tensor 
                      steps - (image is not None), True)
 
 
-def run_jobs(vm: VisualModel, job: VisualJob, n: int, params: SamplingParams | None, cfg_scale: float,
+def run_job(vm: VisualModel, job: VisualJob, n: int, params: SamplingParams | None, cfg_scale: float,
              seed: int) -> torch.Tensor:
     """n samples of one job on an engine of its own (its cache just these rows) -> pixels (`VisualJob.decode`)."""
     reqs = job.requests(vm, n, params or SamplingParams(temperature=TEMPERATURE), cfg_scale, seed)
@@ -136,10 +136,10 @@ def run_jobs(vm: VisualModel, job: VisualJob, n: int, params: SamplingParams | N
 def generate_images(vm: VisualModel, caption: str, n: int = 1, params: SamplingParams | None = None,
                     cfg_scale: float = CFG_SCALE, seed: int = 0) -> torch.Tensor:
     """n images of `caption` -> uint8 [n, H, W, 3]."""
-    return run_jobs(vm, image_job(vm, caption), n, params, cfg_scale, seed)
+    return run_job(vm, image_job(vm, caption), n, params, cfg_scale, seed)
 
 
 def generate_clips(vm: VisualModel, caption: str, n: int = 1, steps: int = 3, image: torch.Tensor | None = None,
                    params: SamplingParams | None = None, cfg_scale: float = CFG_SCALE, seed: int = 0) -> torch.Tensor:
     """n clips of `steps` latent steps -> uint8 [n, F, H, W, 3] (`clip_job`)."""
-    return run_jobs(vm, clip_job(vm, caption, steps, image), n, params, cfg_scale, seed)
+    return run_job(vm, clip_job(vm, caption, steps, image), n, params, cfg_scale, seed)

@@ -58,7 +58,8 @@ class RouteTrace:
 
         with RouteTrace(model) as trace:
             model(ids)
-        trace.routes  ->  {module name of the MoE layer: [N, K] expert ids of each forward, concatenated}
+        trace.routes            {module name of the MoE layer: [[N, K] expert ids] one per forward that ran it}
+        trace.experts(name)     those concatenated: [N, K] over every forward
 
     An inference-time probe (e.g. expert load per modality); the model keeps nothing of it."""
 

@@ -68,7 +68,10 @@ class MediaResponse(BaseModel):
     size: str
 
 
-def visual_model(s: Served) -> VisualModel:
+def visual_model(s: Served, body: ImageRequest) -> VisualModel:
+    """The served model's visual side, once the request names it (or no model) and it has one."""
+    if body.model is not None:
+        s.check_model(body.model)
     if s.visual is None:
         raise APIError(400, f"{s.model_name!r} generates text only: images and clips need a checkpoint trained by "
                             "`dsv4 multimodal`", param="model", code="model_not_multimodal")
@@ -94,17 +97,12 @@ def read_image_field(data: str, side: int):
 
 
 async def generate(s: Served, vm: VisualModel, job: VisualJob, body: ImageRequest, fmt: str, fps: int = 6):
-    if body.model is not None:
-        s.check_model(body.model)
     scale = scale_of(body.size, vm.size)
     if job.max_len(vm.vocab) > s.engine.max_len:
         raise APIError(400, f"the sample needs {job.max_len(vm.vocab)} positions; the server's context holds "
                             f"{s.engine.max_len}", param="prompt")
     params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
-    requests = job.requests(vm, body.n, params, body.cfg_scale, body.seed)
-    if body.cfg_scale != 1.0 and s.engine.max_batch < 2:
-        raise APIError(400, "guidance needs a server with --max-batch >= 2 (or cfg_scale 1)", param="cfg_scale")
-    run = Run(s.runner, s.metrics, requests)
+    run = Run(s.runner, s.metrics, job.requests(vm, body.n, params, body.cfg_scale, body.seed))
     outs = await run.collect()
     pixels = await asyncio.to_thread(job.decode, vm, [[t for d in o for t in d.token_ids] for o in outs])
     data = [MediaData(b64_json=base64.b64encode(encode_media(x, fmt, scale, fps)).decode()) for x in pixels]
@@ -113,12 +111,12 @@ async def generate(s: Served, vm: VisualModel, job: VisualJob, body: ImageReques
 
 
 async def images(body: ImageRequest, s: Served = Depends(served)):
-    vm = visual_model(s)
+    vm = visual_model(s, body)
     return await generate(s, vm, image_job(vm, body.prompt), body, body.output_format)
 
 
 async def videos(body: VideoRequest, s: Served = Depends(served)):
-    vm = visual_model(s)
+    vm = visual_model(s, body)
     image = None if body.image is None else read_image_field(body.image, vm.size)
     job = await asyncio.to_thread(clip_job, vm, body.prompt, body.steps, image)
     return await generate(s, vm, job, body, body.output_format, body.fps)

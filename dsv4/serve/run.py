@@ -26,7 +26,7 @@ def text_requests(prompts: list[list[int]], params: list[SamplingParams], max_ne
     """The engine requests of a completion or chat call (see `Run`). `processor`: a factory of each request's
     logits processor (a multimodal model's text requests keep to text ids)."""
     return [dict(prompt=p, params=sp, max_new_tokens=max_new, stop=stops, logprobs=logprobs,
-                 processor=processor and processor()) for p, sp in zip(prompts, params)]
+                 processor=processor() if processor else None) for p, sp in zip(prompts, params)]
 
 
 class Run:
