@@ -45,7 +45,7 @@ run: venv
 # (text, text->image, text->video, image->video, image->caption) within MM_BUDGET, writes runs/multimodal/final, and
 # samples a few pictures and clips into runs/multimodal/samples; a finished run is reused (delete the folder to train
 # again). MM_ARGS: any further `dsv4 multimodal` flags.
-MM_BUDGET ?= 38m
+MM_BUDGET ?= 41m
 MM_ARGS ?=
 MM := runs/multimodal
 run-multimodal: venv

@@ -7,8 +7,9 @@ by a digit classifier trained only on real digits, over every caption of the pro
     shapes    each of the 48 image captions x --samples: colour, shape and quadrant read back (all three = a match)
     digits    "the digit d" x 10 x --samples: the classifier names d; its accuracy on held-out real digits beside it
     clips     each of the 48 shape-motion captions and "the digit d moving DIR" (40): the motion read back
-    animate   held-out shapes and real digits, each with a random direction: frame 0's PSNR against the given image,
-              and the motion read back
+    animate   held-out shapes and real digits, each with a random direction its object has room to move in (as in
+              every training clip; --animate-directions any: into the frame's edge too): frame 0's PSNR against the
+              given image, and the motion read back, for shapes and digits apart too
     text      held-out bits per byte of the model and, with --text-ckpt, of a text-only model of the same vocabulary
               (what multimodality costs the text)
 With --png-dir: shapes.png, digits.png (a row per digit), video.png and animate.png (a clip per row, its frames
@@ -83,31 +84,35 @@ def clips(vm, steps: int, cfg: float, seed: int, params) -> tuple[dict, torch.Te
             "shape_clips_all_match_share": shape_match / 48}, shown
 
 
-def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40) -> tuple[dict, torch.Tensor]:
+def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
+            directions: str = "room") -> tuple[dict, torch.Tensor]:
     from dsv4.data import digits as digit_data
     from dsv4.data.visual import DIRECTIONS, all_image_specs, draw_image
     from dsv4.engine.visual import generate_clips
-    from dsv4.eval.visual import read_motion
+    from dsv4.eval.visual import movable, read_motion
     from dsv4.tokenizers.pixels import psnr, to_unit
 
     g = torch.Generator().manual_seed(seed + 999)
     images, labels = digit_data.load_mnist()
     _, held = digit_data.split(labels)
     specs, dirs = all_image_specs(), list(DIRECTIONS)
-    moved, psnrs, shown = 0, [], []
+    moved, psnrs, shown = [0, 0], [], []  # moved as prompted: [shapes, digits]
     for k in range(count):
         if k % 2 == 0:
             start = draw_image(specs[int(torch.randint(len(specs), (), generator=g))], 32, g)
         else:
             start = digit_data.digit_image(images[int(held[int(torch.randint(len(held), (), generator=g))])])
-        direction = dirs[int(torch.randint(4, (), generator=g))]
+        options = movable(start) if directions == "room" else dirs
+        direction = options[int(torch.randint(len(options), (), generator=g))]
         clip = generate_clips(vm, f"moving {direction}", n=1, steps=steps, image=start, params=params,
                               cfg_scale=cfg, seed=seed + k)[0]
         psnrs.append(psnr(to_unit(clip[0]), to_unit(start)))
-        moved += read_motion(clip) == direction
+        moved[k % 2] += read_motion(clip) == direction
         if k < 8:
             shown.append(torch.cat([start[None], clip]))  # the given picture, then the clip
-    return {"clips": count, "motion_share": moved / count, "frame0_psnr_db_median": sorted(psnrs)[count // 2]}, shown
+    return {"clips": count, "directions": directions, "motion_share": sum(moved) / count,
+            "motion_share_shapes": moved[0] / ((count + 1) // 2), "motion_share_digits": moved[1] / max(1, count // 2),
+            "frame0_psnr_db_median": sorted(psnrs)[count // 2]}, shown
 
 
 def text_quality(ckpt: str, text_ckpt: str | None, max_tokens: int) -> dict:
@@ -148,6 +153,9 @@ def main():
     p.add_argument("--samples", type=int, default=2, help="images per shape caption")
     p.add_argument("--digit-samples", type=int, default=10, help="images per digit")
     p.add_argument("--animate", type=int, default=40, help="pictures animated")
+    p.add_argument("--animate-directions", choices=("room", "any"), default="room",
+                   help="room: each picture is asked to move in one of the directions its object has room for "
+                   "(as every training clip does); any: in any of the four, into the frame's edge too")
     p.add_argument("--steps", type=int, default=3, help="latent steps per clip")
     from dsv4.engine.visual import CFG_SCALE, TEMPERATURE
 
@@ -177,7 +185,8 @@ def main():
     if "clips" in kinds:
         report["clips"], grids["video"] = clips(vm, a.steps, a.cfg_scale, a.seed, params)
     if "animate" in kinds:
-        report["animate"], grids["animate"] = animate(vm, a.steps, a.cfg_scale, a.seed, params, a.animate)
+        report["animate"], grids["animate"] = animate(vm, a.steps, a.cfg_scale, a.seed, params, a.animate,
+                                                          a.animate_directions)
     if "text" in kinds:
         report["text"] = text_quality(a.ckpt, a.text_ckpt, a.text_tokens)
     report["seconds"] = round(time.perf_counter() - t, 1)

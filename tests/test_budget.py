@@ -51,7 +51,7 @@ def test_the_decided_steps_fill_the_budget_and_no_more(tmp_path):
         reserve = rng.choice([0, 20 * tokens, 60 * tokens])
         b = StepBudget(deadline=total, path=tmp_path / f"{i}.json", tokens_per_step=tokens,
                        schedule=rng.choice(["cosine", "wsd"]), warmup=rng.randint(4, 30), reserve_tokens=reserve,
-                       started=0.0)
+                       decay_frac=rng.choice([0.2, 0.4, 0.5]), started=0.0)
         decision, step, now = simulate(b, rng, compile_s=rng.uniform(0, 0.25 * total), dt=dt, jitter=0.02)
         finish = now + (decision.steps - step) * dt + reserve / tokens * dt
         assert finish <= total, (i, finish, total)  # ends on time ...
@@ -59,8 +59,10 @@ def test_the_decided_steps_fill_the_budget_and_no_more(tmp_path):
         if b.schedule == "cosine":  # decided when the warm-up ends: no step ran with an lr that depends on it
             assert decision.at_step == b.warmup
         else:  # decided before the decay starts: every step so far had lr 1 (flat), whatever the total
-            assert all(wsd_schedule(s, b.warmup, decision.steps) == 1.0 for s in range(b.warmup, step + 1))
-            assert now >= b.measure * total
+            assert all(wsd_schedule(s, b.warmup, decision.steps, b.decay_frac) == 1.0
+                       for s in range(b.warmup, step + 1))
+            # ... and not before `measure` of pretraining's own time (less while the decay is long) had passed
+            assert now >= min(b.measure, 0.7 * (1 - b.decay_frac)) * (total - decision.reserved_s) - 0.1
         assert json.loads(b.path.read_text())["steps"] == decision.steps == b.load().steps
 
 

@@ -18,6 +18,7 @@ from dsv4.config import ModelArgs
 from dsv4.data.corpus import split_by_key
 from dsv4.eval.complete import complete
 from dsv4.train.config import StageConfig, TrainConfig
+from dsv4.train.optim import wsd_schedule
 from dsv4.train.pipeline import build_model, run
 from dsv4.train.plots import read_metrics
 from dsv4.train.precision import MixedPrecision
@@ -176,6 +177,16 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert abs(grads["whole_loss"] - grads["split_loss"]) < 1e-5
     # the aux-loss-free bias moved, by the same steps, from the load summed over both micro-batches
     assert grads["whole_bias"].abs().sum() > 0 and torch.equal(grads["whole_bias"], grads["split_bias"])
+
+
+def test_the_trainer_decays_the_lr_over_decay_frac_of_the_steps(tmp_path):
+    for frac in (0.25, 0.5):
+        t = make_trainer(tmp_path / str(frac), 4, 1, steps=8, schedule="wsd", decay_frac=frac, lr=1e-3)
+        t.fit()
+        lrs = [r["lr"] for r in read_metrics(t.metrics_path)]
+        decay = 8 - int(frac * 8)  # the peak from step 1 through the decay's first step, then linear down
+        assert lrs[1:decay + 1] == [pytest.approx(1e-3)] * decay and lrs[decay + 1] < 1e-3
+        assert lrs == [pytest.approx(1e-3 * wsd_schedule(s, 1, 8, frac, 0.1)) for s in range(8)]
 
 
 def test_mixed_precision_keeps_fp32_masters(tmp_path):

@@ -15,7 +15,7 @@ from dsv4.data.visual import (
     parse_caption,
     shape_mask,
 )
-from dsv4.eval.visual import Reading, largest_component, matches, read_image, read_motion
+from dsv4.eval.visual import Reading, largest_component, matches, movable, read_image, read_motion, room
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -56,6 +56,24 @@ def test_every_clip_moves_as_captioned_and_stays_in_frame():
                 assert bool(mask.flatten(1).any(1).all())  # the object is in every frame
                 first, last = (m.nonzero().float().mean(0) for m in (mask[0], mask[-1]))
                 assert float((last - first).abs().max()) >= size / 4 - 1  # a quarter of the frame at least
+
+
+def test_room_is_the_gap_to_each_edge_and_every_training_clip_starts_with_room_to_move():
+    img = torch.zeros(32, 32, 3, dtype=torch.uint8)
+    assert room(img) == dict.fromkeys(("left", "right", "up", "down"), 0.0) and movable(img) == []
+    img[2:6, 0:4] = 255  # rows 2-5, columns 0-3: touching the left edge
+    assert room(img) == {"left": 0.0, "right": 28 / 32, "up": 2 / 32, "down": 26 / 32}
+    assert movable(img) == ["right", "down"]  # 2 pixels up is less than MIN_TRAVEL (4 of 32)
+    img[2:6, 4:8] = 255
+    img[2:6, 0:4] = 0
+    assert movable(img) == ["left", "right", "down"]
+    # the data asks only for motions the object has room for: image->video's requests keep to the same rule
+    g = torch.Generator().manual_seed(5)
+    for spec in all_video_specs():
+        for _ in range(3):
+            clip = draw_video(spec, 9, 32, g)
+            assert spec.direction in movable(clip[0]), spec.caption
+            assert room(clip[0])[spec.direction] >= 1 / 4 - 1 / 32  # the whole travel, a quarter of the frame
 
 
 def test_a_sample_that_shows_something_else_does_not_match():

@@ -94,6 +94,8 @@ def add_train(subparsers):
     g.add_argument("--weight-decay", type=float, default=pre.weight_decay)
     g.add_argument("--warmup", type=int, default=pre.warmup, help="warm-up steps")
     g.add_argument("--schedule", default=pre.schedule, choices=("cosine", "wsd"))
+    g.add_argument("--decay-frac", type=float, default=pre.decay_frac,
+                   help="wsd: the share of the steps over which the lr decays")
     g.add_argument("--clip", type=float, default=pre.clip, help="max gradient norm (0 = off)")
     g.add_argument("--gamma", type=float, default=pre.balance_gamma, help="aux-loss-free balancing bias step")
     g.add_argument("--aux-alpha", type=float, default=pre.aux_alpha, help="sequence-wise balance loss weight")
@@ -176,7 +178,8 @@ def train_config(opts):
     pretrain = dataclasses.replace(d.pretrain, steps=0 if budget else opts.steps, batch_size=opts.batch_size,
                                    grad_accum=opts.grad_accum, seq_len=opts.seq_len, lr=opts.lr,
                                    muon_lr=opts.muon_lr, memory_lr=opts.memory_lr, warmup=opts.warmup,
-                                   schedule=opts.schedule, indexer_warmup=opts.indexer_warmup, **shared)
+                                   schedule=opts.schedule, decay_frac=opts.decay_frac,
+                                   indexer_warmup=opts.indexer_warmup, **shared)
     sft = dataclasses.replace(d.sft, steps=opts.sft_steps, lr=opts.sft_lr, batch_size=opts.sft_batch_size,
                               seq_len=opts.sft_seq_len, grad_accum=opts.grad_accum, **shared)
     longctx = dataclasses.replace(d.longctx, steps=opts.longctx_steps, seq_len=opts.longctx_seq_len,

@@ -50,6 +50,8 @@ def add_multimodal(subparsers):
     p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
     p.add_argument("--time-budget", default=None, metavar="DURATION", help="e.g. 45m (overrides --steps)")
     p.add_argument("--steps", type=int, default=d.stage.steps)
+    p.add_argument("--decay-frac", type=float, default=d.stage.decay_frac,
+                   help="the share of the steps over which the lr decays (warmup-stable-decay)")
     for name in ("images", "clips"):
         p.add_argument(f"--{name}", type=int, default=getattr(d, name), help=f"captioned training {name}")
     for name in ("text_weight", "visual_weight", "drop_caption"):
@@ -87,9 +89,9 @@ def run_multimodal(opts) -> int:
     d = MultimodalConfig()
     cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, images=opts.images, clips=opts.clips,
                               time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
-                              stage=dataclasses.replace(d.stage, steps=opts.steps), text_weight=opts.text_weight,
-                              visual_weight=opts.visual_weight, drop_caption=opts.drop_caption, dtype=opts.dtype,
-                              mix=opts.mix, pack=opts.pack,
+                              stage=dataclasses.replace(d.stage, steps=opts.steps, decay_frac=opts.decay_frac),
+                              text_weight=opts.text_weight, visual_weight=opts.visual_weight,
+                              drop_caption=opts.drop_caption, dtype=opts.dtype, mix=opts.mix, pack=opts.pack,
                               device=opts.device)
     print(f"multimodal: {run_multimodal(cfg)}")
     return 0

@@ -11,6 +11,8 @@ The judges of issue 22's acceptance for the procedural data (`dsv4.data.visual`)
                 pixels (images of >= 32) read reliably; smaller shapes are too coarse to tell apart
     motion      the centroid's displacement from the first frame to the last, along its larger axis, if it is at least
                 1/8 of the frame
+    room        how far a picture's object can move each way before it leaves the frame (`movable`: the directions
+                with room for a readable motion)
 Anything without a foreground reads as None, which matches no caption.
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.data.visual import COLOURS, ShapeSpec, parse_caption
+from dsv4.data.visual import COLOURS, DIRECTIONS, ShapeSpec, parse_caption
 
 FOREGROUND = 96  # uint8 level above which a pixel's brightest channel counts as the object
 MIN_PIXELS = 4  # fewer foreground pixels than this is no object
@@ -108,6 +110,23 @@ def read_motion(frames: torch.Tensor) -> str | None:
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
+
+
+def room(pixels: torch.Tensor) -> dict[str, float]:
+    """uint8 [H, W, 3] -> how far (a share of the frame) the foreground's bounding box can move in each direction
+    before it leaves the frame; zero everywhere for an empty image."""
+    mask = foreground(pixels)
+    if not bool(mask.any()):
+        return dict.fromkeys(DIRECTIONS, 0.0)
+    (h, w), rows, cols = mask.shape, mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    return {"left": int(cols.min()) / w, "right": (w - 1 - int(cols.max())) / w,
+            "up": int(rows.min()) / h, "down": (h - 1 - int(rows.max())) / h}
+
+
+def movable(pixels: torch.Tensor) -> list[str]:
+    """The directions in which the picture's object can travel at least MIN_TRAVEL (the least that reads as motion)
+    without leaving the frame, in DIRECTIONS' order."""
+    return [d for d, r in room(pixels).items() if r >= MIN_TRAVEL]
 
 
 def matches(pixels: torch.Tensor, caption: str | ShapeSpec) -> bool:

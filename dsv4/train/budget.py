@@ -10,8 +10,9 @@ of steps, once:
 
 When the decision is taken depends on the schedule, so that no step runs with a learning rate that depends on it:
     cosine  at the end of the warm-up (the warm-up's ramp does not depend on the total)
-    wsd     at the end of the warm-up once `measure` of the pretraining budget has passed (the lr stays flat until the
-            decay starts, and the total is kept large enough that the decay starts after the decision)
+    wsd     at the end of the warm-up once `measure` of the pretraining budget (the whole budget less what the later
+            stages need) has passed (the lr stays flat until the decay starts, `decay_frac` of the steps from the end,
+            and the total is kept large enough that the decay starts after the decision)
 With wsd the decision is revised while the lr is still flat, at the midpoint between the last decision and the decay's
 start (while that is >= 10 steps away) and at the last flat step (at most MAX_REVISIONS times): the steps since the
 last decision give a fresh rate (hosts drift by 10-20% within minutes; snapshots of a large Engram table cost more
@@ -128,9 +129,11 @@ class StepBudget:
         return None if est is None else self._decide(step, now, *est)
 
     def _decide(self, step: int, now: float, dt: float, steps: int, revision: int = 0) -> Decision:
-        if self.schedule == "wsd":  # the decay must start after this step, as it would have with the open count
-            steps = max(steps, math.ceil((step + 1) / (1 - self.decay_frac)) + 1)
         steps = max(steps, step + 1)
+        if self.schedule == "wsd":  # the decay must start after this step, as it would have with the open count
+            steps = max(steps, math.floor((step + 1) / (1 - self.decay_frac)))
+            while steps - int(self.decay_frac * steps) < step + 1:
+                steps += 1
         self._decision = Decision(steps=steps, at_step=step, sec_per_step=round(dt, 4),
                                   tokens_per_s=round(self.tokens_per_step / dt, 1),
                                   seconds_left=round(self.deadline - now, 1), reserved_s=round(self.reserved(dt), 1),
@@ -151,6 +154,12 @@ class StepBudget:
         return revised if revised.steps != last.steps else None
 
     def _ready(self, step: int, now: float) -> bool:
+        """cosine: the warm-up is over; wsd: besides, `measure` of pretraining's own time (the later stages' share
+        left out, at the rate so far) has passed, and less where the decay is long (so it still starts after)."""
         if step < max(self.warmup, self.skip + 2):
             return False
-        return self.schedule == "cosine" or now - self.started >= self.measure * (self.deadline - self.started)
+        if self.schedule == "cosine":
+            return True
+        est = self.estimate()
+        own = self.deadline - self.started - (self.reserved(est[0]) if est else 0.0)
+        return now - self.started >= min(self.measure, 0.7 * (1 - self.decay_frac)) * own

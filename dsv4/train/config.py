@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from dsv4.data.tasks import KINDS
+from dsv4.train.optim import WSD_DECAY_FRAC
 
 
 @dataclass
@@ -30,6 +31,7 @@ class StageConfig:
     weight_decay: float = 0.1
     warmup: int = 10
     schedule: str = "wsd"             # wsd | cosine (wsd: a --time-budget decides the length late)
+    decay_frac: float = WSD_DECAY_FRAC  # wsd: the share of the steps over which the lr decays
     min_lr_ratio: float = 0.1
     clip: float = 1.0                 # max global grad norm (0 = off)
     balance_gamma: float = 1e-3       # aux-loss-free bias step per optimizer step (0 = off)

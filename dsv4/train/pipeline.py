@@ -212,7 +212,7 @@ def stage_budget(cfg: TrainConfig, name: str, stages: list, out: Path, started: 
                 for n, s in stages if n != "pretrain")
     return StepBudget(deadline=started + cfg.time_budget, path=out / name / "budget.json",
                       tokens_per_step=stage.tokens_per_step, schedule=stage.schedule, warmup=stage.warmup,
-                      reserve_tokens=later)
+                      decay_frac=stage.decay_frac, reserve_tokens=later)
 
 
 def throughput(last: dict, args: ModelArgs, train_file: Path) -> str:
