@@ -152,6 +152,8 @@ def test_steps_and_a_time_budget_together_are_refused():
         600, "v4-2m-engram", "runs/v4-2m-engram", 0)
     fixed = train_config(parser().parse_args(["train", "--preset", "small", "--steps", "100"]))
     assert (fixed.time_budget, fixed.out, fixed.pretrain.steps) == (None, "runs/small", 100)
+    assert default.pretrain.decay_frac == 0.2
+    assert train_config(parser().parse_args(["train", "--decay-frac", "0.4"])).pretrain.decay_frac == 0.4
 
 
 def test_a_cosine_budget_needs_a_warm_up_to_measure_in(tmp_path):

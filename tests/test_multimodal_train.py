@@ -114,8 +114,10 @@ def test_the_multimodal_command_maps_its_flags_onto_the_config(monkeypatch, caps
         "x", 2700.0, 10, 2.0, 0.2, 7)
     assert "x/final" in capsys.readouterr().out
     assert cfg.pack and cfg.mix == mm.MultimodalConfig().mix
+    assert cfg.stage.decay_frac == 0.4 and cfg.stage.batch_size == 16  # the run's defaults, not `dsv4 train`'s
     assert main(["multimodal", "--mix", "text=0.5, text->image=0.5", "--no-pack"]) == 0
     assert seen[1].mix == {"text": 0.5, "text->image": 0.5} and not seen[1].pack
+    assert main(["multimodal", "--decay-frac", "0.25"]) == 0 and seen[2].stage.decay_frac == 0.25
     for bad in ("text=0.5,video=0.5", "text:1"):
         with pytest.raises(SystemExit):
             main(["multimodal", "--mix", bad])
