@@ -10,7 +10,7 @@ by a digit classifier trained only on real digits, over every caption of the pro
     animate   held-out shapes and real digits, each with a random direction its object has room to move in (as in
               every training clip; --animate-directions any: into the frame's edge too): frame 0's PSNR against the
               given image, and the motion read back, for shapes and digits apart too (with any: for the requests
-              without room apart)
+              without room apart); for shapes, whether the last frame still shows the given colour and shape
     text      held-out bits per byte of the model and, with --text-ckpt, of a text-only model of the same vocabulary
               (what multimodality costs the text)
 With --png-dir: shapes.png, digits.png (a row per digit), video.png and animate.png (a clip per row, its frames
@@ -90,7 +90,7 @@ def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
     from dsv4.data import digits as digit_data
     from dsv4.data.visual import DIRECTIONS, all_image_specs, draw_image
     from dsv4.engine.visual import generate_clips
-    from dsv4.eval.visual import movable, read_motion
+    from dsv4.eval.visual import movable, read_image, read_motion
     from dsv4.tokenizers.pixels import psnr, to_unit
 
     g = torch.Generator().manual_seed(seed + 999)
@@ -99,6 +99,7 @@ def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
     specs, dirs = all_image_specs(), list(DIRECTIONS)
     moved, psnrs, shown = [0, 0], [], []  # moved as prompted: [shapes, digits]
     cornered = []  # moved as prompted, for requests into an edge the object (nearly) touches (only with "any")
+    kept = 0  # shapes whose last frame still shows the given colour and shape
     for k in range(count):
         if k % 2 == 0:
             start = draw_image(specs[int(torch.randint(len(specs), (), generator=g))], 32, g)
@@ -110,12 +111,16 @@ def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
                               cfg_scale=cfg, seed=seed + k)[0]
         psnrs.append(psnr(to_unit(clip[0]), to_unit(start)))
         moved[k % 2] += read_motion(clip) == direction
+        if k % 2 == 0:
+            given, last = read_image(start), read_image(clip[-1])
+            kept += (last.colour, last.shape) == (given.colour, given.shape)
         if direction not in movable(start):
             cornered.append(read_motion(clip) == direction)
         if k < 8:
             shown.append(torch.cat([start[None], clip]))  # the given picture, then the clip
     return {"clips": count, "directions": directions, "motion_share": sum(moved) / count,
             "motion_share_shapes": moved[0] / ((count + 1) // 2), "motion_share_digits": moved[1] / max(1, count // 2),
+            "shapes_kept_to_the_last_frame": kept / ((count + 1) // 2),
             "without_room": {"clips": len(cornered), "motion_share": sum(cornered) / max(1, len(cornered))},
             "frame0_psnr_db_median": sorted(psnrs)[count // 2]}, shown
 
