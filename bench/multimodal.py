@@ -105,7 +105,8 @@ def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
             start = draw_image(specs[int(torch.randint(len(specs), (), generator=g))], 32, g)
         else:
             start = digit_data.digit_image(images[int(held[int(torch.randint(len(held), (), generator=g))])])
-        options = movable(start) if directions == "room" else dirs
+        room = movable(start)
+        options = room if directions == "room" else dirs
         direction = options[int(torch.randint(len(options), (), generator=g))]
         clip = generate_clips(vm, f"moving {direction}", n=1, steps=steps, image=start, params=params,
                               cfg_scale=cfg, seed=seed + k)[0]
@@ -114,7 +115,7 @@ def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,
         if k % 2 == 0:
             given, last = read_image(start), read_image(clip[-1])
             kept += (last.colour, last.shape) == (given.colour, given.shape)
-        if direction not in movable(start):
+        if direction not in room:
             cornered.append(read_motion(clip) == direction)
         if k < 8:
             shown.append(torch.cat([start[None], clip]))  # the given picture, then the clip

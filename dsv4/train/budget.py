@@ -25,14 +25,13 @@ same schedule (a resumed run keeps the steps on disk, never revises, and no long
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsv4.atomic import atomic_text
-from dsv4.train.optim import WSD_DECAY_FRAC
+from dsv4.train.optim import WSD_DECAY_FRAC, wsd_decay_start
 
 OPEN = 10**9  # the step count of a stage whose length is not decided yet
 MAX_REVISIONS = 4
@@ -131,8 +130,7 @@ class StepBudget:
     def _decide(self, step: int, now: float, dt: float, steps: int, revision: int = 0) -> Decision:
         steps = max(steps, step + 1)
         if self.schedule == "wsd":  # the decay must start after this step, as it would have with the open count
-            steps = max(steps, math.floor((step + 1) / (1 - self.decay_frac)))
-            while steps - int(self.decay_frac * steps) < step + 1:
+            while wsd_decay_start(steps, self.decay_frac) <= step:
                 steps += 1
         self._decision = Decision(steps=steps, at_step=step, sec_per_step=round(dt, 4),
                                   tokens_per_s=round(self.tokens_per_step / dt, 1),
@@ -145,7 +143,7 @@ class StepBudget:
         """Midway to the decay's start and at its last flat step, fit the remaining steps again at the rate since the
         last decision."""
         last = self._decision
-        decay = last.steps - int(self.decay_frac * last.steps)
+        decay = wsd_decay_start(last.steps, self.decay_frac)
         mid = (last.at_step + decay) // 2
         if step != decay - 1 and not (step == mid and mid - last.at_step >= 10):
             return None

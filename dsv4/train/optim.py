@@ -264,23 +264,33 @@ def cosine_schedule(step: int, warmup: int, total: int, min_lr_ratio: float = 0.
 WSD_DECAY_FRAC = 0.2  # the share of the steps over which warmup-stable-decay decays
 
 
+def wsd_decay_start(total: int, decay_frac: float = WSD_DECAY_FRAC) -> int:
+    """The step from which warmup-stable-decay's lr falls (that step itself still at the peak)."""
+    return total - int(decay_frac * total)
+
+
 def wsd_schedule(step: int, warmup: int, total: int, decay_frac: float = WSD_DECAY_FRAC,
                  min_lr_ratio: float = 0.0) -> float:
     """Warmup-stable-decay (arXiv:2404.06395): linear warmup, flat at 1, linear decay to min_lr_ratio over the last
     decay_frac of training."""
     if step < warmup:
         return (step + 1) / warmup
-    decay_start = total - int(decay_frac * total)
+    decay_start = wsd_decay_start(total, decay_frac)
     if step < decay_start:
         return 1.0
     t = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return 1.0 - (1.0 - min_lr_ratio) * t
 
 
-def set_lr(optimizer, step: int, warmup: int, total: int, schedule: str = "cosine", **kw) -> float:
-    """Set every group's lr to base_lr * schedule(step); returns the multiplier."""
-    fn = {"cosine": cosine_schedule, "wsd": wsd_schedule}[schedule]
-    mult = fn(step, warmup, total, **kw)
+def set_lr(optimizer, step: int, warmup: int, total: int, schedule: str = "cosine", min_lr_ratio: float = 0.1,
+           decay_frac: float = WSD_DECAY_FRAC) -> float:
+    """Set every group's lr to base_lr * schedule(step); returns the multiplier (decay_frac: wsd's only)."""
+    if schedule == "wsd":
+        mult = wsd_schedule(step, warmup, total, decay_frac, min_lr_ratio)
+    elif schedule == "cosine":
+        mult = cosine_schedule(step, warmup, total, min_lr_ratio)
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}: cosine | wsd")
     for g in optimizer.param_groups:
         g["lr"] = g.get("base_lr", g["lr"]) * mult
     return mult

@@ -126,9 +126,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.stage = stage = self.indexer_stage()
-        wsd = {"decay_frac": cfg.decay_frac} if cfg.schedule == "wsd" else {}
-        lr_mult = set_lr(self.optimizer, self.step, cfg.warmup, cfg.steps, cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
-                         **wsd)
+        lr_mult = set_lr(self.optimizer, self.step, cfg.warmup, cfg.steps, cfg.schedule, cfg.min_lr_ratio,
+                         cfg.decay_frac)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         load = [torch.zeros(m.gate.n_experts, device=self.device) for m in self.moes]
