@@ -268,8 +268,18 @@ def wait_idle(url: str, timeout: float = 20) -> dict:
     raise AssertionError(f"the server is still busy: {health}")
 
 
+def test_ignore_eos_generates_max_tokens(client):
+    """The random model samples its end-of-text token now and then (these four choices stop after 856 tokens in all
+    without it); with vLLM's `ignore_eos` every choice runs to max_tokens."""
+    out = client.completions.create(model=MODEL, prompt="a", max_tokens=300, n=4, temperature=1.0, seed=3,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4 * 300
+    assert [c.finish_reason for c in out.choices] == ["length"] * 4
+
+
 def test_disconnect_cancels_the_generation(live_server):
-    body = {"model": MODEL, "prompt": "a", "max_tokens": 400, "stream": True, "temperature": 1.0}
+    # ignore_eos: a sampled end-of-text token must not end the request before the client hangs up
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 400, "stream": True, "temperature": 1.0, "ignore_eos": True}
     with httpx.stream("POST", live_server + "/v1/completions", json=body, headers=AUTH) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]

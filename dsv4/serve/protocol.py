@@ -48,6 +48,7 @@ class Sampling(Body):
     frequency_penalty: Penalty = 0.0
     seed: Seed | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-text token, up to max_tokens
 
     @field_validator("stop")
     @classmethod

@@ -17,7 +17,7 @@ from dsv4.serve.errors import ERRORS, APIError
 from dsv4.serve.metrics import Metrics
 from dsv4.serve.prompts import budget, chat_prompt, completion_prompts
 from dsv4.serve.responses import chat_chunks, chat_response, completion_chunks, completion_response, sse
-from dsv4.serve.run import Run, sampling, text_requests
+from dsv4.serve.run import Run, text_requests
 from dsv4.serve.runner import EngineRunner
 from dsv4.serve.tools import OutputParser
 from dsv4.tokenizers.multimodal import TextOnly
@@ -95,8 +95,7 @@ async def chat(body: api.ChatCompletionRequest, s: Served = Depends(served)):
     max_new = budget(s.engine.max_len, len(prompt), body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     tools = bool(body.tools) and body.tool_choice != "none"
-    run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, sampling(body, body.n), max_new, body.stops(),
-                                               logprobs, s.text_only))
+    run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, body, max_new, logprobs, s.text_only))
     parsers = [OutputParser(body.wants_thinking(), tools) for _ in range(body.n)]
     if body.stream:
         return sse(chat_chunks(run, body, parsers, s.model_name, s.tokenizer))
@@ -111,8 +110,7 @@ async def complete(body: api.CompletionRequest, s: Served = Depends(served)):
         raise APIError(400, f"at most {MAX_CHOICES} completions per request (prompts x n), got "
                             f"{len(prompts)} x {body.n}", param="prompt")
     each = [p for p in prompts for _ in range(body.n)]
-    run = Run(s.runner, s.metrics, text_requests(each, sampling(body, len(each)), max_new, body.stops(),
-                                               body.logprobs, s.text_only))
+    run = Run(s.runner, s.metrics, text_requests(each, body, max_new, body.logprobs, s.text_only))
     if body.stream:
         return sse(completion_chunks(run, body, each, s.model_name, s.tokenizer))
     return await completion_response(run, body, each, s.model_name, s.tokenizer)

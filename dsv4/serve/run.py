@@ -21,12 +21,13 @@ def sampling(body: api.Sampling, count: int) -> list[SamplingParams]:
                            seed=None if body.seed is None else (body.seed + i) % 2 ** 63) for i in range(count)]
 
 
-def text_requests(prompts: list[list[int]], params: list[SamplingParams], max_new: int, stops: list[str],
-                  logprobs: int | None, processor=None) -> list[dict]:
-    """The engine requests of a completion or chat call (see `Run`). `processor`: a factory of each request's
-    logits processor (a multimodal model's text requests keep to text ids)."""
-    return [dict(prompt=p, params=sp, max_new_tokens=max_new, stop=stops, logprobs=logprobs,
-                 processor=processor() if processor else None) for p, sp in zip(prompts, params)]
+def text_requests(prompts: list[list[int]], body: api.Sampling, max_new: int, logprobs: int | None,
+                  processor=None) -> list[dict]:
+    """The engine requests of a completion or chat call (see `Run`), one per prompt, sampled as `body` asks.
+    `processor`: a factory of each request's logits processor (a multimodal model's text requests keep to text ids)."""
+    return [dict(prompt=p, params=sp, max_new_tokens=max_new, stop=body.stops(), logprobs=logprobs,
+                 ignore_eos=body.ignore_eos, processor=processor() if processor else None)
+            for p, sp in zip(prompts, sampling(body, len(prompts)))]
 
 
 class Run:
