@@ -6,7 +6,8 @@ by a digit classifier trained only on real digits, over every caption of the pro
 
     shapes    each of the 48 image captions x --samples: colour, shape and quadrant read back (all three = a match)
     digits    "the digit d" x 10 x --samples: the classifier names d; its accuracy on held-out real digits beside it
-    clips     each of the 48 shape-motion captions and "the digit d moving DIR" (40): the motion read back
+    clips     each of the 48 shape-motion captions and "the digit d moving DIR" (40): the motion read back; for the
+              shapes, colour and shape in the first frame and in the last
     animate   held-out shapes and real digits, each with a random direction its object has room to move in (as in
               every training clip; --animate-directions any: into the frame's edge too): frame 0's PSNR against the
               given image, and the motion read back, for shapes and digits apart too (with any: for the requests
@@ -67,22 +68,24 @@ def digits(vm, samples: int, cfg: float, seed: int, params) -> tuple[dict, torch
 
 def clips(vm, steps: int, cfg: float, seed: int, params) -> tuple[dict, torch.Tensor]:
     from dsv4.data.digits import caption
-    from dsv4.data.visual import DIRECTIONS, all_video_specs
+    from dsv4.data.visual import DIRECTIONS, all_video_specs, parse_caption
     from dsv4.engine.visual import generate_clips
-    from dsv4.eval.visual import matches, read_motion
+    from dsv4.eval.visual import matches, read_image, read_motion
 
     captions = [s.caption for s in all_video_specs()] + [caption(d, m) for d in range(10) for m in DIRECTIONS]
-    moved = shape_match = 0
+    moved = shape_match = kept = 0
     shown = []
     for k, text in enumerate(captions):
         clip = generate_clips(vm, text, n=1, steps=steps, params=params, cfg_scale=cfg, seed=seed + k)[0]
         moved += read_motion(clip) == text.rsplit(" ", 1)[1]
         if not text.startswith("the digit"):
             shape_match += matches(clip, text)
+            last, spec = read_image(clip[-1]), parse_caption(text)
+            kept += (last.colour, last.shape) == (spec.colour, spec.shape)
         if k % 11 == 0:
             shown.append(clip)
     return {"clips": len(captions), "motion_share": moved / len(captions),
-            "shape_clips_all_match_share": shape_match / 48}, shown
+            "shape_clips_all_match_share": shape_match / 48, "shape_clips_last_frame_as_captioned": kept / 48}, shown
 
 
 def animate(vm, steps: int, cfg: float, seed: int, params, count: int = 40,

@@ -34,7 +34,7 @@ def test_the_multimodal_pipeline_writes_a_checkpoint_of_the_joint_vocabulary(tmp
     vocab = json.loads((final / "multimodal.json").read_text())
     config = json.loads((final / "config.json").read_text())
     assert vocab["codebook"] == 1000 and vocab["step_codes"] == 64
-    assert config["vocab_size"] == vocab["text_size"] + 1 + 1000
+    assert config["vocab_size"] == vocab["text_size"] + 1 + 1000 and config["sliding_window"] == 256
     assert load_pixels(final / "pixels").fsq.codebook_size == 1000 and (final / "tokenizer.json").exists()
     losses = json.loads((final / "report.json").read_text())["val_ce_by_task"]
     assert set(losses) == {"text", "text->image", "text->video", "image->video", "image->caption"}
@@ -118,6 +118,8 @@ def test_the_multimodal_command_maps_its_flags_onto_the_config(monkeypatch, caps
     assert main(["multimodal", "--mix", "text=0.5, text->image=0.5", "--no-pack"]) == 0
     assert seen[1].mix == {"text": 0.5, "text->image": 0.5} and not seen[1].pack
     assert main(["multimodal", "--decay-frac", "0.25"]) == 0 and seen[2].stage.decay_frac == 0.25
+    assert seen[2].window == 256  # the whole clip in the sliding window
+    assert main(["multimodal", "--window", "0"]) == 0 and seen[3].window is None  # the preset's
     for bad in ("text=0.5,video=0.5", "text:1"):
         with pytest.raises(SystemExit):
             main(["multimodal", "--mix", bad])

@@ -2,6 +2,7 @@
 is a clip's first latent step, later frames never reach earlier codes or pixels, the ids path equals the
 straight-through path, training on the procedural shapes reconstructs them, and PSNR / SSIM against references."""
 
+import json
 import math
 
 import pytest
@@ -30,8 +31,9 @@ def test_codes_and_frames_have_the_promised_shapes():
         PixelTokenizer(PixelArgs(size=30))
 
 
-def test_an_image_is_the_first_latent_step_and_later_frames_never_reach_back():
-    tok = tokenizer(1)
+@pytest.mark.parametrize("keyframes", [True, False])
+def test_an_image_is_the_first_latent_step_and_later_frames_never_reach_back(keyframes):
+    tok = tokenizer(1, keyframes=keyframes)
     g = torch.Generator().manual_seed(0)
     clips = torch.rand(2, 9, 3, 32, 32, generator=g) * 2 - 1
     ids = tok.encode(clips)
@@ -46,6 +48,42 @@ def test_an_image_is_the_first_latent_step_and_later_frames_never_reach_back():
     out2 = tok.decode(other)
     assert torch.equal(out2[:, :5], out[:, :5]) and not torch.equal(out2[:, 5:], out[:, 5:])
     torch.testing.assert_close(tok(clips), out)  # decoding the ids = the straight-through reconstruction
+
+
+def test_keyframe_codes_are_image_codes_and_the_frames_between_come_from_the_keyframes_around_them():
+    tok = tokenizer(2)
+    g = torch.Generator().manual_seed(1)
+    clips = torch.rand(3, 9, 3, 32, 32, generator=g) * 2 - 1
+    ids = tok.encode(clips)
+    for k in range(3):  # step k = frame 4k coded as an image
+        assert torch.equal(ids[:, k], tok.encode(clips[:, 4 * k:4 * k + 1])[:, 0])
+    between = clips.clone()
+    between[:, [1, 2, 3, 5, 6, 7]] = torch.rand(3, 6, 3, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(tok.encode(between), ids)  # frames between keyframes are not coded
+    out = tok.decode(ids)
+    for k, frames in ((1, slice(1, 8)), (2, slice(5, 9))):  # step k: the frames between its neighbours' keyframes
+        other = ids.clone()
+        other[:, k] = (other[:, k] + 7) % 1000
+        changed = (tok.decode(other) != out).flatten(2).any(2)  # [B, F]
+        want = torch.zeros(9, dtype=torch.bool)
+        want[frames] = True
+        assert torch.equal(changed, want.expand(3, 9)), k
+    for k in range(3):  # a keyframe decodes as its image does
+        torch.testing.assert_close(out[:, 4 * k], tok.decode(ids[:, k:k + 1])[:, 0])
+
+
+def test_a_tokenizer_saved_before_keyframes_loads_in_its_packed_layout(tmp_path):
+    from dsv4.tokenizers.pixels import load_pixels, save_pixels
+
+    packed = tokenizer(3, keyframes=False)
+    save_pixels(packed, tmp_path)
+    saved = json.loads((tmp_path / "pixels.json").read_text())
+    del saved["keyframes"]  # as the first layout's files were written
+    (tmp_path / "pixels.json").write_text(json.dumps(saved))
+    loaded = load_pixels(tmp_path)
+    assert not loaded.args.keyframes and hasattr(loaded, "pack") and not hasattr(loaded, "between")
+    x = torch.rand(1, 5, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), packed.encode(x))
 
 
 @pytest.mark.slow
@@ -127,9 +165,13 @@ def test_the_pixel_trainer_saves_a_loadable_tokenizer_and_reports_every_kind(tmp
 
 def test_the_pixels_command_trains_for_its_time_budget(tmp_path, capsys):
     from dsv4.cli import main
+    from dsv4.tokenizers.pixels import load_pixels
 
     assert main(["pixels", "--out", str(tmp_path / "px"), "--time-budget", "3s", "--width", "16"]) == 0
     assert (tmp_path / "px" / "pixels.safetensors").exists() and "pixel tokenizer:" in capsys.readouterr().out
+    assert load_pixels(tmp_path / "px").args.keyframes
+    assert main(["pixels", "--out", str(tmp_path / "pk"), "--steps", "2", "--width", "16", "--packed"]) == 0
+    assert not load_pixels(tmp_path / "pk").args.keyframes
     assert main(["pixels", "--out", str(tmp_path / "px2"), "--time-budget", "soon"]) == 2
 
 

@@ -18,6 +18,8 @@ def add_pixels(subparsers):
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="e.g. 5m: the steps are sized after the warm-up to end on time (overrides --steps)")
     p.add_argument("--width", type=int, default=d.width, help="channels of the first conv stage")
+    p.add_argument("--packed", dest="keyframes", action="store_false",
+                   help="code each later latent step as its four frames packed, instead of its last frame as an image")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(run=run_pixels)
@@ -31,7 +33,7 @@ def run_pixels(opts) -> int:
 
     budget = parse_duration(opts.time_budget) if opts.time_budget else None
     cfg = PixelTrainConfig(out=opts.out, steps=10**9 if budget else opts.steps, time_budget=budget,
-                           width=opts.width, lr=opts.lr, seed=opts.seed)
+                           width=opts.width, keyframes=opts.keyframes, lr=opts.lr, seed=opts.seed)
     report = train_pixels(cfg)
     print(json.dumps(report["reconstruction"], indent=1))
     print(f"pixel tokenizer: {report['steps']} steps in {report['seconds']:.0f} s -> {opts.out}")
@@ -48,6 +50,7 @@ def add_multimodal(subparsers):
                               "vocabulary, and write OUT/final (checkpoint, tokenizer.json, pixels/, multimodal.json).")
     p.add_argument("--out", default=d.out)
     p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    p.add_argument("--window", type=int, default=d.window, help="the sliding window, in tokens (0: the preset's)")
     p.add_argument("--time-budget", default=None, metavar="DURATION", help="e.g. 45m (overrides --steps)")
     p.add_argument("--steps", type=int, default=d.stage.steps)
     p.add_argument("--decay-frac", type=float, default=d.stage.decay_frac,
@@ -87,7 +90,8 @@ def run_multimodal(opts) -> int:
     from dsv4.train.multimodal import MultimodalConfig, run_multimodal
 
     d = MultimodalConfig()
-    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, images=opts.images, clips=opts.clips,
+    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, window=opts.window or None, images=opts.images,
+                              clips=opts.clips,
                               time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
                               stage=dataclasses.replace(d.stage, steps=opts.steps, decay_frac=opts.decay_frac),
                               text_weight=opts.text_weight, visual_weight=opts.visual_weight,

@@ -40,6 +40,8 @@ from dsv4.train.trainer import Trainer
 class MultimodalConfig:
     out: str = "runs/multimodal"
     preset: str = "v4-2m"             # its vocabulary becomes the text part of the joint one
+    # the sliding window: a clip (~200 tokens) whole, where the preset's 128 reaches back less than two steps
+    window: int | None = 256          # None: the preset's
     data: str | None = None           # the text corpus (as `dsv4 train --data`): None = the standard library
     val_frac: float = 0.03
     time_budget: float | None = None  # seconds for the whole run
@@ -137,7 +139,8 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device) if cfg.device else default_device()
     tok, vocab, mix = prepare(cfg, out, device, progress)
-    args, stage = ModelArgs.from_name(cfg.preset, vocab_size=vocab.size), cfg.stage
+    window = {} if cfg.window is None else {"window_size": cfg.window}
+    args, stage = ModelArgs.from_name(cfg.preset, vocab_size=vocab.size, **window), cfg.stage
     dtype = training_dtype(cfg.dtype, device, lambda: build_model(args, device, cfg.seed), stage, out / "dtype.json",
                            budgeted=bool(cfg.time_budget), progress=progress)
     val = [next(mix.batches(stage.batch_size, seed=cfg.seed + 1, start_step=i)) for i in range(stage.eval_batches)]

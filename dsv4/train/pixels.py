@@ -39,6 +39,7 @@ class PixelTrainConfig:
     warmup: int = 20
     seed: int = 0
     width: int = 32
+    keyframes: bool = True            # PixelArgs.keyframes: later steps code their last frame as an image
     held_out: int = 64                # held-out samples per kind in the report
 
 
@@ -104,7 +105,7 @@ def train_pixels(cfg: PixelTrainConfig, progress: bool = True) -> dict:
     """Train, save and report (see the module docstring) -> the report."""
     started, out = time.monotonic(), Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    args = PixelArgs(width=cfg.width)
+    args = PixelArgs(width=cfg.width, keyframes=cfg.keyframes)
     tok, data = PixelTokenizer(args), PixelData(args, "train")
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, weight_decay=0.0)
