@@ -90,8 +90,8 @@ def run_multimodal(opts) -> int:
     from dsv4.train.multimodal import MultimodalConfig, run_multimodal
 
     d = MultimodalConfig()
-    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, window=opts.window or None, images=opts.images,
-                              clips=opts.clips,
+    cfg = dataclasses.replace(d, out=opts.out, preset=opts.preset, window=opts.window or None,
+                              images=opts.images, clips=opts.clips,
                               time_budget=parse_duration(opts.time_budget) if opts.time_budget else None,
                               stage=dataclasses.replace(d.stage, steps=opts.steps, decay_frac=opts.decay_frac),
                               text_weight=opts.text_weight, visual_weight=opts.visual_weight,
