@@ -1,10 +1,26 @@
-"""The only module that knows device kinds: which device to run on and which compute dtype is fastest there.
+"""The only module that knows device kinds: which device to run on, which compute dtype is fastest there, which
+distributed backend joins its processes, how to wait for it and how much memory it holds.
 
-Everything else takes a `torch.device` and a `torch.dtype` from its caller (STYLE: device and dtype flow in).
+Everything else takes a `torch.device` and a `torch.dtype` from its caller (STYLE: device and dtype flow in), and a
+test (tests/test_vendor.py) fails when another module names a vendor's device. The accelerator is whatever
+`torch.accelerator` reports; each vendor is one row of `KINDS`:
+
+    NVIDIA CUDA and AMD ROCm   "cuda"  (ROCm builds of PyTorch reuse the CUDA device type; torch.version.hip is set)
+    Intel XPU                  "xpu"
+    Apple MPS                  "mps"
+    Huawei Ascend              "npu"   (out-of-tree: the torch_npu package registers it when imported)
+    Cambricon MLU              "mlu"   (out-of-tree: torch_mlu)
+    CPU                        "cpu"
 """
 
 import functools
+import importlib
+import importlib.util
+import os
+import sys
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -15,24 +31,135 @@ DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What dsv4 needs to know about one device type."""
+    type: str              # torch.device(...).type
+    name: str              # the vendor, for humans
+    plugin: str | None     # the package that registers an out-of-tree device type with torch when imported
+    backend: str           # torch.distributed backend for collectives between such devices
+    bf16: bool             # bf16 matmuls are fast (on the CPU: measured, see cpu_bf16_is_fast)
+    compiles: bool         # torch.compile's default backend (inductor) generates code here (CPU: needs a compiler)
+    fused_adamw: bool      # torch.optim.AdamW(fused=True) has kernels here
+
+
+KINDS = {k.type: k for k in (
+    Kind("cuda", "NVIDIA CUDA", None, "nccl", bf16=True, compiles=True, fused_adamw=True),  # ROCm: RCCL as nccl
+    Kind("xpu", "Intel XPU", None, "xccl", bf16=True, compiles=True, fused_adamw=True),
+    Kind("mps", "Apple MPS", None, "gloo", bf16=False, compiles=False, fused_adamw=False),
+    Kind("npu", "Huawei Ascend", "torch_npu", "hccl", bf16=True, compiles=False, fused_adamw=False),
+    Kind("mlu", "Cambricon MLU", "torch_mlu", "cncl", bf16=True, compiles=False, fused_adamw=False),
+    Kind("cpu", "CPU", None, "gloo", bf16=True, compiles=True, fused_adamw=True),
+)}
+
+
+def _type(device: torch.device | str) -> str:
+    """The device type of a torch.device or a device string ("npu:0" -> "npu"), without building a torch.device:
+    an out-of-tree type such as "npu" is unknown to torch until its plugin is imported."""
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0].strip().lower()
+
+
+def kind(device: torch.device | str) -> Kind:
+    """The row of KINDS for this device; ValueError for a type dsv4 does not run on (meta, an unknown string)."""
+    try:
+        return KINDS[_type(device)]
+    except KeyError:
+        raise ValueError(f"unknown device {str(device)!r}; choose one of auto, {', '.join(KINDS)} "
+                         f"(optionally with an index, e.g. {next(iter(KINDS))}:1; ROCm uses cuda)") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _load_plugins() -> tuple[str, ...]:
+    """Import the installed out-of-tree device plugins (once), so that torch knows their device types. Returns the
+    names of those imported. A plugin that fails to import is reported and skipped: the CPU still works."""
+    loaded = []
+    for k in KINDS.values():
+        if k.plugin is None or importlib.util.find_spec(k.plugin) is None:
+            continue
+        try:
+            importlib.import_module(k.plugin)
+            loaded.append(k.plugin)
+        except (ImportError, RuntimeError, OSError) as e:
+            warnings.warn(f"{k.plugin} is installed but failed to import ({e}); {k.name} devices are unavailable",
+                          stacklevel=2)
+    return tuple(loaded)
+
+
+def accelerator() -> torch.device | None:
+    """The accelerator this process can use (a device type, no index), or None: torch.accelerator's answer after
+    the installed vendor plugins are imported."""
+    _load_plugins()
+    acc = torch.accelerator.current_accelerator(check_available=True)
+    return None if acc is None else torch.device(acc.type)
+
+
 def default_device() -> torch.device:
-    """The accelerator if there is one (CUDA, then Apple MPS), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The accelerator if there is one, else the CPU."""
+    return accelerator() or torch.device("cpu")
+
+
+def parse_device(spec: torch.device | str | None) -> torch.device:
+    """A --device value -> torch.device: "auto" or None (the accelerator if any, else the CPU), or a device type
+    from KINDS with an optional index ("cpu", "cuda:1", "npu:0", "mlu", "xpu", "mps"). ValueError otherwise."""
+    if isinstance(spec, torch.device):
+        kind(spec)
+        return spec
+    if spec is None or spec.strip().lower() in ("", "auto"):
+        return default_device()
+    text = spec.strip().lower()
+    k = kind(text)
+    _, colon, index = text.partition(":")
+    if colon and not index.isdigit():
+        raise ValueError(f"bad device index in {spec!r}: expected e.g. {k.type}:0")
+    _load_plugins()
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        need = f"the {k.plugin} package" if k.plugin else "a PyTorch build with it"
+        raise ValueError(f"device {spec!r} ({k.name}) needs {need}, which this Python lacks") from None
+
+
+def device_count(device_type: str | None = None) -> int:
+    """How many devices of this type the process sees (default: of the accelerator's type); the CPU counts as one."""
+    acc = accelerator()
+    device_type = _type(device_type) if device_type else (acc.type if acc else "cpu")
+    if device_type == "cpu":
+        return 1
+    return torch.accelerator.device_count() if acc is not None and acc.type == device_type else 0
+
+
+def vendor(device: torch.device | str | None = None) -> str:
+    """A human name for the device's maker and stack (default device: the accelerator if any)."""
+    device_type = _type(device) if device is not None else default_device().type
+    if device_type == "cuda" and torch.version.hip:
+        return "AMD ROCm"
+    return kind(device_type).name
+
+
+def distributed_backend(device: torch.device | str | None = None) -> str:
+    """The torch.distributed backend for processes that each own one such device: nccl (CUDA and ROCm), xccl
+    (Intel), hccl (Ascend), cncl (Cambricon), gloo (CPU and Apple, which have no collective library)."""
+    return kind(device if device is not None else default_device()).backend
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait until the device has finished the work queued on it (timings must). The CPU runs eagerly: no-op."""
+    device = torch.device(device) if device is not None else accelerator()
+    if device is not None and device.type not in ("cpu", "meta"):
+        torch.accelerator.synchronize(device)
 
 
 def fastest_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """bf16 where bf16 matmuls are fast (CUDA with bf16 support; CPUs with AMX / avx512_bf16), else fp32.
+    """bf16 where bf16 matmuls are fast (accelerators that support it; CPUs with AMX / avx512_bf16), else fp32.
     fp16 is never chosen on its own: the model's activations overflow it without loss scaling."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
+    device_type = _type(device) if device is not None else default_device().type
+    k = KINDS.get(device_type)
+    if k is None or not k.bf16:
+        return torch.float32
+    if device_type == "cpu":
         return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
-    return torch.float32
+    supported = getattr(getattr(torch, device_type, None), "is_bf16_supported", None)  # older GPUs lack bf16
+    return torch.bfloat16 if supported is None or supported() else torch.float32
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,6 +205,86 @@ def grouped_rows_multiple(device: torch.device, dtype: torch.dtype) -> int:
     return GROUP_ROWS if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
 
 
+@dataclass(frozen=True)
+class MemoryStats:
+    """Bytes; None where the device does not say. On an accelerator: held by tensors now and at the peak since the
+    last reset_peak, and the device's free and total memory. On the CPU: the process's resident set now and at its
+    peak, and the machine's available and total RAM."""
+    allocated: int | None
+    peak: int | None
+    free: int | None
+    total: int | None
+
+    def __str__(self) -> str:
+        gib = lambda b: "?" if b is None else f"{b / 2**30:.2f} GiB"
+        return f"allocated {gib(self.allocated)}, peak {gib(self.peak)}, free {gib(self.free)} of {gib(self.total)}"
+
+
+def memory_stats(device: torch.device | str | None = None) -> MemoryStats:
+    """What the device's memory holds (default device: the accelerator if any, else the CPU)."""
+    device = torch.device(device) if device is not None else default_device()
+    kind(device)
+    if device.type == "cpu":
+        return _cpu_memory()
+
+    def ask(fn):  # an out-of-tree device may not implement every query of torch.accelerator's allocator interface
+        try:
+            return fn(device)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return None
+
+    free_total = ask(torch.accelerator.get_memory_info)
+    free, total = free_total if free_total is not None else (None, None)
+    return MemoryStats(ask(torch.accelerator.memory_allocated), ask(torch.accelerator.max_memory_allocated),
+                       free, total)
+
+
+def _proc_kb(path: str, field: str) -> int | None:
+    """A 'Field:  123 kB' line of a /proc file, in bytes (None off Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sysconf_bytes(pages: str) -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cpu_memory() -> MemoryStats:
+    peak = _proc_kb("/proc/self/status", "VmHWM")
+    if peak is None:  # macOS and the BSDs: the peak from getrusage (bytes on macOS, KiB elsewhere)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return MemoryStats(allocated=_proc_kb("/proc/self/status", "VmRSS"), peak=peak,
+                       free=_proc_kb("/proc/meminfo", "MemAvailable") or _sysconf_bytes("SC_AVPHYS_PAGES"),
+                       total=_sysconf_bytes("SC_PHYS_PAGES"))
+
+
+def reset_peak(device: torch.device | str | None = None) -> bool:
+    """Start a new peak for memory_stats(device).peak. On the CPU Linux resets the process's peak resident set when
+    "5" is written to /proc/self/clear_refs; returns False where that is impossible (the peak stays as it was)."""
+    device = torch.device(device) if device is not None else default_device()
+    kind(device)
+    if device.type != "cpu":
+        torch.accelerator.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def tune_cpu_allocator() -> bool:
     """Keep freed memory in glibc's heap instead of returning it to the OS after every large tensor.
 
@@ -99,11 +306,15 @@ def tune_cpu_allocator() -> bool:
                 and mallopt(M_TOP_PAD, 256 * 2**20))
 
 
-def release_free_memory() -> bool:
-    """Hand the pages of freed heap memory back to the OS (glibc's malloc_trim). A long prefill allocates blocks whose
-    sizes drift with the context (compressed entries read, attention blocks); with the heap tuned to keep freed memory
-    (`tune_cpu_allocator`) those free blocks fragment and the resident size creeps up by ~10 KB per token. Trimming
-    every few thousand tokens keeps it flat at no measurable cost. Returns False where there is no glibc."""
+def release_free_memory(device: torch.device | str = "cpu") -> bool:
+    """Hand freed memory back: on an accelerator, the caching allocator's unused blocks (torch.accelerator.
+    empty_cache); on the CPU, the pages of freed heap memory (glibc's malloc_trim). A long prefill allocates blocks
+    whose sizes drift with the context (compressed entries read, attention blocks); with the heap tuned to keep freed
+    memory (`tune_cpu_allocator`) those free blocks fragment and the resident size creeps up by ~10 KB per token.
+    Trimming every few thousand tokens keeps it flat at no measurable cost. Returns False where there is no glibc."""
+    if torch.device(device).type != "cpu":
+        torch.accelerator.empty_cache()
+        return True
     import ctypes
     import ctypes.util
 
@@ -115,14 +326,16 @@ def release_free_memory() -> bool:
 
 def has_fused_adamw(device: torch.device | str) -> bool:
     """torch.optim.AdamW(fused=True) has kernels for this device kind."""
-    return torch.device(device).type in ("cpu", "cuda")
+    k = KINDS.get(_type(device))
+    return k is not None and k.fused_adamw
 
 
 def can_compile(device: torch.device | str) -> bool:
-    """torch.compile's default backend (inductor) can generate code here: Triton on CUDA, C++ on the CPU."""
+    """torch.compile's default backend (inductor) can generate code here: Triton on CUDA, ROCm and Intel GPUs, C++
+    on the CPU (if a compiler is installed)."""
     import shutil
 
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return True
-    return kind == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    k = KINDS.get(_type(device))
+    if k is None or not k.compiles:
+        return False
+    return k.type != "cpu" or any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))

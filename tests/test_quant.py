@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsv4.weights import quant
+from dsv4.kernels import quant
 
 
 def e2m1_from_bits(code: int) -> float:

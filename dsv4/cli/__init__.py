@@ -17,6 +17,8 @@ options and sets `run`, which calls one package function, so a new command is on
     dsv4 pixels [--out DIR --time-budget 5m]    the pixel tokenizer: images/clips <-> FSQ codes (dsv4.train.pixels)
     dsv4 multimodal [--time-budget 45m]         one model on text, images and clips (dsv4.train.multimodal)
     dsv4 image|video|animate --ckpt DIR ...     images and clips from a multimodal checkpoint (dsv4.engine.visual)
+    dsv4 quantize --ckpt DIR --to int8 -o OUT   a copy kept quantized in memory: int8, int4, fp8, fp4
+                                                (dsv4.weights.convert)
 """
 
 import argparse
@@ -411,9 +413,11 @@ def run_engram(opts) -> int:
 
 
 from dsv4.cli.media import add_animate, add_image, add_multimodal, add_pixels, add_video  # noqa: E402
+from dsv4.cli.plan import add_plan  # noqa: E402
+from dsv4.cli.quantize import add_quantize  # noqa: E402
 
 COMMANDS = (add_info, add_train, add_eval, add_generate, add_chat, add_serve, add_engram, add_pixels, add_multimodal,
-            add_image, add_video, add_animate)
+            add_image, add_video, add_animate, add_quantize, add_plan)
 
 
 def parser() -> argparse.ArgumentParser:

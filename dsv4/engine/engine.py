@@ -68,7 +68,7 @@ class Engine:
             compile_indexer_scan(model)
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
         self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
-        dtype = cache_dtype or model.layers[0].attn.wkv.weight.dtype  # what the attention computes in
+        dtype = cache_dtype or model.layers[0].attn.wkv.dtype  # what the attention computes in
         # a speculative step runs one column (the draft) past the last token that can still be generated
         self.cache = KVCache(self.args, max_batch, self.max_len + speculative, self.device, dtype)
         self.free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first

@@ -27,24 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.kernels.qweight import QuantWeight
+
+Weight = torch.Tensor | QuantWeight  # a product's weight: dense, or kept quantized (dsv4.kernels.qweight)
+
+
+def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as a dense matrix a torch kernel takes (a quantized one decoded into `dtype`)."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantWeight) else weight
+
 
 class Products:
     """The plain products: torch's own kernels, the reference every other set is tested against."""
 
     @staticmethod
-    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """[..., in] x weight [out, in] -> [..., out]"""
-        return F.linear(x, weight)
+        return weight.linear(x) if isinstance(weight, QuantWeight) else F.linear(x, weight)
 
     @staticmethod
-    def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def grouped_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """x [..., G, in] through one weight per group, weight [G, out, in] -> [..., G, out]"""
-        return torch.einsum("...gi,goi->...go", x, weight)
+        return torch.einsum("...gi,goi->...go", x, dense(weight, x.dtype))
 
     @staticmethod
-    def gathered_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def gathered_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """Each row through its own weight: x [A, in], weight [A, out, in] -> [A, out]"""
-        return torch.bmm(x[:, None], weight.transpose(1, 2))[:, 0]
+        return torch.bmm(x[:, None], dense(weight, x.dtype).transpose(1, 2))[:, 0]
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -62,9 +71,11 @@ class Products:
         return cls
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def matvec(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """[..., in] x weight [..., out, in] -> [..., out] as an fp32 multiply-and-sum (what F.linear computes; the
-    weight may carry batch dims, e.g. gathered experts)."""
+    weight may carry batch dims, e.g. gathered experts; a quantized one is decoded inside the sum)."""
+    if isinstance(weight, QuantWeight):
+        return weight.matvec(x).to(x.dtype)
     return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
 
 
@@ -173,9 +184,60 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose product comes from its product set `ops`."""
     ops: type[Products] = Products
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes in."""
+        return self.weight.dtype
+
+    def matrix(self) -> Weight:
+        """What the product set multiplies by: the weight (a quantized layer's is a QuantWeight)."""
+        return self.weight
+
+    def grouped(self, groups: int) -> Weight:
+        """The weight as `groups` stacked blocks [groups, out / groups, in] (a block-diagonal projection)."""
+        return self.weight.view(groups, -1, self.weight.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ops.linear(x, self.weight)
+        y = self.ops.linear(x, self.matrix())
         return y if self.bias is None else y + self.bias
+
+
+class QuantLinear(Linear):
+    """A Linear whose weight stays quantized in memory (dsv4.kernels.qweight): buffers `weight` (the codes) and
+    `scale`, the release's checkpoint names for a quantized weight. `dtype` is the compute dtype of its inputs and
+    outputs. Built from a Linear by `from_linear` (on `meta`: the empty buffers a quantized checkpoint fills)."""
+
+    def __init__(self, qw: QuantWeight, dtype: torch.dtype, bias: nn.Parameter | None = None):
+        nn.Module.__init__(self)
+        self.fmt, self.compute_dtype = qw.fmt, dtype
+        self.out_features, self.in_features = qw.shape[-2], qw.shape[-1]
+        self.register_buffer("weight", qw.codes)
+        self.register_buffer("scale", qw.scale)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: Linear, fmt: str, group: int) -> "QuantLinear":
+        from dsv4.kernels.qweight import quantize
+
+        with torch.no_grad():
+            q = cls(quantize(linear.weight.detach(), fmt, group), linear.weight.dtype, linear.bias)
+        q.ops = linear.ops
+        return q
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def matrix(self) -> QuantWeight:
+        return QuantWeight(self.fmt, self.weight, self.scale)
+
+    def grouped(self, groups: int) -> Weight:
+        if self.fmt == "fp8":  # 128-row blocks do not split into groups: decode
+            return self.matrix().dequantize(self.dtype).unflatten(0, (groups, -1))
+        return self.matrix().split_rows(groups)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
 class LinearGroup:
@@ -186,15 +248,33 @@ class LinearGroup:
 
     @torch.no_grad()
     def fuse(self):
-        weights = [m.weight for m in self.linears]
-        if any(w.device.type == "meta" or w.dtype != weights[0].dtype for w in weights):
-            return  # nothing to gain on meta; mixed dtypes stay separate
-        block = torch.cat(weights)
-        at = 0
-        for m, n in zip(self.linears, self.sizes):
-            m.weight.data = block[at: at + n]
-            at += n
-        self.block = block
+        """Quantized layers fuse too when they share a format and group (their codes and scales are stacked);
+        fp8's 128-row blocks stack only when every layer's rows are whole blocks."""
+        weights = [m.matrix() for m in self.linears]
+        first = weights[0]
+        def on_meta(w: Weight) -> bool:
+            return (w.codes if isinstance(w, QuantWeight) else w).device.type == "meta"
+
+        if any(type(w) is not type(first) or on_meta(w) for w in weights):
+            return  # nothing to gain on meta; dense and quantized layers stay separate
+        if isinstance(first, QuantWeight):
+            if any(w.fmt != first.fmt or w.group != first.group or w.scale.dtype != first.scale.dtype
+                   for w in weights) or (first.fmt == "fp8" and any(n % 128 for n in self.sizes)):
+                return
+            parts = [("weight", [w.codes for w in weights]), ("scale", [w.scale for w in weights])]
+        elif any(w.dtype != first.dtype for w in weights):
+            return  # mixed dtypes stay separate
+        else:
+            parts = [("weight", weights)]
+        blocks = []
+        for name, tensors in parts:
+            block = torch.cat(tensors)
+            at = 0
+            for m, t in zip(self.linears, tensors):
+                getattr(m, name).data = block[at: at + t.shape[0]]
+                at += t.shape[0]
+            blocks.append(block)
+        self.block = blocks[0] if len(blocks) == 1 else QuantWeight(first.fmt, *blocks)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[..., in] -> each layer's output, in order (fused: one product, with the layers' product set)."""

@@ -273,5 +273,5 @@ class Attention(nn.Module):
         B, S = o.shape[:2]
         G = self.o_groups
         o = o.reshape(B, S, G, -1)
-        wo_a = self.wo_a.weight.view(G, self.o_lora_rank, -1)  # [G, R, (H/G) d]
+        wo_a = self.wo_a.grouped(G)  # [G, R, (H/G) d]
         return self.wo_b(self.ops.grouped_linear(o, wo_a).flatten(2))

@@ -66,7 +66,13 @@ class LayerCache:
 class KVCache:
     """Preallocated state of `slots` sequences of up to `max_len` tokens for every main and MTP layer."""
 
-    def __init__(self, args: ModelArgs, slots: int, max_len: int, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, args: ModelArgs, slots: int, max_len: int, device=None, dtype: torch.dtype = torch.float32,
+                 devices: list | None = None):
+        """devices: one per main and MTP layer, where that layer runs (a placed model: its layer's device, see
+        dsv4.weights.placement.cache_devices); None puts every layer on `device`. Engram's ids stay on `device`."""
+        if devices is not None and len(devices) != args.n_layers + args.n_mtp_layers:
+            raise ValueError(f"a cache needs one device per main and MTP layer "
+                             f"({args.n_layers + args.n_mtp_layers}), got {len(devices)}")
         if slots < 1:
             raise ValueError(f"a cache needs at least one slot, got {slots}")
         if not 0 < max_len <= args.max_seq_len:
@@ -75,16 +81,16 @@ class KVCache:
         self.trash = slots  # the spare slot that absorbs writes which must not land
         self.layers: list[LayerCache] = []
         for layer_id in range(args.n_layers + args.n_mtp_layers):
+            at = device if devices is None else devices[layer_id]
             kind, ratio = args.layer_kind(layer_id), args.compress_ratios[layer_id]
-            cache = LayerCache(torch.zeros(slots + 1, args.window_size, args.head_dim, device=device, dtype=dtype))
+            cache = LayerCache(torch.zeros(slots + 1, args.window_size, args.head_dim, device=at, dtype=dtype))
             if ratio:
-                cache.compressed = CompressedState.empty(slots, max_len, ratio, args.head_dim, kind == "csa",
-                                                         device, dtype)
+                cache.compressed = CompressedState.empty(slots, max_len, ratio, args.head_dim, kind == "csa", at, dtype)
             if kind == "csa":
-                cache.index = CompressedState.empty(slots, max_len, ratio, args.index_head_dim, True, device, dtype)
+                cache.index = CompressedState.empty(slots, max_len, ratio, args.index_head_dim, True, at, dtype)
             if layer_id in args.engram_layers and args.engram_conv:
                 context = (args.engram_kernel - 1) * args.engram_max_ngram
-                cache.conv = torch.zeros(slots + 1, context + 1, args.hc_mult * args.dim, device=device)  # fp32
+                cache.conv = torch.zeros(slots + 1, context + 1, args.hc_mult * args.dim, device=at)  # fp32
             self.layers.append(cache)
         # the compressed ids of each sequence's last N - 1 positions (+ 1 row), for Engram's n-gram hash
         self.engram_ids = (torch.zeros(slots + 1, args.engram_max_ngram, device=device, dtype=torch.long)

@@ -46,8 +46,8 @@ class Compressor(nn.Module):
             return x.new_zeros(B, 0, d)
         x = x[:, : n * m]
         width = self.ape.shape[-1]
-        kv = F.linear(x, self.wkv.weight).float().view(B, n, m, width)  # [B, n, m, width]
-        gate = F.linear(x, self.wgate.weight).float().view(B, n, m, width) + self.ape
+        kv = self.wkv(x).float().view(B, n, m, width)  # [B, n, m, width]
+        gate = self.wgate(x).float().view(B, n, m, width) + self.ape
         if self.overlap:
             # previous window's first-half channels (window -1 is empty) next to this window's second half
             prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))

@@ -220,7 +220,7 @@ class Engram(nn.Module):
         the two norms of the gate fold into one weight of a single product, and rmsnorm(alpha v) = s v with
         s = alpha / sqrt(alpha^2 mean(v^2) + eps), its per-channel weight folded into the depthwise convolution's
         taps. tests/test_engram.py holds the module to the formulas written out per stream."""
-        dtype = self.key.weight.dtype
+        dtype = self.key.dtype
         e = self.lookup(rows).to(dtype)
         k = self.key(e).to(h.dtype).unflatten(-1, (self.n, self.dim))
         g = kernels.gate_logit(h, k, self.query_norm.weight * self.key_norm.weight, self.key_norm.eps)

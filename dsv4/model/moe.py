@@ -18,7 +18,8 @@ from torch import nn
 
 from dsv4.config import ModelArgs
 from dsv4.device import grouped_rows_multiple
-from dsv4.kernels.fused import Linear, LinearGroup, Products
+from dsv4.kernels.fused import Linear, LinearGroup, Products, Weight, dense
+from dsv4.kernels.qweight import QuantWeight, quantize
 from dsv4.model.stats import LayerStats
 
 
@@ -86,15 +87,40 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """E routed experts as grouped weights: w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]."""
+    """E routed experts as grouped weights: w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]. `quantize`
+    keeps them quantized in memory instead (buffers w13 / w2 hold the codes, w13_scale / w2_scale the scales)."""
     ops = Products  # the product set (dsv4.kernels.fused)
     hot_paths = ("act",)  # what dsv4.kernels.compile.compile_hot_paths compiles
+    fmt: str | None = None  # the quantized format, None while dense
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.limit, self.inter_dim = args.swiglu_limit, args.moe_inter_dim
         self.w13 = nn.Parameter(torch.empty(args.n_routed_experts, 2 * args.moe_inter_dim, args.dim))
         self.w2 = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, args.moe_inter_dim))
+
+    @torch.no_grad()
+    def quantize(self, fmt: str, group: int) -> "Experts":
+        """Replace w13 and w2 by their quantized codes and scales (dsv4.kernels.qweight; on `meta` the empty buffers
+        a quantized checkpoint fills). Inputs and outputs keep the dtype the weights had."""
+        self.compute_dtype = self.w13.dtype
+        for name in ("w13", "w2"):
+            qw = quantize(getattr(self, name).detach(), fmt, group)
+            delattr(self, name)
+            self.register_buffer(name, qw.codes)
+            self.register_buffer(f"{name}_scale", qw.scale)
+        self.fmt = fmt
+        return self
+
+    def matrix(self, name: str) -> Weight:
+        """w13 or w2 as the products take it: the parameter, or a QuantWeight over the codes."""
+        if self.fmt is None:
+            return getattr(self, name)
+        return QuantWeight(self.fmt, getattr(self, name), getattr(self, f"{name}_scale"))
+
+    def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """w13 or w2 as a dense tensor: the parameter itself, or the quantized weight decoded into `dtype`."""
+        return getattr(self, name) if self.fmt is None else dense(self.matrix(name), dtype)
 
     def reset_parameters(self, std: float = 0.02):
         nn.init.normal_(self.w13, std=std)
@@ -105,27 +131,29 @@ class Experts(nn.Module):
         return swiglu(gate, up, self.limit)
 
     def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        if 0 < 2 * idx_NK.numel() <= self.w13.shape[0]:  # decoding a few tokens: fewer assignments than experts
+        E = self.w13.shape[0]
+        if 0 < 2 * idx_NK.numel() <= E:  # decoding a few tokens: fewer assignments than experts
             return self.forward_gathered(x_ND, w_NK, idx_NK)
-        if not self.grouped_ok(x_ND):
+        w13, w2 = self.dense("w13", x_ND.dtype), self.dense("w2", x_ND.dtype)
+        if not self.grouped_ok(x_ND, w13):
             return self.forward_dense(x_ND, w_NK, idx_NK)
         N, K = idx_NK.shape
         # sort the N*K assignments by expert, run each expert once on its contiguous slice (grouped GEMM)
         order_A = idx_NK.flatten().argsort(stable=True)
         token_A = order_A // K
         flat = idx_NK.flatten()  # expert counts with a static shape (bincount's length depends on the data)
-        counts_E = torch.zeros(self.w13.shape[0], dtype=torch.long, device=flat.device).scatter_add_(
+        counts_E = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         rows = grouped_rows_multiple(x_ND.device, x_ND.dtype)
         if rows == 1:
             offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_A2I = F.grouped_mm(x_ND[token_A], self.w13.transpose(-1, -2), offs=offs_E)
-            y_AD = F.grouped_mm(self.act(h_A2I), self.w2.transpose(-1, -2), offs=offs_E)
+            h_A2I = F.grouped_mm(x_ND[token_A], w13.transpose(-1, -2), offs=offs_E)
+            y_AD = F.grouped_mm(self.act(h_A2I), w2.transpose(-1, -2), offs=offs_E)
         else:
             pos_A, offs_E, total = padded_groups(flat[order_A], counts_E, rows)
             x_PD = x_ND.new_zeros(total, x_ND.shape[-1]).index_copy_(0, pos_A, x_ND[token_A])
-            h_P2I = F.grouped_mm(x_PD, self.w13.transpose(-1, -2), offs=offs_E)
-            y_AD = F.grouped_mm(self.act(h_P2I), self.w2.transpose(-1, -2), offs=offs_E)[pos_A]
+            h_P2I = F.grouped_mm(x_PD, w13.transpose(-1, -2), offs=offs_E)
+            y_AD = F.grouped_mm(self.act(h_P2I), w2.transpose(-1, -2), offs=offs_E)[pos_A]
         y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
 
@@ -136,17 +164,17 @@ class Experts(nn.Module):
         N, K = idx_NK.shape
         flat = idx_NK.flatten()
         x_AD = x_ND.repeat_interleave(K, dim=0)
-        h_A2I = self.ops.gathered_linear(x_AD, self.w13[flat])
-        y_AD = self.ops.gathered_linear(self.act(h_A2I), self.w2[flat])
+        h_A2I = self.ops.gathered_linear(x_AD, self.matrix("w13")[flat])
+        y_AD = self.ops.gathered_linear(self.act(h_A2I), self.matrix("w2")[flat])
         return (y_AD.view(N, K, -1) * w_NK[..., None].to(y_AD.dtype)).sum(1)
 
-    def grouped_ok(self, x: torch.Tensor) -> bool:
+    def grouped_ok(self, x: torch.Tensor, w13: torch.Tensor) -> bool:
         """F.grouped_mm needs 16-byte aligned rows and matching dtypes; under torch.compile its meta kernel accepts
         only bf16 (eager CPU takes fp32 too)."""
         align = 16 // x.element_size()
         if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
             return False
-        return (x.dtype == self.w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
+        return (x.dtype == w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
                 and x.device.type != "meta")
 
     def forward_dense(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
@@ -154,8 +182,8 @@ class Experts(nn.Module):
         Exact and simple; used by tests and for shapes the grouped GEMM cannot take."""
         dense_NE = torch.zeros(x_ND.shape[0], self.w13.shape[0], dtype=torch.float32, device=x_ND.device)
         dense_NE.scatter_add_(1, idx_NK, w_NK.float())
-        h_NE2I = torch.einsum("nd,efd->nef", x_ND, self.w13.to(x_ND.dtype))
-        y_NED = torch.einsum("nei,edi->ned", self.act(h_NE2I), self.w2.to(x_ND.dtype))
+        h_NE2I = torch.einsum("nd,efd->nef", x_ND, self.dense("w13", x_ND.dtype).to(x_ND.dtype))
+        y_NED = torch.einsum("nei,edi->ned", self.act(h_NE2I), self.dense("w2", x_ND.dtype).to(x_ND.dtype))
         return (y_NED * dense_NE.unsqueeze(-1).to(y_NED.dtype)).sum(1)
 
 

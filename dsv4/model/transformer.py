@@ -52,7 +52,7 @@ class Block(nn.Module):
         """Streams h [B, S, n, D] fp32 -> new streams: whole sequences (rope = this kind's (cos, sin); training passes
         `stats` for the block to report into), or with `cache` and `step` one incremental step. memory: the Engram
         rows [B, S, H'] this layer reads (Engram layers only)."""
-        dtype = self.attn.wq_a.weight.dtype  # the sub-layers' compute dtype; the streams h stay fp32
+        dtype = self.attn.wq_a.dtype  # the sub-layers' compute dtype; the streams h stay fp32
         if self.engram is not None:
             h = self.read_memory(h, memory, cache, step)
         x, post, comb = self.hc_attn(h)
@@ -87,7 +87,7 @@ class MTPBlock(Block):
                 cache: LayerCache | None = None, step: Step | None = None,
                 stats: LayerStats | None = None) -> torch.Tensor:
         """h [B, S, n, D] streams at position i, emb [B, S, D] embedding of token i+1 -> new streams."""
-        dtype = self.e_proj.weight.dtype
+        dtype = self.e_proj.dtype
         x = self.e_proj(self.enorm(emb).to(dtype)).unsqueeze(2) + self.h_proj(self.hnorm(h).to(dtype))
         return super().forward(x.float(), None, rope, cache, step, stats)
 
@@ -177,7 +177,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, input_ids, ropes[layer.kind], stats=None if stats is None else stats.layer(layer.layer_id),
                       memory=memory.get(layer.layer_id))
-        return h, ropes
+        # (a placed model, dsv4.weights.placement: the streams come home from the last layer's device; else a no-op)
+        return h.to(input_ids.device), ropes
 
     def engram_rows(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                     step: Step | None = None) -> dict[int, torch.Tensor]:
@@ -254,7 +255,7 @@ class Transformer(nn.Module):
         memory = self.engram_rows(input_ids, cache, step)
         for layer, layer_cache in zip(self.layers, cache.main):
             h = layer(h, input_ids, None, layer_cache, step, memory=memory.get(layer.layer_id))
-        return h
+        return h.to(input_ids.device)  # (a placed model: home from the last layer's device; else a no-op)
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
         """The first MTP module over a step: main streams h [B, width, n, D] at the step's positions and the tokens

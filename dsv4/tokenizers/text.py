@@ -8,11 +8,17 @@ to merge: a 5-digit pass key is always a 3-digit and a 2-digit token.
 
 Byte-level means every byte has a token, so any input round-trips: ordinary Unicode through the Rust encoder, and
 lone surrogates (bytes decoded with `surrogateescape`) through their single-byte tokens. Special tokens are only ever
-produced from their spelling when `allow_special=True`; plain text containing `<｜User｜>` encodes as text.
+produced from their spelling when `allow_special=True`; plain text containing `<｜User｜>` encodes as text (a
+release's tokenizer.json may leave some of its tokens unmarked as special: those match in plain text too).
 
-Chat format (DeepSeek-V3 / R1 `tokenizer_config.json`):
+Chat format of our tokenizers (DeepSeek-V3 / R1 `tokenizer_config.json`):
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜><｜User｜>...
 with `<think>\\n` opening the generation prompt when thinking is on (R1), `</think>` closing it in the answer.
+
+Any other tokenizer.json (a DeepSeek release checkpoint's) is used as is, ids unchanged, and its chats take the
+release's own format (`dsv4.tokenizers.release_chat`), so released weights get the prompts they were trained on. Ours
+are told apart by the layout `train` always writes: our chat tokens (`special_tokens()`, BOS to EOV) are ids 0-10 in
+that order, which a vocabulary trained elsewhere has no reason to have (a release's holds BPE tokens there).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class Tokenizer:
         self.bos_id, self.eos_id = vocab.get(BOS), vocab.get(EOS)
         self.pad_id = vocab.get(PAD, self.eos_id)
         self.special_text = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+        ours = special_tokens(0)
+        self.release = [self.special_text.get(i) for i in range(len(ours))] != ours  # see the module's docstring
         # byte-level models decode by our own byte table, so invalid UTF-8 survives via surrogateescape
         self.byte_ids = None
         b2c = byte_to_char()
@@ -109,6 +117,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Ours, or a release's tokenizer.json (used as is, with the release's chat format)."""
         return cls(_RustTokenizer.from_file(str(path)))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -167,9 +176,16 @@ class Tokenizer:
         return i
 
     # ---- chat ----
-    def _chat_pieces(self, messages: list[dict], add_generation_prompt: bool, thinking: bool
-                     ) -> list[tuple[str, bool, bool]]:
-        """(text, is_special_markup, is_answer) pieces; special markup is encoded with allow_special."""
+    def _chat_pieces(self, messages: list[dict], add_generation_prompt: bool, thinking: bool,
+                     reasoning_effort: str | None = None) -> list[tuple[str, bool, bool]]:
+        """(text, is_special_markup, is_answer) pieces; special markup is encoded with allow_special. A release
+        tokenizer renders the release's format, which also reads reasoning_content, tool calls, tool results and
+        reasoning_effort (our format has none of these) and, as the release, reads token spellings in messages as
+        tokens."""
+        if self.release:
+            from dsv4.tokenizers.release_chat import chat_pieces
+
+            return chat_pieces(messages, thinking, add_generation_prompt, reasoning_effort=reasoning_effort)
         pieces = [(BOS, True, False)]
         for m in messages:
             role, content = m["role"], m["content"]
@@ -187,14 +203,16 @@ class Tokenizer:
                 pieces.append((THINK + "\n", True, False))
         return pieces
 
-    def chat_template(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = False) -> str:
-        return "".join(t for t, _, _ in self._chat_pieces(messages, add_generation_prompt, thinking))
+    def chat_template(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = False,
+                      reasoning_effort: str | None = None) -> str:
+        return "".join(t for t, _, _ in self._chat_pieces(messages, add_generation_prompt, thinking, reasoning_effort))
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, thinking: bool = False
-                    ) -> tuple[list[int], list[int]]:
-        """Token ids and a loss mask that is 1 exactly on assistant answers and their end-of-sentence."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, thinking: bool = False,
+                    reasoning_effort: str | None = None) -> tuple[list[int], list[int]]:
+        """Token ids and a loss mask that is 1 exactly on assistant answers and their end-of-sentence (with a
+        release tokenizer: on all the assistant wrote, reasoning and tool calls included)."""
         ids, mask = [], []
-        for text, special, answer in self._chat_pieces(messages, add_generation_prompt, thinking):
+        for text, special, answer in self._chat_pieces(messages, add_generation_prompt, thinking, reasoning_effort):
             piece = self.encode(text, allow_special=special)
             ids += piece
             mask += [int(answer)] * len(piece)

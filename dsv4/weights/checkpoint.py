@@ -7,7 +7,7 @@ Layouts (the same tensors under different names; shapes equal unless noted):
               (transformers ignores `mtp.*`; we keep the MTP modules there).
     upstream  DeepSeek's release: our names except `hc_attn_fn` (also hc_ffn_*, hc_head_*), one tensor per routed
               expert `ffn.experts.{e}.w{1,2,3}.weight` ([I, D], [D, I], [I, D]) and quantized weights: FP8 or packed FP4
-              with a `<name>.scale` next to `<name>.weight` (see dsv4.weights.quant).
+              with a `<name>.scale` next to `<name>.weight` (see dsv4.kernels.quant).
 transformers' own `save_pretrained` may write a hybrid (`model.` + upstream names, `model.embed_tokens`,
 `model.hc_head.hc_fn`) and spells every `kv_norm` as `norm`; the loader reads all of these, and any mix of them.
 HF FP8 checkpoints name scales `*_scale_inv`.
@@ -36,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv4.config import ModelArgs
-from dsv4.weights import quant
+from dsv4.kernels import quant
+from dsv4.kernels.quant import INT4_GROUP
+from dsv4.model.quantized import quantize_model
 from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -177,6 +179,10 @@ def _expert_name(param: str, e: int, part: str) -> str:
 def _check(name: str, e: _Entry, dest: torch.Tensor, scale: str | None, s: _Entry | None,
            fp8_block: tuple[int, int]) -> tuple[str, str] | None:
     """One stored tensor (and its scale) against its destination: (problem kind, message) or None."""
+    if dest.dtype in quant.FP8_DTYPES:  # a model that keeps FP8 codes (dsv4.kernels.qweight) takes them as stored
+        if e.dtype not in _FP8_ST or e.shape != tuple(dest.shape):
+            return "bad format", f"{name} ({e.dtype} {list(e.shape)}) cannot fill FP8 codes {list(dest.shape)}"
+        return None
     quantized = e.dtype in _FP8_ST or (scale is not None and e.dtype in _FP4_ST)
     if quantized and scale is None:
         return "bad format", f"{name} is stored as {e.dtype} but has no scale tensor"
@@ -200,7 +206,8 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
     """Match checkpoint tensors to model tensors from the headers alone.
     -> ([(checkpoint name, target, scale name or None)], [error lines])."""
     names = set(entries)
-    scales = {n: w for n in names if (w := scale_owner(n, names)) is not None}
+    # a quantized model keeps its scales (`X.scale` of a QuantLinear): those are model tensors, not scales to apply
+    scales = {n: w for n in names if n not in model_tensors and (w := scale_owner(n, names)) is not None}
     scale_of = {w: s for s, w in scales.items()}
     layout = detect_layout(names)
     plan, unexpected, problems, twice = [], [], {"wrong shape": [], "bad format": []}, []
@@ -210,7 +217,7 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
             if scales[name] not in names:
                 unexpected.append(f"{name} (a scale without its weight {scales[name]})")
             continue
-        t = resolve(name)
+        t = resolve(name) or (Target(name) if name in model_tensors else None)
         if t is None or t.param not in model_tensors or (
                 t.expert is not None and not 0 <= t.expert < model_tensors[t.param].shape[0]):
             unexpected.append(name)
@@ -342,6 +349,9 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         model = Transformer(args)
     if dtype is not None:
         model.to_dtype(dtype)
+    quantized = raw.get("quantization_config") or {}
+    if quantized.get("quant_method") == "dsv4":  # `dsv4 quantize` wrote it: the layers stay quantized in memory
+        quantize_model(model, quantized["format"], quantized.get("group_size", INT4_GROUP))
     tables = frozenset(n for n, _ in model.named_parameters() if n.endswith("engram.table.weight")) \
         if engram_mmap else frozenset()
     _to_empty(model, device or "cpu")
@@ -400,6 +410,10 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a directory")
     args: ModelArgs = model.args
+    quantization = getattr(model, "quantization", None)
+    if quantization and layout != "dsv4":
+        raise ValueError(f"a quantized model is saved in the dsv4 layout (its names for codes and scales), not "
+                         f"{layout!r}")
     tensors = list(export(model, layout))
     if len({n for n, _ in tensors}) != len(tensors):
         raise ValueError("two model tensors map to the same checkpoint name")
@@ -422,6 +436,8 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
     else:
         config = args.to_hf_config()
         config["dtype"] = str(dict(tensors)[to_layout_name("embed.weight", layout)].dtype).removeprefix("torch.")
+    if quantization:
+        config["quantization_config"] = quantization
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in tensors)},
              "weight_map": {name: fnames[k] for k, shard in enumerate(shards) for name, _ in shard}}
 

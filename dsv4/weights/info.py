@@ -362,6 +362,13 @@ def format_table(info: dict, title: str = "") -> str:
         lines += ["", f"checkpoint {ck['path']}: {ck['files']} files, {ck['tensors']} tensors, "
                       f"{human(ck['elements'])} elements, {human_bytes(ck['bytes'])} "
                       f"({', '.join(f'{k} {human_bytes(v)}' for k, v in ck['dtypes'].items())})"]
+        if ck.get("quantization"):
+            q = ck["quantization"]
+            if q.get("quant_method") == "dsv4":
+                group = f", {q['group_size']} inputs per scale" if q.get("format") == "int4" else ""
+                lines.append(f"kept quantized in memory: {q['format']}{group} (linear layers and routed experts)")
+            else:
+                lines.append(f"stored quantized ({q.get('quant_method', '?')}); decoded to the compute dtype on load")
     return "\n".join(lines)
 
 
@@ -375,8 +382,10 @@ def describe(preset: str | None = None, ckpt: str | os.PathLike | None = None, c
 
     if (preset is None) == (ckpt is None):
         raise ValueError("give a preset or a checkpoint directory")
-    args, title = (ModelArgs.from_name(preset), preset) if preset else (read_config(ckpt)[0], ckpt)
+    args, raw = (ModelArgs.from_name(preset), {}) if preset else read_config(ckpt)
+    title = preset or ckpt
     report = {"name": title, **model_info(args, contexts=contexts, cache_dtype=resolve_dtype(cache_dtype))}
     if ckpt:
-        report["checkpoint"] = {"path": ckpt, **checkpoint_tensors(ckpt)}
+        report["checkpoint"] = {"path": ckpt, **checkpoint_tensors(ckpt),
+                                "quantization": raw.get("quantization_config")}
     return json.dumps(report, indent=2) if as_json else format_table(report, title)

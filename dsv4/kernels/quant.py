@@ -126,3 +126,59 @@ def quant_fp4(w: torch.Tensor, block: int = FP4_BLOCK,
     codes = codes | ((x < 0).long() << 3)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
     return packed.view(torch.int8), s
+
+
+# --- weight-only integer formats (`dsv4 quantize`): symmetric, per output row (int8) or per group of inputs (int4) ---
+INT8_MAX = 127
+INT4_MAX = 7  # codes -8..7 as two's-complement nibbles; the quantizer uses -7..7 so the grid is symmetric
+INT4_GROUP = 32
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # int4 tries these fractions of each group's amax, keeps the least error
+
+
+def quant_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., out, in] float -> (int8 codes [.., out, in], fp32 scales [.., out]):  W ~= q * s[:, None],
+    s = amax(row) / 127, so every row uses the whole grid and the error of a weight is at most s / 2."""
+    s = (w.float().abs().amax(-1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w.float() / s[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, s
+
+
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
+
+
+def _int4_codes(q: torch.Tensor) -> torch.Tensor:
+    """[.., out, in] integers in -8..7 -> [.., out, in/2] uint8, the even input in the low nibble (as FP4 packs)."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[.., out, in/2] uint8 -> the signed codes [.., out, in] as fp32 (a nibble n >= 8 is n - 16)."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+    return (nibbles - ((nibbles & 0x8) << 1)).float()
+
+
+def quant_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[.., out, in] float (in a multiple of `group`, `group` even) -> (uint8 codes [.., out, in/2],
+    bf16 scales [.., out, in/group]):  W[o, i] ~= q[o, i] * s[o, i // group]. Each group's scale is amax * r / 7
+    for the clip ratio r in CLIP_RATIOS with the least squared error (clipping a few outliers buys a finer grid)."""
+    out, n = w.shape[-2:]
+    if n % group or group % 2:
+        raise ValueError(f"int4 groups of {group} inputs need an even group that divides the input dim, got {n}")
+    g = w.float().unflatten(-1, (n // group, group))  # [.., out, G, group]
+    amax = g.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    ratios = torch.tensor(CLIP_RATIOS, device=w.device).view(-1, *([1] * amax.dim()))
+    s = (amax * ratios / INT4_MAX).to(torch.bfloat16).float()  # the scale as stored: error measured with it
+    q = torch.round(g / s[..., None]).clamp(-INT4_MAX - 1, INT4_MAX)  # [R, .., out, G, group]
+    best = ((q * s[..., None] - g) ** 2).sum(-1).argmin(0)  # [.., out, G]
+    q = q.gather(0, best[None, ..., None].expand(1, *g.shape))[0]
+    s = s.gather(0, best[None])[0]
+    return _int4_codes(q.flatten(-2)), s.to(torch.bfloat16)
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = unpack_int4(packed)
+    group = q.shape[-1] // scale.shape[-1]
+    return (q.unflatten(-1, (-1, group)) * scale.float()[..., None]).flatten(-2)

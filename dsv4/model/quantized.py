@@ -1,0 +1,81 @@
+"""Weight-only quantization of a model in memory: which layers, in which format.
+
+    quantize_model(model, "int8")          every Linear but the head -> QuantLinear; routed experts -> quantized codes
+
+Quantized: the linear layers (attention's projections, compressors, indexer, shared experts, MTP projections, Engram's
+key and value) and the routed experts, weight-only: activations, the caches and the residual streams keep their
+dtypes. Kept dense: the embedding and the head (a lookup, and the one matrix every logit goes through: small next
+to the experts in any real model, and where 4-bit error costs the most bits per byte), the router (fp32 by design)
+and the small fp32 parameters (norms, hyper-connections, sinks). A layer whose input dim does not divide into the
+format's groups stays dense and is listed in the report.
+
+Run on a model built on `meta`, the same calls give the empty quantized buffers that a quantized checkpoint fills
+(dsv4.weights.checkpoint reads `quantization_config` and calls this before loading).
+"""
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dsv4.kernels.fused import Linear, LinearGroup, QuantLinear
+from dsv4.kernels.quant import FP4_BLOCK, INT4_GROUP
+from dsv4.kernels.qweight import FORMATS
+from dsv4.model.moe import Experts
+
+KEEP_DENSE = ("head",)  # module names (last component) never quantized
+
+
+@dataclass
+class QuantReport:
+    fmt: str
+    group: int
+    quantized: list[str] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)  # layers the format's groups do not fit
+
+
+def fits(fmt: str, in_features: int, group: int) -> bool:
+    """Whether an input dim of `in_features` divides into the format's groups."""
+    if fmt == "int4":
+        return in_features % group == 0
+    if fmt == "fp4":
+        return in_features % FP4_BLOCK == 0
+    return True
+
+
+def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> QuantReport:
+    """Quantize `model`'s linear layers and routed experts in place (see the module docstring); the model remembers
+    its format in `model.quantization` (what save_pretrained writes to config.json). Returns what was done."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization['format']})")
+    report = QuantReport(fmt, group)
+    swapped: dict[int, QuantLinear] = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            path = f"{name}.{child_name}" if name else child_name
+            if type(child) is Linear and child_name not in KEEP_DENSE:
+                if not fits(fmt, child.in_features, group):
+                    report.dense.append(path)
+                    continue
+                swapped[id(child)] = QuantLinear.from_linear(child, fmt, group)
+                setattr(module, child_name, swapped[id(child)])
+                report.quantized.append(path)
+            elif isinstance(child, Experts) and child.fmt is None:
+                if fits(fmt, child.w13.shape[-1], group) and fits(fmt, child.w2.shape[-1], group):
+                    child.quantize(fmt, group)
+                    report.quantized.append(path)
+                else:
+                    report.dense.append(path)
+    _relink_groups(model, swapped)
+    model.quantization = {"quant_method": "dsv4", "format": fmt, "group_size": group}
+    return report
+
+
+def _relink_groups(model: nn.Module, swapped: dict[int, QuantLinear]) -> None:
+    """LinearGroups hold their layers: point them at the quantized ones (and drop a stale fused block)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, LinearGroup) and any(id(m) in swapped for m in value.linears):
+                value.linears = tuple(swapped.get(id(m), m) for m in value.linears)
+                value.block = None

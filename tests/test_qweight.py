@@ -1,0 +1,208 @@
+"""Weight-only quantization kept in memory: the int8 / int4 formats against hand-worked values and error bounds, every
+product of a QuantWeight against dequantize + F.linear, a quantized model's logits against full precision, and the
+quantized checkpoint's round trip (the codes stay codes)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv4.kernels import quant
+from dsv4.kernels.fused import Fused, LinearGroup, Products, QuantLinear, fuse_linear_groups
+from dsv4.kernels.qweight import FORMATS, QuantWeight, quantize
+from dsv4.model.quantized import quantize_model
+from dsv4.weights.checkpoint import from_pretrained, save_pretrained
+from tests.helpers import random_ids, random_model
+
+# relative Frobenius error of a Gaussian matrix after a round trip: what each format's grid allows (with margin)
+ROUND_TRIP = {"int8": 0.01, "int4": 0.11, "fp8": 0.04, "fp4": 0.13}
+
+
+def test_int4_packs_every_code_low_nibble_first():
+    codes = torch.arange(-8, 8, dtype=torch.float32).view(1, 16)  # the even input goes to the low nibble
+    packed = quant._int4_codes(codes)
+    assert packed[0, 0].item() == (-8 & 0xF) | ((-7 & 0xF) << 4) == 0x98
+    assert packed[0, 4].item() == 0 | (1 << 4)  # codes 0 and 1
+    torch.testing.assert_close(quant.unpack_int4(packed), codes, rtol=0, atol=0)
+
+
+def test_int8_by_hand():
+    w = torch.tensor([[1.27, -0.635, 0.0], [0.0, 0.5, -2.0]])
+    q, s = quant.quant_int8(w)
+    torch.testing.assert_close(s, torch.tensor([0.01, 2 / 127]))
+    assert q.tolist() == [[127, -64, 0], [0, 32, -127]]  # -63.5 rounds half to even: -64
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), groups=st.integers(1, 4), seed=st.integers(0, 2**16), spread=st.floats(0.01, 100))
+def test_error_bounds(rows, groups, seed, spread):
+    """int8: every weight within half a step of its row's grid. int4: within half a step of its group's grid where
+    the group's scale did not clip it, and no clipped weight beyond the clip point by more than its amax allows."""
+    w = torch.randn(rows, 32 * groups, generator=torch.Generator().manual_seed(seed)) * spread
+    q, s = quant.quant_int8(w)
+    assert ((quant.dequant_int8(q, s) - w).abs() <= s[:, None] / 2 * (1 + 1e-5)).all()
+    packed, s4 = quant.quant_int4(w, 32)
+    err = (quant.dequant_int4(packed, s4) - w).abs().unflatten(-1, (groups, 32))
+    step = s4.float()[..., None]
+    inside = w.unflatten(-1, (groups, 32)).abs() <= 7 * step
+    assert (err[inside] <= step.expand_as(err)[inside] / 2 * (1 + 1e-2)).all()
+    amax = w.unflatten(-1, (groups, 32)).abs().amax(-1, keepdim=True)
+    assert (err <= amax * (1 - min(quant.CLIP_RATIOS)) + step).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_error(fmt):
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    qw = quantize(w, fmt)
+    assert (qw.dequantize() - w).norm() / w.norm() < ROUND_TRIP[fmt]
+    assert qw.shape == w.shape
+    bits = {"int8": 8, "int4": 4, "fp8": 8, "fp4": 4}[fmt]
+    assert bits / 8 <= qw.nbytes / w.numel() <= bits / 8 * 1.13  # codes + scales, nothing dense kept
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_match_the_dequantized_matrix(fmt, dtype):
+    g = torch.Generator().manual_seed(1)
+    qw = quantize(torch.randn(3, 128, 64, generator=g), fmt)
+    x = torch.randn(5, 64, generator=g).to(dtype)
+    dense = qw.dequantize(torch.float32)
+    tol = dict(rtol=2e-2, atol=0.15) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)  # outputs ~8
+    if fmt != "fp8":  # fp8's 128-row blocks: no selection along experts' rows without decoding
+        one = qw[1]
+        torch.testing.assert_close(Products.linear(x, one).float(), x.float() @ dense[1].T, **tol)
+        torch.testing.assert_close(Fused.linear(x, one).float(), x.float() @ dense[1].T, **tol)
+        picked = qw[torch.tensor([2, 0, 2, 1, 0])]  # each row through its own expert, codes read in place
+        want = torch.einsum("ai,aoi->ao", x.float(), dense[[2, 0, 2, 1, 0]])
+        torch.testing.assert_close(Products.gathered_linear(x, picked).float(), want, **tol)
+        torch.testing.assert_close(Fused.gathered_linear(x, picked).float(), want, **tol)
+        flat = quantize(dense[0], fmt)
+        groups = flat.split_rows(4)  # [4, 32, 64]: a block-diagonal projection
+        xg = x[:, None].expand(5, 4, 64)
+        want = torch.einsum("agi,goi->ago", xg.float(), flat.dequantize().view(4, 32, 64))
+        torch.testing.assert_close(Products.grouped_linear(xg, groups).float(), want, **tol)
+        torch.testing.assert_close(Fused.grouped_linear(xg, groups).float(), want, **tol)
+    else:
+        flat = quantize(dense[0], fmt)
+        torch.testing.assert_close(Products.linear(x, flat).float(), x.float() @ flat.dequantize().T, **tol)
+
+
+def test_int8_uses_the_packed_kernel(monkeypatch):
+    """The eager int8 product goes to torch's int8-weight kernel (no dense copy of the matrix)."""
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[1].dtype) or real(*a))
+    monkeypatch.setattr(QuantWeight, "dequantize", lambda *a: pytest.fail("int8 linear decoded its matrix"))
+    quantize(torch.randn(8, 16), "int8").linear(torch.randn(2, 3, 16))
+    assert calls == [torch.int8]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_group_of_quantized_layers(fmt):
+    """Quantized layers that share an input still run as one product, with the same outputs."""
+    model = random_model()
+    quantize_model(model, fmt)
+    group: LinearGroup = model.layers[1].attn.x_group
+    x = torch.randn(2, 3, model.args.dim)
+    separate = [m(x) for m in group.linears]
+    fuse_linear_groups(model)
+    if fmt != "fp8":  # tiny's projections are not whole 128-row blocks: fp8 stays separate
+        assert isinstance(group.block, QuantWeight)
+    for a, b in zip(group(x), separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def dequantized_twin(model, quantized):
+    """A dense copy of `model` whose weights are the quantized model's, decoded."""
+    twin = copy.deepcopy(model)
+    layers = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, m in twin.named_modules():
+            q = layers[name]
+            if isinstance(q, QuantLinear):
+                m.weight.copy_(q.matrix().dequantize())
+            elif getattr(q, "fmt", None) and hasattr(q, "w13"):
+                m.w13.copy_(q.matrix("w13").dequantize())
+                m.w2.copy_(q.matrix("w2").dequantize())
+    return twin
+
+
+def test_quantized_model_logits_close_to_full_precision():
+    """Each format's logits are exactly those of its decoded weights (nothing else changes), and their distance from
+    full precision follows the formats' precision. The random tiny model is chaotic (Gaussian noise of int8's step
+    size moves its logits ~9%), so the bounds are loose; the ordering is what holds."""
+    model = random_model()
+    ids = random_ids(model.args, 2, 40)
+    error = {}
+    with torch.no_grad():
+        want = model(ids)
+        for fmt in FORMATS:
+            q = copy.deepcopy(model)
+            report = quantize_model(q, fmt)
+            assert not report.dense  # tiny's dims all divide into the groups
+            assert "head" not in report.quantized and isinstance(q.layers[0].attn.wq_a, QuantLinear)
+            assert q.layers[0].ffn.experts.w13.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
+            got = q(ids)
+            torch.testing.assert_close(got, dequantized_twin(model, q)(ids), rtol=1e-4, atol=1e-4)
+            error[fmt] = ((got - want).norm() / want.norm()).item()
+            with pytest.raises(ValueError, match="already quantized"):
+                quantize_model(q, fmt)
+    assert error["int8"] < error["fp8"] < min(error["int4"], error["fp4"]) < 0.8, error
+    assert error["int8"] < 0.15, error
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        quantize_model(random_model(), "int3")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_checkpoint_round_trip(tmp_path, fmt):
+    """save -> load keeps the codes (the loaded model holds int8 / packed bytes, not dense weights) and the logits."""
+    model = random_model()
+    report = quantize_model(model, fmt, group=64 if fmt == "int4" else 32)
+    ids = random_ids(model.args, 1, 24)
+    with torch.no_grad():
+        want = model(ids)
+    with pytest.raises(ValueError, match="dsv4 layout"):
+        save_pretrained(model, tmp_path / "hf")
+    save_pretrained(model, tmp_path / "q", layout="dsv4")
+    loaded = from_pretrained(tmp_path / "q").eval()
+    assert loaded.quantization == {"quant_method": "dsv4", "format": fmt, "group_size": 64 if fmt == "int4" else 32}
+    assert loaded.layers[2].attn.wq_a.weight.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+    torch.testing.assert_close(loaded.layers[2].attn.wq_a.scale, model.layers[2].attn.wq_a.scale, rtol=0, atol=0)
+    if fmt == "int4":  # q_lora_rank 32 does not divide into groups of 64: wq_b stays dense, and is reported
+        assert loaded.layers[2].attn.wq_b.weight.dtype == torch.float32
+        assert "layers.2.attn.wq_b" in report.dense
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), want, rtol=0, atol=0)
+    dense = sum(p.numel() * p.element_size() for p in random_model().state_dict().values())
+    stored = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    assert stored < dense * (0.45 if fmt == "int8" else 0.35)
+
+
+def test_fp8_codes_load_as_codes(tmp_path):
+    model = random_model()
+    quantize_model(model, "fp8")
+    save_pretrained(model, tmp_path / "q", layout="dsv4")
+    loaded = from_pretrained(tmp_path / "q")
+    assert loaded.layers[0].attn.wkv.weight.dtype == torch.float8_e4m3fn
+    ids = random_ids(model.args, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_compute_dtype_follows_the_load():
+    model = random_model().to_dtype(torch.bfloat16)
+    quantize_model(model, "int8")
+    assert model.layers[0].attn.wq_a.dtype == torch.bfloat16
+    ids = random_ids(model.args, 1, 8)
+    with torch.no_grad():
+        assert model(ids).isfinite().all()
+    x = torch.randn(4, model.args.dim, dtype=torch.bfloat16)
+    torch.testing.assert_close(model.layers[0].attn.wq_a(x).float(),
+                               F.linear(x.float(), model.layers[0].attn.wq_a.matrix().dequantize()),
+                               rtol=2e-2, atol=2e-2)
