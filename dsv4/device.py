@@ -41,15 +41,19 @@ class Kind:
     bf16: bool             # bf16 matmuls are fast (on the CPU: measured, see cpu_bf16_is_fast)
     compiles: bool         # torch.compile's default backend (inductor) generates code here (CPU: needs a compiler)
     fused_adamw: bool      # torch.optim.AdamW(fused=True) has kernels here
+    int8_weights: bool = False  # torch._weight_int8pack_mm (an int8-weight matmul that reads the codes) runs here
+    int4_weights: bool = False  # torch._weight_int4pack_mm_for_cpu (int4 weights in its own layout) runs here
 
 
 KINDS = {k.type: k for k in (
-    Kind("cuda", "NVIDIA CUDA", None, "nccl", bf16=True, compiles=True, fused_adamw=True),  # ROCm: RCCL as nccl
+    Kind("cuda", "NVIDIA CUDA", None, "nccl", bf16=True, compiles=True, fused_adamw=True,  # ROCm: RCCL as nccl
+         int8_weights=True),
     Kind("xpu", "Intel XPU", None, "xccl", bf16=True, compiles=True, fused_adamw=True),
-    Kind("mps", "Apple MPS", None, "gloo", bf16=False, compiles=False, fused_adamw=False),
+    Kind("mps", "Apple MPS", None, "gloo", bf16=False, compiles=False, fused_adamw=False, int8_weights=True),
     Kind("npu", "Huawei Ascend", "torch_npu", "hccl", bf16=True, compiles=False, fused_adamw=False),
     Kind("mlu", "Cambricon MLU", "torch_mlu", "cncl", bf16=True, compiles=False, fused_adamw=False),
-    Kind("cpu", "CPU", None, "gloo", bf16=True, compiles=True, fused_adamw=True),
+    Kind("cpu", "CPU", None, "gloo", bf16=True, compiles=True, fused_adamw=True, int8_weights=True,
+         int4_weights=True),
 )}
 
 
@@ -328,6 +332,18 @@ def has_fused_adamw(device: torch.device | str) -> bool:
     """torch.optim.AdamW(fused=True) has kernels for this device kind."""
     k = KINDS.get(_type(device))
     return k is not None and k.fused_adamw
+
+
+def has_int8_weight_kernel(device: torch.device | str) -> bool:
+    """torch's int8-weight matmul (`torch._weight_int8pack_mm`) has a kernel for this device kind."""
+    k = KINDS.get(_type(device))
+    return k is not None and k.int8_weights
+
+
+def has_int4_weight_kernel(device: torch.device | str) -> bool:
+    """torch's int4-weight matmul for this device kind exists (`torch._weight_int4pack_mm_for_cpu`: the CPU's)."""
+    k = KINDS.get(_type(device))
+    return k is not None and k.int4_weights
 
 
 def can_compile(device: torch.device | str) -> bool:

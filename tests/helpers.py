@@ -1,4 +1,8 @@
-"""Shared test utilities: random weights far from any initialisation, tiny configs covering every layer kind."""
+"""Shared test utilities: random weights far from any initialisation, tiny configs covering every layer kind, small
+tokenizers (ours with a visual vocabulary, and one laid out as a DeepSeek release's)."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -75,3 +79,38 @@ def small_visual_vocab(step_codes: int = 16):
     _, files = stdlib_files()
     tok = Tokenizer.train((f.read_text() for f in files[:4]), vocab_size=512, n_vis=4)
     return tok, VisualVocab.build(tok, codebook=1000, step_codes=step_codes)
+
+
+RELEASE_EXAMPLES = Path(__file__).parent / "data" / "release_chat_examples.json"
+
+
+def release_chat_tokens() -> list[str]:
+    """The release's chat tokens after BOS and EOS (added to `release_tokenizer` as DeepSeek's tokenizer.json has
+    them: not marked special)."""
+    from dsv4.tokenizers.release_chat import LATEST_REMINDER, TASKS
+    from dsv4.tokenizers.text import ASSISTANT, END_THINK, THINK, USER
+
+    return [USER, ASSISTANT, THINK, END_THINK, LATEST_REMINDER, *TASKS.values()]
+
+
+def release_tokenizer(path: Path) -> Path:
+    """A tiny tokenizer laid out as DeepSeek's, written to path/tokenizer.json (with a tokenizer_config.json): BOS,
+    EOS and pad at 0-2, then BPE merges trained on the release's worked chat examples, then the chat tokens. Returns
+    path."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from dsv4.tokenizers.text import BOS, EOS, PAD
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    texts = [c["expected"] for c in json.loads(RELEASE_EXAMPLES.read_text(encoding="utf-8"))["cases"]] * 3
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=[BOS, EOS, PAD],
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in release_chat_tokens()])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast",
+                                                            "bos_token": BOS, "eos_token": EOS}))
+    return path

@@ -65,7 +65,7 @@ def engines(monkeypatch):
         made.append(ScriptedEngine(tok, max_len))
         made[-1].load = kw
         return made[-1]
-    monkeypatch.setattr(generate_module, "load_model", lambda ckpt, device, dtype: (model, ByteTokenizer()))
+    monkeypatch.setattr(generate_module, "load_model", lambda ckpt, device, dtype, **_: (model, ByteTokenizer()))
     monkeypatch.setattr(generate_module, "load_engine", load_engine)
     return made
 

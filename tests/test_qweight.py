@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv4.kernels import quant
-from dsv4.kernels.fused import Fused, LinearGroup, Products, QuantLinear, fuse_linear_groups
-from dsv4.kernels.qweight import FORMATS, QuantWeight, quantize
+from dsv4.kernels.fused import Fused, LinearGroup, Products, QuantLinear, fuse_linear_groups, prepare_decode
+from dsv4.kernels.qweight import FORMATS, QuantWeight, from_int4_kernel_layout, int4_kernel_layout, quantize
 from dsv4.model.quantized import quantize_model
 from dsv4.weights.checkpoint import from_pretrained, save_pretrained
 from tests.helpers import random_ids, random_model
@@ -143,7 +143,8 @@ def test_quantized_model_logits_close_to_full_precision():
             q = copy.deepcopy(model)
             report = quantize_model(q, fmt)
             assert not report.dense  # tiny's dims all divide into the groups
-            assert "head" not in report.quantized and isinstance(q.layers[0].attn.wq_a, QuantLinear)
+            assert ("head" in report.quantized) == (fmt in ("int8", "fp8"))  # the 4-bit formats keep it dense
+            assert isinstance(q.layers[0].attn.wq_a, QuantLinear)
             assert q.layers[0].ffn.experts.w13.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
             got = q(ids)
             torch.testing.assert_close(got, dequantized_twin(model, q)(ids), rtol=1e-4, atol=1e-4)
@@ -206,3 +207,47 @@ def test_compute_dtype_follows_the_load():
     torch.testing.assert_close(model.layers[0].attn.wq_a(x).float(),
                                F.linear(x.float(), model.layers[0].attn.wq_a.matrix().dequantize()),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_int4_kernel_layout_is_torchs_and_round_trips():
+    w = torch.randn(3, 128, 96, generator=torch.Generator().manual_seed(2))
+    qw = quantize(w, "int4")
+    packed, pairs = int4_kernel_layout(qw.codes, qw.scale)
+    unsigned = (quant.unpack_int4(qw.codes[1]) + 8).to(torch.int32)
+    assert torch.equal(packed[1], torch._convert_weight_to_int4pack_for_cpu(unsigned, 2))
+    assert pairs.shape == (3, 3, 128, 2) and not pairs[..., 1].any()
+    back = from_int4_kernel_layout(packed, pairs)
+    assert torch.equal(back[0], qw.codes) and torch.equal(back[1], qw.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_products_match_the_portable_ones(dtype):
+    g = torch.Generator().manual_seed(3)
+    portable = quantize(torch.randn(4, 128, 64, generator=g), "int4")
+    laid = portable.to_kernel()
+    assert laid.kernel and laid.group == portable.group == 32 and laid.shape == portable.shape
+    torch.testing.assert_close(laid.dequantize(), portable.dequantize(), rtol=0, atol=0)
+    x = torch.randn(5, 64, generator=g).to(dtype)
+    tol = dict(rtol=2e-2, atol=0.15) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    idx = torch.tensor([3, 0, 3, 1, 2])
+    want = torch.einsum("ai,aoi->ao", x.float(), portable.dequantize()[idx])
+    torch.testing.assert_close(laid[idx].gathered(x).float(), want, **tol)
+    torch.testing.assert_close(Fused.gathered_linear(x, laid[idx]).float(), want, **tol)
+    torch.testing.assert_close(laid[2].linear(x).float(), x.float() @ portable.dequantize()[2].T, **tol)
+    torch.testing.assert_close(Fused.linear(x, laid[2]).float(), x.float() @ portable.dequantize()[2].T, **tol)
+    assert not quantize(torch.randn(96, 64), "int4").to_kernel().kernel  # rows not in whole blocks of 64: as is
+
+
+def test_prepared_int4_model_keeps_its_logits_and_is_not_saved(tmp_path):
+    model = random_model()
+    quantize_model(model, "int4")
+    ids = random_ids(model.args, 2, 24)
+    with torch.no_grad():
+        want = model(ids)
+        prepare_decode(model)
+        assert model.layers[0].ffn.experts.kernel_layout  # 128 rows: laid out
+        assert model.layers[0].attn.wq_b.kernel_layout
+        assert not model.layers[0].attn.wq_a.kernel_layout  # 32 rows: stays portable
+        torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="before it is prepared"):
+        save_pretrained(model, tmp_path / "x", layout="dsv4")

@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from dsv4.tokenizers.release_chat import LATEST_REMINDER, TASKS, parse_completion, render, render_calls
-from dsv4.tokenizers.text import ASSISTANT, BOS, END_THINK, EOS, PAD, THINK, USER, Tokenizer
+from dsv4.tokenizers.text import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, Tokenizer
+from tests.helpers import release_chat_tokens, release_tokenizer
 
 EXAMPLES = json.loads((Path(__file__).parent / "data" / "release_chat_examples.json").read_text(encoding="utf-8"))
 CASES = {c["name"]: c for c in EXAMPLES["cases"]}
@@ -165,25 +165,13 @@ def test_malformed_completions_are_refused(text):
 
 
 # ---- a release tokenizer.json is used as is, with the release's format ----
-CHAT_TOKENS = [USER, ASSISTANT, THINK, END_THINK, LATEST_REMINDER, *TASKS.values()]
+CHAT_TOKENS = release_chat_tokens()
 
 
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory):
     """A tiny tokenizer laid out as DeepSeek's: BOS, EOS and pad at 0-2, then the BPE merges, then the chat tokens."""
-    tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    texts = [c["expected"] for c in EXAMPLES["cases"]] * 3
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=[BOS, EOS, PAD],
-                                                       show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_tokens([AddedToken(t, normalized=False) for t in CHAT_TOKENS])
-    path = tmp_path_factory.mktemp("release")
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast",
-                                                            "bos_token": BOS, "eos_token": EOS}))
-    return path
+    return release_tokenizer(tmp_path_factory.mktemp("release"))
 
 
 def test_release_tokenizer_is_used_as_is(release_dir):

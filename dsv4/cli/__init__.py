@@ -271,6 +271,12 @@ def add_engine_args(p, max_len_help: str):
     p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: also inductor's C++ wrapper "
                    "(~10%% faster steps for about twice the compile time)")
     p.add_argument("--device", default=None)
+    p.add_argument("--device-map", metavar="auto|PATH|JSON", default=None,
+                   help="place parts of the model on different devices instead of --device (routed experts in host "
+                        "RAM computing on the CPU, layers split over cards): auto (the placement `dsv4 plan` finds "
+                        "for this machine's free memory, printed to stderr), a JSON file (a map, or a `dsv4 plan "
+                        "--json` report), or the map itself, e.g. '{\"\": \"accel:0\", \"layers.*.ffn.experts\": "
+                        "\"cpu\"}' (dsv4.weights.placement)")
     p.add_argument("--dtype", default="auto", help="compute dtype (auto: the fastest this device has)")
 
 
@@ -303,7 +309,7 @@ def sampling_params(opts):
 def engine_options(opts) -> dict:
     """The keywords add_engine_args' options give dsv4.engine.load (and the commands that open an engine)."""
     return dict(max_len=opts.max_len, device=opts.device, dtype=opts.dtype, speculative=opts.speculative,
-                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile)
+                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile, device_map=opts.device_map)
 
 
 def add_generate(subparsers):

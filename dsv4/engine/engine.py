@@ -35,6 +35,7 @@ from dsv4.engine.request import Completion, Delta, LogitsProcessor, Request, tok
 from dsv4.engine.sampling import SamplingParams, apply_penalties, draft_tokens, sample, verify_drafts
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache, Step
+from dsv4.weights.placement import cache_devices, main_device
 
 __all__ = ["Completion", "Delta", "Engine", "Request"]  # the request types live in dsv4.engine.request
 
@@ -63,14 +64,18 @@ class Engine:
         # projections that share an input fused into one product each; on a CPU, the decode products (fused loops)
         self.model, self.tokenizer = prepare_decode(model.eval()), tokenizer
         self.args = model.args
-        self.device = next(model.parameters()).device
+        # a placed model (dsv4.weights.placement) takes token ids and gives logits on its main device, and each
+        # layer's KV cache lives on that layer's device
+        placed = getattr(model, "placement", None) is not None
+        self.device = main_device(model) if placed else next(model.parameters()).device
         if compile_scan or (compile_scan is None and can_compile(self.device)):
             compile_indexer_scan(model)
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
         self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
         dtype = cache_dtype or model.layers[0].attn.wkv.dtype  # what the attention computes in
         # a speculative step runs one column (the draft) past the last token that can still be generated
-        self.cache = KVCache(self.args, max_batch, self.max_len + speculative, self.device, dtype)
+        self.cache = KVCache(self.args, max_batch, self.max_len + speculative, self.device, dtype,
+                             devices=cache_devices(model) if placed else None)
         self.free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

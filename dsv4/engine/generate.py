@@ -48,11 +48,12 @@ def stream_to_stdout(engine: Engine, ids: list[int], params: SamplingParams, max
 def generate(ckpt: str | os.PathLike, prompt: str | None = None, *, prompt_file: str | os.PathLike | None = None,
              context_dir: str | None = None, params: SamplingParams | None = None, max_new_tokens: int = 256,
              stop: Sequence[str] = (), max_len: int | None = None, device: str | None = None, dtype: str = "auto",
-             compile: bool | str = False, speculative: bool | None = None) -> str:
+             compile: bool | str = False, speculative: bool | None = None, device_map=None) -> str:
     """Continue the prompt with the checkpoint's model -> the generated text (also streamed to stdout). The engine's
-    cache holds prompt + max_new_tokens (max_len: that many tokens instead; the packed tree fills up to it)."""
+    cache holds prompt + max_new_tokens (max_len: that many tokens instead; the packed tree fills up to it).
+    device_map: see dsv4.engine.load.load_model ("auto" plans for max_len, else the model's context)."""
     text = read_prompt(prompt, prompt_file, context_dir)
-    model, tok = load_model(ckpt, device, dtype)
+    model, tok = load_model(ckpt, device, dtype, device_map=device_map, max_len=max_len)
     ids = tok.encode(text)
     if context_dir:
         budget = context_len(model, max_len) - len(ids) - max_new_tokens

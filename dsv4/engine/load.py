@@ -1,23 +1,80 @@
 """A checkpoint directory -> an engine over it, as `dsv4 generate`, `dsv4 chat` and `dsv4 serve` open one.
 
     model, tok = load_model("runs/small/final", device="cpu", dtype="fp32")
+    model, tok = load_model("runs/small/final", device_map="auto", max_len=8192, max_batch=8)  # placed (issue 23)
     engine = load_engine(model, tok, max_len=8192, max_batch=8, compile=True)
+
+A device map (dsv4.weights.placement) puts parts of the model on different devices, e.g. routed experts in host RAM
+computing on the CPU and everything else on the accelerator; "auto" asks dsv4.weights.plan for this machine's, in the
+formats the loader keeps in memory: a `dsv4 quantize`d checkpoint's format, else the compute dtype (the release's
+FP8/FP4 is dequantised on load).
 """
 
+import json
 import os
+import sys
 
 import torch
 
 from dsv4.device import default_device, resolve_dtype
 from dsv4.engine.engine import Engine
-from dsv4.weights.checkpoint import load_checkpoint
+from dsv4.weights.checkpoint import load_checkpoint, read_config
+from dsv4.weights.info import tokens
+from dsv4.weights.placement import DeviceMap, resolve_device
+from dsv4.weights.plan import CACHE_DTYPES, Formats, Hardware, Plan, gb, holds, local_memory, plan
+
+AUTO = "auto"
 
 
-def load_model(ckpt: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto"):
+def load_model(ckpt: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto",
+               device_map=None, max_len: int | None = None, max_batch: int = 1):
     """The checkpoint's (model in eval mode, tokenizer) on `device` (default: the accelerator if any) in `dtype`
-    ("auto": the fastest that device has)."""
-    device = torch.device(device) if device else default_device()
-    return load_checkpoint(ckpt, device, resolve_dtype(dtype, device))
+    ("auto": the fastest that device has; with a device map, the fastest its main device has).
+    device_map instead of a device: "auto" (the placement dsv4.weights.plan finds for this machine for `max_batch`
+    sequences of `max_len` tokens, None: the model's context; summarised on stderr; DoesNotFit, a ValueError, when
+    nothing fits), or a map: JSON text, a JSON file, a `dsv4 plan --json` report (DeviceMap.parse). The checkpoint
+    streams straight into the placement, which the model keeps as `model.placement`."""
+    if device_map is None:
+        device = torch.device(device) if device else default_device()
+        return load_checkpoint(ckpt, device, resolve_dtype(dtype, device))
+    if device:
+        raise ValueError("give --device or --device-map, not both")
+    if device_map == AUTO:
+        dtype = resolve_dtype(dtype, default_device())
+        device_map = auto_map(ckpt, dtype, max_len, max_batch)
+    device_map = DeviceMap.parse(device_map)
+    dtype = resolve_dtype(dtype, resolve_device(device_map.entries[""]))
+    return load_checkpoint(ckpt, dtype=dtype, device_map=device_map)
+
+
+def auto_map(ckpt: str | os.PathLike, dtype: torch.dtype, max_len: int | None, max_batch: int) -> DeviceMap:
+    """This machine's placement of the checkpoint (its accelerators' free memory, its available RAM), printed to
+    stderr. Formats: what the loader keeps (a quantized checkpoint's format, else `dtype`) for every weight."""
+    args, raw = read_config(ckpt)
+    kept = {v: k for k, v in CACHE_DTYPES.items()}[dtype]
+    quantized = raw.get("quantization_config") or {}
+    if quantized.get("quant_method") == "dsv4":  # `dsv4 quantize` wrote it: the layers stay in its format
+        fmt = quantized["format"]
+        formats = Formats(fmt, fmt, kept, kept, quantized.get("group_size", Formats.group))
+    else:
+        formats = Formats(kept, kept, kept, kept)
+    cards, ram = local_memory()
+    p = plan(args, Hardware(cards, ram), min(max_len or args.max_seq_len, args.max_seq_len), max_batch, formats,
+             name=os.fspath(ckpt))
+    print(summary(p), file=sys.stderr, flush=True)
+    return p.device_map
+
+
+def summary(p: Plan) -> str:
+    """A few lines on where the plan puts the model: its policy, memory per device, the map."""
+    f = p.formats
+    policy = p.policy if p.hardware.accelerators else "no accelerator: everything on the CPU"
+    lines = [f"device map auto: {policy} (context {tokens(p.context)}, batch {p.batch}; weights {f.weights}, "
+             f"routed experts {f.experts}, KV cache {f.cache})"]
+    for dev, m in p.memory.items():
+        lines.append(f"  {dev}: {gb(m['weights'])} weights + {gb(m['cache'])} KV cache, {gb(m['free'])} of "
+                     f"{gb(m['capacity'])} left free: {holds(p, dev)}")
+    return "\n".join([*lines, f"  --device-map '{json.dumps(p.device_map.to_dict())}'"])
 
 
 def load_engine(model, tokenizer, max_len: int | None = None, max_batch: int = 1, compile: bool | str = False,

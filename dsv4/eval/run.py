@@ -225,9 +225,9 @@ def evaluate(ckpt: str | os.PathLike, *, data: str | None = None, val_frac: floa
     """`dsv4 eval`: what is asked of held-out bpb (on the data the checkpoint was trained with unless `data` says
     otherwise; max_tokens 0 = all), sample completions, HumanEval pass@1 and the NIAH grid (written to niah_out,
     default the checkpoint), each printed as it finishes -> the report (also written to json_path if given)."""
-    from dsv4.device import default_device, resolve_dtype
+    from dsv4.device import parse_device, resolve_dtype
 
-    device = torch.device(device) if device else default_device()
+    device = parse_device(device)
     model, tok, cfg = load(ckpt, device, resolve_dtype(dtype, device))
     on = settled(cfg, data, val_frac, seq_len)
     report: dict = {"ckpt": ckpt}

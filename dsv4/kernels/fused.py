@@ -53,7 +53,9 @@ class Products:
     @staticmethod
     def gathered_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """Each row through its own weight: x [A, in], weight [A, out, in] -> [A, out]"""
-        return torch.bmm(x[:, None], dense(weight, x.dtype).transpose(1, 2))[:, 0]
+        if isinstance(weight, QuantWeight):
+            return weight.gathered(x)
+        return torch.bmm(x[:, None], weight.transpose(1, 2))[:, 0]
 
     @staticmethod
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,15 +116,19 @@ class Fused(Products):
     products (fine for tests, slow otherwise)."""
 
     @staticmethod
-    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        if isinstance(weight, QuantWeight) and weight.fast(x):  # torch's kernels read the codes faster than a loop
+            return weight.linear(x)
         return _per_row(x, weight, 1)
 
     @staticmethod
-    def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def grouped_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         return _per_row(x, weight, 2)
 
     @staticmethod
-    def gathered_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def gathered_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        if isinstance(weight, QuantWeight) and weight.fast(x):
+            return weight.gathered(x)
         return matvec(x, weight)
 
     @staticmethod
@@ -175,9 +181,25 @@ def use_products(model: nn.Module, ops: type[Products]) -> nn.Module:
 
 def prepare_decode(model: nn.Module) -> nn.Module:
     """Ready a model for the inference engine, once: the linear groups fused and, on a CPU, the decode products
-    (`CpuDecode`). Call after the model has its final device and dtype. Returns the model."""
-    device = next(model.parameters()).device
-    return use_products(fuse_linear_groups(model), CpuDecode if device.type == "cpu" else Products)
+    (`CpuDecode`). Call after the model has its final device and dtype. A placed model (dsv4.weights.placement)
+    decides module by module: routed experts kept in CPU memory get the CPU's products, the rest their device's.
+    Returns the model."""
+    for module in model.modules():  # quantized weights as torch's kernels take them, before fusing
+        prepare = getattr(module, "prepare_kernels", None)
+        if prepare is not None and _on_cpu(module, model):
+            prepare()
+    fuse_linear_groups(model)
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = CpuDecode if _on_cpu(module, model) else Products
+    return model
+
+
+def _on_cpu(module: nn.Module, model: nn.Module) -> bool:
+    """Whether `module` lives in CPU memory (its own first tensor; one without tensors goes with the model)."""
+    tensor = next(module.parameters(recurse=False), None)
+    tensor = tensor if tensor is not None else next(module.buffers(recurse=False), None)
+    return (tensor if tensor is not None else next(model.parameters())).device.type == "cpu"
 
 
 class Linear(nn.Linear):
@@ -209,7 +231,7 @@ class QuantLinear(Linear):
 
     def __init__(self, qw: QuantWeight, dtype: torch.dtype, bias: nn.Parameter | None = None):
         nn.Module.__init__(self)
-        self.fmt, self.compute_dtype = qw.fmt, dtype
+        self.fmt, self.compute_dtype, self.kernel_layout, self.prepared = qw.fmt, dtype, False, False
         self.out_features, self.in_features = qw.shape[-2], qw.shape[-1]
         self.register_buffer("weight", qw.codes)
         self.register_buffer("scale", qw.scale)
@@ -229,7 +251,21 @@ class QuantLinear(Linear):
         return self.compute_dtype
 
     def matrix(self) -> QuantWeight:
-        return QuantWeight(self.fmt, self.weight, self.scale)
+        return QuantWeight(self.fmt, self.weight, self.scale, kernel=self.kernel_layout)
+
+    @torch.no_grad()
+    def prepare_kernels(self) -> None:
+        """On the CPU, the weight as torch's kernels take it (an inference-time step of prepare_decode; a model so
+        prepared is not saved): int8's scales in the compute dtype (the kernel wants them in the activations'; cast
+        once, not every product), int4's codes re-laid for torch's int4 kernel (same bytes; QuantWeight.to_kernel)."""
+        if self.prepared:
+            return
+        if self.fmt == "int8":
+            self.scale = self.scale.to(self.dtype)
+        qw = self.matrix().to_kernel()
+        if qw.kernel:
+            self.weight, self.scale, self.kernel_layout = qw.codes, qw.scale.to(self.dtype), True
+        self.prepared = True
 
     def grouped(self, groups: int) -> Weight:
         if self.fmt == "fp8":  # 128-row blocks do not split into groups: decode
@@ -259,22 +295,25 @@ class LinearGroup:
             return  # nothing to gain on meta; dense and quantized layers stay separate
         if isinstance(first, QuantWeight):
             if any(w.fmt != first.fmt or w.group != first.group or w.scale.dtype != first.scale.dtype
-                   for w in weights) or (first.fmt == "fp8" and any(n % 128 for n in self.sizes)):
+                   or w.kernel != first.kernel for w in weights) or (
+                    first.fmt == "fp8" and any(n % 128 for n in self.sizes)):
                 return
-            parts = [("weight", [w.codes for w in weights]), ("scale", [w.scale for w in weights])]
+            # the kernel layout keeps its (scale, zero) pairs [G, out, 2]: those stack along dim 1
+            parts = [("weight", [w.codes for w in weights], 0),
+                     ("scale", [w.scale for w in weights], 1 if first.kernel else 0)]
         elif any(w.dtype != first.dtype for w in weights):
             return  # mixed dtypes stay separate
         else:
-            parts = [("weight", weights)]
+            parts = [("weight", weights, 0)]
         blocks = []
-        for name, tensors in parts:
-            block = torch.cat(tensors)
+        for name, tensors, dim in parts:
+            block = torch.cat(tensors, dim)
             at = 0
             for m, t in zip(self.linears, tensors):
-                getattr(m, name).data = block[at: at + t.shape[0]]
-                at += t.shape[0]
+                getattr(m, name).data = block.narrow(dim, at, t.shape[dim])
+                at += t.shape[dim]
             blocks.append(block)
-        self.block = blocks[0] if len(blocks) == 1 else QuantWeight(first.fmt, *blocks)
+        self.block = blocks[0] if len(blocks) == 1 else QuantWeight(first.fmt, *blocks, kernel=first.kernel)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[..., in] -> each layer's output, in order (fused: one product, with the layers' product set)."""

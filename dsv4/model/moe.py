@@ -92,6 +92,8 @@ class Experts(nn.Module):
     ops = Products  # the product set (dsv4.kernels.fused)
     hot_paths = ("act",)  # what dsv4.kernels.compile.compile_hot_paths compiles
     fmt: str | None = None  # the quantized format, None while dense
+    kernel_layout = False  # int4 codes in the layout of torch's CPU kernel (prepare_kernels)
+    prepared = False  # prepare_kernels ran: an inference-time layout, not saved
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -116,7 +118,24 @@ class Experts(nn.Module):
         """w13 or w2 as the products take it: the parameter, or a QuantWeight over the codes."""
         if self.fmt is None:
             return getattr(self, name)
-        return QuantWeight(self.fmt, getattr(self, name), getattr(self, f"{name}_scale"))
+        return QuantWeight(self.fmt, getattr(self, name), getattr(self, f"{name}_scale"), kernel=self.kernel_layout)
+
+    @torch.no_grad()
+    def prepare_kernels(self) -> None:
+        """On the CPU, both matrices as torch's kernels take them (see dsv4.kernels.fused.QuantLinear.prepare_kernels):
+        int8's scales in the compute dtype, int4 re-laid for the int4 kernel when both matrices can be."""
+        if self.fmt is None or self.prepared:
+            return
+        if self.fmt == "int8":
+            for name in ("w13_scale", "w2_scale"):
+                setattr(self, name, getattr(self, name).to(self.compute_dtype))
+        laid = [self.matrix(name).to_kernel() for name in ("w13", "w2")]
+        if all(qw.kernel for qw in laid):
+            for name, qw in zip(("w13", "w2"), laid):
+                setattr(self, name, qw.codes)
+                setattr(self, f"{name}_scale", qw.scale.to(self.compute_dtype))
+            self.kernel_layout = True
+        self.prepared = True
 
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """w13 or w2 as a dense tensor: the parameter itself, or the quantized weight decoded into `dtype`."""
@@ -168,9 +187,10 @@ class Experts(nn.Module):
         y_AD = self.ops.gathered_linear(self.act(h_A2I), self.matrix("w2")[flat])
         return (y_AD.view(N, K, -1) * w_NK[..., None].to(y_AD.dtype)).sum(1)
 
-    def grouped_ok(self, x: torch.Tensor, w13: torch.Tensor) -> bool:
+    def grouped_ok(self, x: torch.Tensor, w13: torch.Tensor | None = None) -> bool:
         """F.grouped_mm needs 16-byte aligned rows and matching dtypes; under torch.compile its meta kernel accepts
-        only bf16 (eager CPU takes fp32 too)."""
+        only bf16 (eager CPU takes fp32 too). w13: the dense w13 the product would read (default: this layer's)."""
+        w13 = self.dense("w13", x.dtype) if w13 is None else w13
         align = 16 // x.element_size()
         if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
             return False

@@ -3,11 +3,12 @@
     quantize_model(model, "int8")          every Linear but the head -> QuantLinear; routed experts -> quantized codes
 
 Quantized: the linear layers (attention's projections, compressors, indexer, shared experts, MTP projections, Engram's
-key and value) and the routed experts, weight-only: activations, the caches and the residual streams keep their
-dtypes. Kept dense: the embedding and the head (a lookup, and the one matrix every logit goes through: small next
-to the experts in any real model, and where 4-bit error costs the most bits per byte), the router (fp32 by design)
-and the small fp32 parameters (norms, hyper-connections, sinks). A layer whose input dim does not divide into the
-format's groups stays dense and is listed in the report.
+key and value, and the head in the 8-bit formats) and the routed experts, weight-only: activations, the caches and the
+residual streams keep their dtypes. Kept dense: the embedding (a lookup), the head in the 4-bit formats (the one
+matrix every logit goes through, where 4-bit error costs the most bits per byte; small next to the experts in any
+real model), the router (fp32 by design) and the small fp32 parameters (norms, hyper-connections, sinks). A layer
+whose input dim does not divide into the format's groups stays dense and is listed in the report. A head tied to the
+embedding is untied by quantizing it (the embedding stays dense).
 
 Run on a model built on `meta`, the same calls give the empty quantized buffers that a quantized checkpoint fills
 (dsv4.weights.checkpoint reads `quantization_config` and calls this before loading).
@@ -22,7 +23,7 @@ from dsv4.kernels.quant import FP4_BLOCK, INT4_GROUP
 from dsv4.kernels.qweight import FORMATS
 from dsv4.model.moe import Experts
 
-KEEP_DENSE = ("head",)  # module names (last component) never quantized
+KEEP_DENSE_4BIT = ("head",)  # module names (last component) the 4-bit formats leave dense
 
 
 @dataclass
@@ -54,7 +55,7 @@ def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> Quant
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             path = f"{name}.{child_name}" if name else child_name
-            if type(child) is Linear and child_name not in KEEP_DENSE:
+            if type(child) is Linear and not (fmt in ("int4", "fp4") and child_name in KEEP_DENSE_4BIT):
                 if not fits(fmt, child.in_features, group):
                     report.dense.append(path)
                     continue
@@ -79,3 +80,25 @@ def _relink_groups(model: nn.Module, swapped: dict[int, QuantLinear]) -> None:
             if isinstance(value, LinearGroup) and any(id(m) in swapped for m in value.linears):
                 value.linears = tuple(swapped.get(id(m), m) for m in value.linears)
                 value.block = None
+
+
+def quantize_as_configured(model: nn.Module, config: dict) -> None:
+    """Quantize a model (built on `meta`, before loading) as a checkpoint's config.json says `dsv4 quantize` wrote it
+    (`quantization_config` with quant_method "dsv4"); anything else leaves it as it is."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") == "dsv4":
+        quantize_model(model, q["format"], q.get("group_size", INT4_GROUP))
+
+
+def saved_quantization(model: nn.Module, layout: str) -> dict | None:
+    """The `quantization_config` a checkpoint of `model` records (None: not quantized), once it is sure the model can
+    be saved in `layout`: quantized models only in the dsv4 layout (its names for codes and scales), and never after
+    prepare_decode laid their weights out for the CPU's kernels."""
+    if any(getattr(m, "prepared", False) is True for m in model.modules()):
+        raise ValueError("this model's quantized weights are laid out for the CPU's kernels (prepare_decode); save the "
+                         "model as loaded, before it is prepared for the engine")
+    quantization = getattr(model, "quantization", None)
+    if quantization and layout != "dsv4":
+        raise ValueError(f"a quantized model is saved in the dsv4 layout (its names for codes and scales), not "
+                         f"{layout!r}")
+    return quantization

@@ -198,7 +198,7 @@ class Transformer(nn.Module):
     def hidden(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
         """Streams [B, S, n, D] -> the head's input [B, S, D] (collapsed, normalised, in the head's dtype)."""
         x = (norm or self.norm)((hc_head or self.hc_head)(h))
-        return x.to(self.head.weight.dtype)
+        return x.to(self.head.dtype)
 
     def logits(self, h: torch.Tensor, hc_head: HyperHead | None = None, norm: RMSNorm | None = None):
         return self.head(self.hidden(h, hc_head, norm))

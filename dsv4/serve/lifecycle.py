@@ -26,10 +26,12 @@ DEFAULT_MAX_LEN = 8192  # the cache's context per sequence unless max_len says o
 
 
 def open_engine(ckpt: str | os.PathLike, max_len: int | None, max_batch: int, device: str | None, dtype: str,
-                compile: bool | str, speculative: bool | None) -> Engine:
+                compile: bool | str, speculative: bool | None, device_map=None) -> Engine:
     """The engine, its step graphs compiled now (when compiling) rather than while the first clients wait. A
-    multimodal checkpoint's engine runs without speculation (its visual spans are constrained)."""
-    model, tok = load_model(ckpt, device, dtype)
+    multimodal checkpoint's engine runs without speculation (its visual spans are constrained). device_map: see
+    dsv4.engine.load.load_model ("auto" plans for max_batch sequences of max_len tokens)."""
+    model, tok = load_model(ckpt, device, dtype, device_map=device_map, max_len=max_len or DEFAULT_MAX_LEN,
+                            max_batch=max_batch)
     if (Path(ckpt) / "multimodal.json").exists():
         if speculative:
             raise ValueError("a multimodal checkpoint is served without speculation (its spans are constrained)")
@@ -45,7 +47,7 @@ def visual_side(ckpt: str | os.PathLike, engine: Engine) -> VisualModel | None:
     """A multimodal checkpoint's vocabulary and pixel tokenizer around the engine's model (None: text only)."""
     if not (Path(ckpt) / "multimodal.json").exists():
         return None
-    device = next(engine.model.parameters()).device
+    device = engine.device  # the model's main device (placed or not)
     return VisualModel(engine.model, engine.tokenizer, read_vocab(ckpt), load_pixels(Path(ckpt) / "pixels", device))
 
 
@@ -82,12 +84,12 @@ def start_http(server: uvicorn.Server, runner: EngineRunner) -> threading.Thread
 def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, model_name: str | None = None, drain_timeout: float = 7.0, max_len: int | None = None,
           device: str | None = None, dtype: str = "auto", compile: bool | str = False,
-          speculative: bool | None = None) -> int:
+          speculative: bool | None = None, device_map=None) -> int:
     """Serve the checkpoint (the OpenAI API, /health, /metrics, the web page) on host:port until SIGTERM / Ctrl-C,
     with `max_batch` cache slots of `max_len` tokens (default 8192); clients name the model `model_name` (default:
     the checkpoint directory's name). Must run on the main thread (signal handlers) -> 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = open_engine(ckpt, max_len, max_batch, device, dtype, compile, speculative)
+    engine = open_engine(ckpt, max_len, max_batch, device, dtype, compile, speculative, device_map)
     visual = visual_side(ckpt, engine)
     name = model_name or Path(ckpt).resolve().name
     runner = EngineRunner(engine)

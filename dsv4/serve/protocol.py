@@ -127,6 +127,9 @@ class ChatCompletionRequest(Sampling):
     # DeepSeek's switch for the reasoning ("thinking") mode; also accepted as chat_template_kwargs={"thinking": true}
     thinking: Thinking | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # a release checkpoint's reasoning effort (also chat_template_kwargs={"reasoning_effort": ...}): see
+    # dsv4.serve.prompts.EFFORTS; our own chat format has none and ignores it
+    reasoning_effort: str | None = None
 
     def wants_thinking(self) -> bool:
         if self.thinking is not None:

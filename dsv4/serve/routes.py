@@ -19,7 +19,7 @@ from dsv4.serve.prompts import budget, chat_prompt, completion_prompts
 from dsv4.serve.responses import chat_chunks, chat_response, completion_chunks, completion_response, sse
 from dsv4.serve.run import Run, text_requests
 from dsv4.serve.runner import EngineRunner
-from dsv4.serve.tools import OutputParser
+from dsv4.serve.tools import output_parser
 from dsv4.tokenizers.multimodal import TextOnly
 
 STATIC = Path(__file__).parent / "static"
@@ -96,7 +96,7 @@ async def chat(body: api.ChatCompletionRequest, s: Served = Depends(served)):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     tools = bool(body.tools) and body.tool_choice != "none"
     run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, body, max_new, logprobs, s.text_only))
-    parsers = [OutputParser(body.wants_thinking(), tools) for _ in range(body.n)]
+    parsers = [output_parser(s.tokenizer, body.wants_thinking(), tools) for _ in range(body.n)]
     if body.stream:
         return sse(chat_chunks(run, body, parsers, s.model_name, s.tokenizer))
     return await chat_response(run, parsers, s.model_name, s.tokenizer)

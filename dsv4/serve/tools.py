@@ -9,6 +9,11 @@ DeepSeek's markup (V3.1 and later) for a turn that calls tools (one line in the 
 and for the results fed back: <｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>. With thinking on, the generation
 prompt ends in `<think>\\n` and the model writes its reasoning up to `</think>`.
 
+A release checkpoint's tokenizer (`Tokenizer.release`) gets the release's own format instead: dsv4.serve.prompts
+hands it the messages as they are and dsv4.tokenizers.release_chat writes the tools, calls and results; the model
+calls tools in a DSML block (`\\n\\n<｜DSML｜tool_calls>` ... `</｜DSML｜tool_calls>`), which `ReleaseOutputParser`
+reads one invoke at a time with release_chat's own parser. `output_parser` picks the parser for a tokenizer.
+
 `OutputParser` is incremental: text goes in as the engine streams it, events come out, and a marker split across
 pieces is held back until it is complete. Whatever the chunking, the events add up to the same reasoning, answer and
 calls (tested), so streaming and non-streaming responses agree.
@@ -20,6 +25,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from dsv4.tokenizers import release_chat
 from dsv4.tokenizers.text import END_THINK
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -62,6 +68,7 @@ class ToolCallOut:
 
 class OutputParser:
     """Text in, ("reasoning" | "content", text) and ("tool_call", ToolCallOut) events out."""
+    calls_begin, calls_end, call_begin, call_end = CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END
 
     def __init__(self, thinking: bool, tools: bool):
         self.state = "reasoning" if thinking else "content"
@@ -77,7 +84,7 @@ class OutputParser:
             if self.state == "reasoning":
                 self._until(END_THINK, "reasoning", "content", events)
             elif self.state == "content" and self.tools:
-                self._until(CALLS_BEGIN, "content", "calls", events)
+                self._until(self.calls_begin, "content", "calls", events)
             elif self.state in ("content", "raw"):  # raw: answer text that no longer looks for calls
                 events.append(("content", self.buffer))
                 self.buffer = ""
@@ -111,28 +118,58 @@ class OutputParser:
         self.buffer = self.buffer[len(self.buffer) - keep:]
 
     def _calls(self, events: list):
-        """Inside <｜tool▁calls▁begin｜>: emit each complete call; stop at the block's end."""
+        """Inside the calls block: emit each complete call; stop at the block's end."""
         text = self.buffer.lstrip()
-        if text.startswith(CALLS_END):
+        if text.startswith(self.calls_end):
             self.buffer = ""
             self.state = "after"
             return
-        if not text.startswith(CALL_BEGIN):
-            if len(text) >= len(CALL_BEGIN) or not (CALL_BEGIN.startswith(text) or CALLS_END.startswith(text)):
-                # not a call: the model broke the format; the rest is kept as answer text
-                self.state = "raw"
-                events.append(("content", text))
-                self.buffer = ""
+        begin = self.call_begin
+        if not text.startswith(begin):
+            if len(text) >= len(begin) or not (begin.startswith(text) or self.calls_end.startswith(text)):
+                self._raw(text, events)
             return
-        end = text.find(CALL_END)
+        end = text.find(self.call_end)
         if end < 0:
             return
-        body = text[len(CALL_BEGIN): end]
-        name, _, arguments = body.partition(SEP)
-        events.append(("tool_call", ToolCallOut(self.calls, f"call_{uuid.uuid4().hex[:24]}", name.strip(),
-                                                arguments.strip())))
+        call = self._call(text[: end + len(self.call_end)])
+        if call is None:
+            self._raw(text, events)
+            return
+        events.append(("tool_call", ToolCallOut(self.calls, f"call_{uuid.uuid4().hex[:24]}", *call)))
         self.calls += 1
-        self.buffer = text[end + len(CALL_END):]
+        self.buffer = text[end + len(self.call_end):]
+
+    def _raw(self, text: str, events: list):
+        """Not a call: the model broke the format; the rest is kept as answer text."""
+        self.state = "raw"
+        events.append(("content", text))
+        self.buffer = ""
+
+    def _call(self, text: str) -> tuple[str, str] | None:
+        """One whole call, from its opening marker to its closing one -> (name, arguments), or None if malformed."""
+        name, _, arguments = text[len(self.call_begin): -len(self.call_end)].partition(SEP)
+        return name.strip(), arguments.strip()
+
+
+class ReleaseOutputParser(OutputParser):
+    """The release's DSML calls (dsv4.tokenizers.release_chat): each `<｜DSML｜invoke ...>...</｜DSML｜invoke>` is
+    read by `release_chat.parse_completion`, so string parameters come back JSON-quoted and the rest as written."""
+    calls_begin, calls_end = release_chat.CALLS_OPEN, release_chat.CALLS_CLOSE
+    call_begin, call_end = f"<{release_chat.DSML}invoke name=", f"</{release_chat.DSML}invoke>"
+
+    def _call(self, text: str) -> tuple[str, str] | None:
+        block = f"{release_chat.CALLS_OPEN}\n{text}\n{release_chat.CALLS_CLOSE}"
+        try:
+            (call,) = release_chat.parse_completion(block, thinking=False)["tool_calls"]
+        except ValueError:  # also a block that is not exactly one call
+            return None
+        return call["function"]["name"], call["function"]["arguments"]
+
+
+def output_parser(tokenizer, thinking: bool, tools: bool) -> OutputParser:
+    """The parser of a tokenizer's chat format: the release's for a release checkpoint's, ours otherwise."""
+    return (ReleaseOutputParser if tokenizer.release else OutputParser)(thinking, tools)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

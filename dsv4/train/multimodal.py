@@ -127,7 +127,7 @@ def prepare(cfg: MultimodalConfig, out: Path, device: torch.device, progress: bo
 
 def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
     """Run (or continue, or reuse the parts of) the whole multimodal pipeline -> OUT/final."""
-    from dsv4.device import default_device
+    from dsv4.device import parse_device
     from dsv4.train.snapshot import load_latest
     from dsv4.weights.checkpoint import save_pretrained
 
@@ -137,7 +137,7 @@ def run_multimodal(cfg: MultimodalConfig, progress: bool = True) -> Path:
             print(f"multimodal: reusing the finished run in {out / 'final'} (delete {out} to train again)", flush=True)
         return out / "final"
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = parse_device(cfg.device)
     tok, vocab, mix = prepare(cfg, out, device, progress)
     window = {} if cfg.window is None else {"window_size": cfg.window}
     args, stage = ModelArgs.from_name(cfg.preset, vocab_size=vocab.size, **window), cfg.stage

@@ -28,7 +28,7 @@ import torch
 from dsv4.atomic import atomic_dir, atomic_text
 from dsv4.config import ModelArgs
 from dsv4.data.tasks import LongContextMix
-from dsv4.device import can_compile, default_device
+from dsv4.device import can_compile, parse_device
 from dsv4.model.transformer import Transformer
 from dsv4.train.autodtype import training_dtype
 from dsv4.train.budget import StepBudget
@@ -249,7 +249,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = parse_device(cfg.device)
     args = ModelArgs.from_name(cfg.preset)
     seq = max((stage.seq_len for _, stage in stages), default=0)
     if seq > args.max_seq_len:

@@ -13,8 +13,9 @@ transformers' own `save_pretrained` may write a hybrid (`model.` + upstream name
 HF FP8 checkpoints name scales `*_scale_inv`.
 
     files:   model-0000k-of-0000N.safetensors + model.safetensors.index.json + config.json
-    load:    build on `meta` -> to_empty(device) -> RoPE tables -> copy each tensor in (dequantised, cast to the
-             destination's dtype) one at a time from mmapped `safe_open` handles: memory ~ the model + one tensor.
+    load:    build on `meta` -> to_empty(device) (or a device map's devices: dsv4.weights.placement.materialize)
+             -> RoPE tables -> copy each tensor in (dequantised, cast to the destination's dtype) one at a time from
+             mmapped `safe_open` handles: memory ~ the model + one tensor.
 Which tensors are quantized is read from the files (dtype, presence of a scale), never from a list of names.
 """
 
@@ -37,9 +38,9 @@ from safetensors.torch import save_file
 
 from dsv4.config import ModelArgs
 from dsv4.kernels import quant
-from dsv4.kernels.quant import INT4_GROUP
-from dsv4.model.quantized import quantize_model
+from dsv4.model.quantized import quantize_as_configured, saved_quantization
 from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
+from dsv4.weights.placement import DeviceMap, materialize
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -325,13 +326,22 @@ def _init_buffers(model: torch.nn.Module) -> None:
 
 
 def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, args: ModelArgs | None = None, engram_mmap: bool = False):
+                    dtype: torch.dtype | None = None, args: ModelArgs | None = None, engram_mmap: bool = False,
+                    device_map=None):
     """Build a Transformer from a checkpoint directory. `dtype` casts the compute weights (the model keeps its fp32
     tensors: hyper-connections, norms, sinks, ...); None keeps the model's defaults. `args` overrides config.json.
     engram_mmap: Engram's tables stay in their files, memory-mapped, and on the CPU whatever `device` (for inference:
     the block gathers its rows there and moves only those).
-    A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning."""
+    device_map (instead of `device`; a DeviceMap or what DeviceMap.parse reads): each tensor gets empty storage on its
+    device and the checkpoint is copied straight into it, shard by shard (dsv4.weights.placement.materialize); the
+    model's `placement` holds the map and its hooks (None when unplaced). With engram_mmap, the tables the map puts
+    on the CPU are the ones mapped.
+    A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning (and
+    a device map's `mtp.*` entries are dropped)."""
     from dsv4.model.transformer import Transformer
+
+    if device is not None and device_map is not None:
+        raise ValueError("give a device or a device map, not both")
 
     path = os.fspath(path)
     raw = {}
@@ -342,6 +352,9 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
                           f"{args.n_mtp_layers} MTP module(s)", stacklevel=2)
             args = ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
                                         "compress_ratios": args.compress_ratios[: args.n_layers]})
+            if device_map is not None:
+                device_map = DeviceMap({k: v for k, v in DeviceMap.parse(device_map).entries.items()
+                                        if k.partition(".")[0] != "mtp"})
     else:
         cfg_path = os.path.join(path, CONFIG_FILE)
         raw = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
@@ -349,15 +362,18 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         model = Transformer(args)
     if dtype is not None:
         model.to_dtype(dtype)
-    quantized = raw.get("quantization_config") or {}
-    if quantized.get("quant_method") == "dsv4":  # `dsv4 quantize` wrote it: the layers stay quantized in memory
-        quantize_model(model, quantized["format"], quantized.get("group_size", INT4_GROUP))
+    quantize_as_configured(model, raw)  # `dsv4 quantize` wrote it: the layers stay quantized in memory
     tables = frozenset(n for n, _ in model.named_parameters() if n.endswith("engram.table.weight")) \
         if engram_mmap else frozenset()
-    _to_empty(model, device or "cpu")
-    for name in tables:  # on the CPU whatever the device (untouched storage costs no memory): mapped in load_into
-        p = model.get_parameter(name)
-        p.data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+    if device_map is None:
+        model.placement = None
+        _to_empty(model, device or "cpu")
+        for name in tables:  # on the CPU whatever the device (untouched storage costs no memory): mapped in load_into
+            p = model.get_parameter(name)
+            p.data = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+    else:  # the map decides where a table lives; those it puts on the CPU are mapped
+        model.placement = materialize(model, device_map)
+        tables = frozenset(n for n in tables if model.get_parameter(n).device.type == "cpu")
     _init_buffers(model)
     load_into(model, path, _fp8_block(raw), mmap=tables)
     return model
@@ -410,10 +426,7 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a directory")
     args: ModelArgs = model.args
-    quantization = getattr(model, "quantization", None)
-    if quantization and layout != "dsv4":
-        raise ValueError(f"a quantized model is saved in the dsv4 layout (its names for codes and scales), not "
-                         f"{layout!r}")
+    quantization = saved_quantization(model, layout)
     tensors = list(export(model, layout))
     if len({n for n, _ in tensors}) != len(tensors):
         raise ValueError("two model tensors map to the same checkpoint name")
@@ -471,13 +484,15 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, engram_mmap: bool = True):
+                    dtype: torch.dtype | None = None, engram_mmap: bool = True, device_map=None):
     """A checkpoint directory that `dsv4 train` wrote (weights + tokenizer.json) -> (model in eval mode, tokenizer).
-    For inference, Engram's tables stay memory-mapped in their files (engram_mmap; see from_pretrained)."""
+    For inference, Engram's tables stay memory-mapped in their files (engram_mmap), and `device_map` places the
+    model instead of `device` (see from_pretrained)."""
     from dsv4.tokenizers.text import Tokenizer
 
     path = os.fspath(path)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
-    model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap).eval()
+    model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap,
+                            device_map=device_map).eval()
     return model, Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
