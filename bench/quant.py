@@ -3,7 +3,9 @@ engine) on `make run`'s model and on `small`, and the quality of the `make run` 
 bits per byte and greedy completions).
 
     python bench/quant.py --json bench/results/quant.json   # speed + memory on both models, quality on make run's
+    python bench/quant.py --quality-only --json bench/results/quant_quality.json
     python bench/quant.py --speed-only --dtype fp32                # how a CPU without fast bf16 runs it
+    python bench/quant.py --ceiling-of bench/results/quant.json --json bench/results/quant_ceiling.json
 
 Each variant runs in its own subprocess, `--repeats` times, in interleaved order (fp32, bf16, int8, int4, fp32, ...)
 so that drift of a noisy machine spreads over all of them; figures are medians and ratios to bf16.
@@ -33,6 +35,7 @@ MAKE_RUN = "runs/v4-2m-engram/final"
 
 def child(opts) -> dict:
     import torch
+    from decode import NoTokenizer
 
     import dsv4
     from dsv4.device import resolve_dtype, tune_cpu_allocator
@@ -48,8 +51,8 @@ def child(opts) -> dict:
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(0, model.args.vocab_size, (opts.prompt,), generator=g).tolist()
-    engine = Engine(model, Quiet(), max_batch=1, max_len=opts.prompt + opts.new_tokens + 1, prefill_chunk=opts.prompt,
-                    speculative=False, compile=True)
+    engine = Engine(model, NoTokenizer(), max_batch=1, max_len=opts.prompt + opts.new_tokens + 1,
+                    prefill_chunk=opts.prompt, speculative=False, compile=True)
     for _ in range(2):  # the first round compiles; the second is timed
         engine.submit(prompt, SamplingParams(temperature=0), max_new_tokens=opts.new_tokens, ignore_eos=True)
         while any(r.prefilling for r in engine.running) or engine.waiting:
@@ -63,20 +66,6 @@ def child(opts) -> dict:
         t2 = time.perf_counter()
     return {"decode_tok_s": (engine.stats["decode_tokens"] - n0) / (t2 - t1), "median_step_s": statistics.median(steps),
             "weight_bytes": weight_bytes, "peak_rss_bytes": rss_kb("VmHWM") * 1024, "dtype": str(dtype)}
-
-
-class Quiet:
-    """The engine needs an eos and a stream decoder; random prompts need no text."""
-    eos_id = None
-
-    def stream(self, errors="replace"):
-        class Decoder:
-            def push(self, ids):
-                return ""
-
-            def flush(self):
-                return ""
-        return Decoder()
 
 
 def quantized_copies(ckpt: str, root: str, formats) -> dict[str, str]:
@@ -128,21 +117,45 @@ def quality(ckpt: str, opts) -> dict:
     out = {}
     for name, d in dirs.items():
         r = evaluate(d, max_tokens=opts.bpb_tokens, dtype="fp32")
-        out[name] = {"bpb": r["bpb"]["model"], "samples": [s["completion"] for s in r["samples"]]}
+        out[name] = {"bpb": r["bpb"]["bpb"], "syntax": r["syntax"], "samples": [s["completion"] for s in r["samples"]]}
     for name in out:
         out[name]["bpb_vs_dense"] = round(out[name]["bpb"] / out["dense"]["bpb"], 4)
     out["prompts"] = [s["prompt"] for s in r["samples"]]
     return out
 
 
+def ceiling(report_path: str, context: int) -> dict:
+    """How far int8 can beat bf16 at batch 1 on `small` here: the bf16 step (from a report of this script) less the
+    time its weights take to read at this machine's bandwidth, plus half that (int8 reads half the bytes), assuming
+    everything else in the step stays as it is and the weights stream at the full read bandwidth."""
+    from decode import bytes_per_decode_step, read_bandwidth
+
+    import dsv4
+
+    with open(report_path) as f:
+        speed = json.load(f)["speed"]["small"]
+    step = 1 / speed["bf16"]["decode_tok_s"]
+    weights = bytes_per_decode_step(dsv4.ModelArgs.from_name("small"), 2, context)["weights"]
+    bandwidth = read_bandwidth()
+    reading = weights / bandwidth
+    return {"report": report_path, "bf16_step_s": step, "bf16_weight_bytes_per_step": weights,
+            "read_bandwidth_bytes_s": bandwidth, "bf16_weight_read_s": reading,
+            "weights_share_of_bf16_step": reading / step,
+            "int8_ceiling_vs_bf16": step / (step - reading / 2),
+            "free_weights_ceiling_vs_bf16": step / (step - reading),
+            "int8_measured_vs_bf16": speed["int8"]["decode_vs_bf16"]}
+
+
 def parent(opts) -> dict:
-    report = {"args": vars(opts).copy(), "speed": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        small = os.path.join(tmp, "small")
-        save_shared_checkpoint("small", opts.seed, small)
-        report["speed"]["small"] = speed("small", small, tmp, opts)
-        if os.path.exists(opts.make_run):
-            report["speed"]["make_run"] = speed("make_run", opts.make_run, os.path.join(tmp, "make_run"), opts)
+    report = {"args": vars(opts).copy()}
+    if not opts.quality_only:
+        report["speed"] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            small = os.path.join(tmp, "small")
+            save_shared_checkpoint("small", opts.seed, small)
+            report["speed"]["small"] = speed("small", small, tmp, opts)
+            if os.path.exists(opts.make_run):
+                report["speed"]["make_run"] = speed("make_run", opts.make_run, os.path.join(tmp, "make_run"), opts)
     if os.path.exists(opts.make_run) and not opts.speed_only:
         report["quality"] = quality(opts.make_run, opts)
     return report
@@ -159,9 +172,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bpb-tokens", type=int, default=0, help="held-out tokens for bpb (0: all)")
     p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--quality-only", action="store_true")
+    p.add_argument("--ceiling-of", metavar="REPORT", help="instead: int8's ceiling against bf16 on `small` from a "
+                   "report of this script and this machine's read bandwidth")
     opts = p.parse_args()
     if opts.impl:
         print(json.dumps(child(opts)))
+        return
+    if opts.ceiling_of:
+        emit(ceiling(opts.ceiling_of, opts.prompt + opts.new_tokens // 2), opts.json)
         return
     emit(parent(opts), opts.json)
 

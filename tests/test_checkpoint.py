@@ -402,3 +402,25 @@ def test_model_save_pretrained_method(tmp_path):
         warnings.simplefilter("error")  # MTP weights present: no warning
         assert_same_state(from_pretrained(tmp_path), model.state_dict())
     assert ModelArgs.from_hf_config(tmp_path) == model.args
+
+
+def test_release_formats_kept_packed(tmp_path):
+    """keep_packed: FP8 linears with 128x128 blocks stay fp8 codes, FP4 experts stay packed bytes; the logits are
+    exactly the decoded model's (the products decode the same values)."""
+    from dsv4.kernels.fused import QuantLinear
+    from tests.helpers import random_ids
+
+    block = (128, 128)
+    model = random_model(seed=8)
+    tensors, _ = release_checkpoint(model, block=block)
+    write_checkpoint(tmp_path, tensors, {**model.args.to_dict(), "dtype": "fp8"})
+    dense, packed = from_pretrained(tmp_path), from_pretrained(tmp_path, keep_packed=True)
+    wq_b, experts = packed.layers[1].attn.wq_b, packed.layers[1].ffn.experts
+    assert experts.fmt == "fp4" and experts.w13.dtype == torch.uint8 and experts.w13_scale.dtype == torch.bfloat16
+    assert isinstance(wq_b, QuantLinear) and wq_b.weight.dtype == torch.float8_e4m3fn
+    assert packed.quantization == {"quant_method": "release", "formats": ["fp4", "fp8"]}
+    ids = random_ids(model.args, 1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), dense(ids), rtol=1e-5, atol=1e-5)
+    size = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    assert size(packed) < 0.5 * size(dense)

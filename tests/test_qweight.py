@@ -3,6 +3,7 @@ product of a QuantWeight against dequantize + F.linear, a quantized model's logi
 quantized checkpoint's round trip (the codes stay codes)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,12 +11,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsv4.cli import main
 from dsv4.kernels import quant
 from dsv4.kernels.fused import Fused, LinearGroup, Products, QuantLinear, fuse_linear_groups, prepare_decode
 from dsv4.kernels.qweight import FORMATS, QuantWeight, from_int4_kernel_layout, int4_kernel_layout, quantize
 from dsv4.model.quantized import quantize_model
 from dsv4.weights.checkpoint import from_pretrained, save_pretrained
 from tests.helpers import random_ids, random_model
+from tests.test_engine import ckpt, model, tok  # the tiny model and tokenizer, saved as a checkpoint directory
 
 # relative Frobenius error of a Gaussian matrix after a round trip: what each format's grid allows (with margin)
 ROUND_TRIP = {"int8": 0.01, "int4": 0.11, "fp8": 0.04, "fp4": 0.13}
@@ -147,7 +150,10 @@ def test_quantized_model_logits_close_to_full_precision():
             assert isinstance(q.layers[0].attn.wq_a, QuantLinear)
             assert q.layers[0].ffn.experts.w13.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
             got = q(ids)
-            torch.testing.assert_close(got, dequantized_twin(model, q)(ids), rtol=1e-4, atol=1e-4)
+            twin = dequantized_twin(model, q)
+            torch.testing.assert_close(got, twin(ids), rtol=1e-4, atol=1e-4)
+            one = ids[:1, :1]  # one token: the routed experts' gathered path (2 of 8 chosen, read in place)
+            torch.testing.assert_close(q(one), twin(one), rtol=1e-4, atol=1e-4)
             error[fmt] = ((got - want).norm() / want.norm()).item()
             with pytest.raises(ValueError, match="already quantized"):
                 quantize_model(q, fmt)
@@ -251,3 +257,22 @@ def test_prepared_int4_model_keeps_its_logits_and_is_not_saved(tmp_path):
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="before it is prepared"):
         save_pretrained(model, tmp_path / "x", layout="dsv4")
+
+
+def test_quantize_command_writes_a_checkpoint_every_command_opens(ckpt, capsys, tmp_path):
+    """`dsv4 quantize`: the copy holds codes, the tokenizer and config travel, the report lists what was done; info
+    and generate open it; it refuses to write over its source or to quantize twice."""
+    out = tmp_path / "int4"
+    assert main(["quantize", "--ckpt", str(ckpt), "--to", "int4", "-o", str(out), "--group", "32"]) == 0
+    assert "int4:" in capsys.readouterr().out
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["bytes_after"] < 0.4 * report["bytes_before"] and "layers.0.ffn.experts" in report["quantized"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int4"
+    assert main(["info", "--ckpt", str(out)]) == 0
+    assert "kept quantized in memory: int4, 32 inputs per scale" in capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(out), "def f(x):", "--max-new-tokens", "4"]) == 0
+    assert main(["quantize", "--ckpt", str(out), "--to", "int8", "-o", str(tmp_path / "again")]) == 2
+    assert "already quantized (int4)" in capsys.readouterr().err
+    assert main(["quantize", "--ckpt", str(ckpt), "--to", "int8", "-o", str(ckpt)]) == 2
+    assert "not over its source" in capsys.readouterr().err

@@ -6,8 +6,8 @@
 
 A device map (dsv4.weights.placement) puts parts of the model on different devices, e.g. routed experts in host RAM
 computing on the CPU and everything else on the accelerator; "auto" asks dsv4.weights.plan for this machine's, in the
-formats the loader keeps in memory: a `dsv4 quantize`d checkpoint's format, else the compute dtype (the release's
-FP8/FP4 is dequantised on load).
+formats the loader keeps in memory: a `dsv4 quantize`d checkpoint's format; the release's own FP8 / FP4 (a placed
+model keeps them packed, dsv4.weights.packed: V4-Flash is ~160 GB so and ~570 GB decoded); else the compute dtype.
 """
 
 import json
@@ -44,7 +44,7 @@ def load_model(ckpt: str | os.PathLike, device: str | torch.device | None = None
         device_map = auto_map(ckpt, dtype, max_len, max_batch)
     device_map = DeviceMap.parse(device_map)
     dtype = resolve_dtype(dtype, resolve_device(device_map.entries[""]))
-    return load_checkpoint(ckpt, dtype=dtype, device_map=device_map)
+    return load_checkpoint(ckpt, dtype=dtype, device_map=device_map, keep_packed=True)
 
 
 def auto_map(ckpt: str | os.PathLike, dtype: torch.dtype, max_len: int | None, max_batch: int) -> DeviceMap:
@@ -56,6 +56,8 @@ def auto_map(ckpt: str | os.PathLike, dtype: torch.dtype, max_len: int | None, m
     if quantized.get("quant_method") == "dsv4":  # `dsv4 quantize` wrote it: the layers stay in its format
         fmt = quantized["format"]
         formats = Formats(fmt, fmt, kept, kept, quantized.get("group_size", Formats.group))
+    elif quantized.get("quant_method") == "fp8":  # the release: FP4 experts and FP8 weights, kept packed
+        formats = Formats("fp4", "fp8", kept, kept)
     else:
         formats = Formats(kept, kept, kept, kept)
     cards, ram = local_memory()

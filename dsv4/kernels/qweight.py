@@ -9,12 +9,15 @@ dense [out, in] matrix.
 (dsv4.kernels.quant has the formats and their quantizers; `..` are leading dims, e.g. the routed experts.)
 
 Three ways to multiply, each tested against `dequantize` + F.linear (tests/test_qweight.py):
-    linear(x)     eager, any rows. int8 goes to torch's int8-weight kernel (`torch._weight_int8pack_mm`: it reads
-                  the codes and scales as they are, on the CPU and accelerators alike); the other formats decode the
-                  matrix into x's dtype for one F.linear (prefill: the matrix is read once for many rows).
+    linear(x)     eager, up to KERNEL_MAX_ROWS rows: torch's quantized-weight kernels, which read the codes as stored:
+                  int8 `torch._weight_int8pack_mm` (CPU, CUDA, MPS), int4 in the CPU kernel's layout
+                  `torch._weight_int4pack_mm_for_cpu`; otherwise (more rows, other formats) the matrix is decoded into
+                  x's dtype for one F.linear (prefill: the matrix is read once for many rows).
     matvec(x)     the multiply-and-sum of a compiled decode step (dsv4.kernels.fused.Fused): the codes are decoded
-                  inside the loop that sums, so a step streams 1 byte (int8, fp8) or half a byte (int4, fp4) per
-                  weight instead of bf16's 2: decoding at batch 1 reads every active weight once, so bytes are time.
+                  inside the loop that sums, so it reads 1 byte (int8, fp8) or half a byte (fp4) per weight instead of
+                  bf16's 2. For int8 this beat the kernel inside the engine's compiled step (the kernel's calls split
+                  the fused graph: 214 vs 160 tokens/s on `small`, bf16 192, medians of 3); int4's nibbles unpack too
+                  slowly in such a loop, so a compiled step calls the int4 kernel.
     dequantize()  the dense matrix, for everything else (grouped expert GEMMs in prefill, batched matmuls).
 `qw[idx]` selects along the leading dims without decoding (the chosen experts of a decode step).
 """
@@ -84,6 +87,9 @@ def _(x, packed, scales_zeros, index, group):
 
 
 KERNEL_ROWS = 64  # the int4 kernel's layout interleaves blocks of 64 output rows
+# torch's quantized-weight kernels are matrix-vector kernels: past a few rows (a prefill chunk), decoding the matrix
+# for one GEMM is faster (256 rows: the int8 and int4 kernels took twice as long as bf16's GEMM, 2-core EPYC)
+KERNEL_MAX_ROWS = 16
 
 
 def int4_kernel_layout(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +142,8 @@ class QuantWeight:
     def __getitem__(self, idx: torch.Tensor | int) -> "QuantWeight":
         """Select along the first dim: a tensor of indices lazily (e.g. `experts_w13[chosen]`: the products read the
         chosen matrices in place), an int as a view."""
-        if self.fmt == "fp8":
-            raise NotImplementedError("fp8 blocks span 128 rows; select after dequantize()")
+        if self.fmt == "fp8" and self.codes.dim() < 3:
+            raise NotImplementedError("fp8 blocks span 128 rows; select along a leading dim, or after dequantize()")
         if self.index is not None:
             raise NotImplementedError("a selection of a selection")
         if isinstance(idx, int):
@@ -200,8 +206,9 @@ class QuantWeight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in] -> [..., out] in x's dtype (the eager product; see the module docstring)."""
-        if self.index is None and self.codes.dim() == 2 and self.fast(x):
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = x.shape[:-1].numel()
+        if self.index is None and self.codes.dim() == 2 and rows <= KERNEL_MAX_ROWS and self.fast(x):
+            x2 = x.reshape(rows, x.shape[-1]).contiguous()
             if self.scale.dtype == x.dtype:  # prepared (scales in the compute dtype): torch's op, called as it is
                 y = (torch._weight_int8pack_mm(x2, self.codes, self.scale) if self.fmt == "int8"
                      else torch._weight_int4pack_mm_for_cpu(x2, self.codes, self.group, self.scale))

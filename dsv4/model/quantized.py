@@ -51,26 +51,38 @@ def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> Quant
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['format']})")
     report = QuantReport(fmt, group)
-    swapped: dict[int, QuantLinear] = {}
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            path = f"{name}.{child_name}" if name else child_name
-            if type(child) is Linear and not (fmt in ("int4", "fp4") and child_name in KEEP_DENSE_4BIT):
-                if not fits(fmt, child.in_features, group):
-                    report.dense.append(path)
-                    continue
-                swapped[id(child)] = QuantLinear.from_linear(child, fmt, group)
-                setattr(module, child_name, swapped[id(child)])
-                report.quantized.append(path)
-            elif isinstance(child, Experts) and child.fmt is None:
-                if fits(fmt, child.w13.shape[-1], group) and fits(fmt, child.w2.shape[-1], group):
-                    child.quantize(fmt, group)
-                    report.quantized.append(path)
-                else:
-                    report.dense.append(path)
-    _relink_groups(model, swapped)
+    chosen = {}
+    for path, module in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if type(module) is Linear and not (fmt in ("int4", "fp4") and name in KEEP_DENSE_4BIT):
+            width = (module.in_features,)
+        elif isinstance(module, Experts) and module.fmt is None:
+            width = (module.w13.shape[-1], module.w2.shape[-1])
+        else:
+            continue
+        if all(fits(fmt, w, group) for w in width):
+            chosen[path] = fmt
+        else:
+            report.dense.append(path)
+    quantize_modules(model, chosen, group)
+    report.quantized = list(chosen)
     model.quantization = {"quant_method": "dsv4", "format": fmt, "group_size": group}
     return report
+
+
+def quantize_modules(model: nn.Module, formats: dict[str, str], group: int = INT4_GROUP) -> None:
+    """Quantize the modules named in `formats` ({path: format}: Linears become QuantLinears, routed experts keep
+    codes) in place, and point the LinearGroups that hold a replaced layer at its replacement."""
+    swapped: dict[int, QuantLinear] = {}
+    for path, fmt in formats.items():
+        module = model.get_submodule(path)
+        if isinstance(module, Experts):
+            module.quantize(fmt, group)
+            continue
+        owner, _, name = path.rpartition(".")
+        swapped[id(module)] = QuantLinear.from_linear(module, fmt, group)
+        setattr(model.get_submodule(owner), name, swapped[id(module)])
+    _relink_groups(model, swapped)
 
 
 def _relink_groups(model: nn.Module, swapped: dict[int, QuantLinear]) -> None:

@@ -22,16 +22,13 @@ Which tensors are quantized is read from the files (dtype, presence of a scale),
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import warnings
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -40,9 +37,21 @@ from dsv4.config import ModelArgs
 from dsv4.kernels import quant
 from dsv4.model.quantized import quantize_as_configured, saved_quantization
 from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
+from dsv4.weights.packed import as_stored, is_codes, keep_stored_formats, scale_target
 from dsv4.weights.placement import DeviceMap, materialize
+from dsv4.weights.tensors import (  # noqa: F401
+    _FP4_ST,
+    _FP8_ST,
+    _INT_ST,
+    INDEX_FILE,
+    _Entry,
+    _listing,
+    _mmap_entry,
+    _scan,
+    mmap_tensor,
+    read_tensor,
+)
 
-INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 
 # --- config ----------------------------------------------------------------------------------------------------------
@@ -77,89 +86,6 @@ def _fp8_block(raw: dict) -> tuple[int, int]:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Entry:
-    file: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype string, e.g. "BF16", "F8_E4M3", "I8"
-
-
-_FP8_ST = {"F8_E4M3", "F8_E5M2"}
-_FP4_ST = {"I8", "U8", "F4"}  # packed e2m1 bytes
-_INT_ST = {"I8", "U8", "I16", "I32", "I64", "U16", "U32", "U64", "BOOL"}
-
-
-def _scan(path: str) -> dict[str, _Entry]:
-    """tensor name -> (file, shape, dtype) from the safetensors headers alone."""
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    index_path = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            listed = set(json.load(f)["weight_map"].values())
-        absent = sorted(listed - set(files))
-        if absent:
-            raise FileNotFoundError(f"{path}: {INDEX_FILE} lists shard(s) that are not there: {', '.join(absent)}")
-        files = sorted(listed)
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files")
-    entries, twice = {}, []
-    for fname in files:
-        with safe_open(os.path.join(path, fname), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                if name in entries:
-                    twice.append(f"{name} (in {entries[name].file} and {fname})")
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if dtype == "F4":  # the header counts e2m1 values; torch's float4_e2m1fn_x2 tensor holds bytes
-                    shape = (*shape[:-1], shape[-1] // 2)
-                entries[name] = _Entry(fname, shape, dtype)
-    if twice:
-        raise ValueError(f"{path}: tensor(s) stored in more than one shard: {_listing(twice)}")
-    return entries
-
-
-_MMAP_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-                "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}
-
-
-def _mmap_entry(path: str, entry: _Entry, stored: str) -> torch.Tensor:
-    """A stored tensor as a copy-on-write memory map of its file: pages are read when touched, writes stay private."""
-    fname = os.path.join(path, entry.file)
-    with open(fname, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        begin = json.loads(f.read(n))[stored]["data_offsets"][0]
-    if entry.dtype not in _MMAP_DTYPES:
-        raise ValueError(f"{stored} is stored as {entry.dtype}, which cannot be memory-mapped as it is")
-    np_dtype, dtype = _MMAP_DTYPES[entry.dtype]
-    array = np.memmap(fname, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=entry.shape)
-    return torch.from_numpy(array).view(dtype)
-
-
-def _find(path: str, name: str) -> tuple[str, _Entry]:
-    """(stored name, entry) of the tensor our model calls `name`, whatever the layout stored it as."""
-    for stored, entry in _scan(path).items():
-        target = resolve(stored)
-        if target is not None and target.param == name and target.expert is None:
-            return stored, entry
-    raise KeyError(f"{path} holds no tensor {name!r}")
-
-
-def mmap_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a checkpoint directory (by our name, any layout) memory-mapped rather than read."""
-    stored, entry = _find(os.fspath(path), name)
-    return _mmap_entry(os.fspath(path), entry, stored)
-
-
-def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a checkpoint directory, by our name (whatever the layout stored it as), read alone."""
-    stored, entry = _find(os.fspath(path), name)
-    with safe_open(os.path.join(os.fspath(path), entry.file), framework="pt") as f:
-        return f.get_tensor(stored)
-
-
-def _listing(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _dest(model_tensors: dict[str, torch.Tensor], t: Target) -> torch.Tensor:
@@ -183,6 +109,10 @@ def _check(name: str, e: _Entry, dest: torch.Tensor, scale: str | None, s: _Entr
     if dest.dtype in quant.FP8_DTYPES:  # a model that keeps FP8 codes (dsv4.kernels.qweight) takes them as stored
         if e.dtype not in _FP8_ST or e.shape != tuple(dest.shape):
             return "bad format", f"{name} ({e.dtype} {list(e.shape)}) cannot fill FP8 codes {list(dest.shape)}"
+        return None
+    if is_codes(dest) and scale is not None:  # packed FP4 kept packed: codes and scales as stored
+        if e.shape != tuple(dest.shape):
+            return "wrong shape", f"{name}: checkpoint {list(e.shape)} (packed), model codes {list(dest.shape)}"
         return None
     quantized = e.dtype in _FP8_ST or (scale is not None and e.dtype in _FP4_ST)
     if quantized and scale is None:
@@ -230,6 +160,8 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
             continue
         got.add(key)  # present, even if unusable below: reported once, as what it is, never also as missing
         scale = scale_of.get(name)
+        if scale is not None and is_codes(_dest(model_tensors, t)):  # kept packed: its scales fill the model's
+            filled.setdefault(scale_target(t).param, set()).add(key)
         problem = _check(name, entries[name], _dest(model_tensors, t), scale, scale and entries[scale], fp8_block)
         if problem:
             problems[problem[0]].append(problem[1])
@@ -243,7 +175,8 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
         if "all" in got:
             continue
         if got or (layout == "upstream" and param.endswith((".experts.w13", ".experts.w2"))):
-            parts = ("w2",) if param.endswith("w2") else ("w1", "w3")  # experts go one by one: name the absent ones
+            # experts go one by one: name the absent ones
+            parts = ("w2",) if param.endswith(("w2", "w2_scale")) else ("w1", "w3")
             missing += [_expert_name(param, e, p) for e in range(model_tensors[param].shape[0]) for p in parts
                         if (e, p) not in got]
             continue
@@ -297,10 +230,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[
                     dest.data = mapped
                     continue
             tensor = handle(entries[name].file).get_tensor(name)
-            if scale is not None:  # dequantise where the weight will live (fast on an accelerator)
+            if scale is not None and is_codes(dest):  # kept packed (dsv4.weights.packed): codes and scales as stored
+                s = handle(entries[scale].file).get_tensor(scale)
+                scales = _dest(model_tensors, scale_target(target))
+                scales.copy_(as_stored(s, scales))
+            elif scale is not None:  # dequantise where the weight will live (fast on an accelerator)
                 s = handle(entries[scale].file).get_tensor(scale)
                 tensor = quant.dequantize(tensor.to(dest.device), s.to(dest.device), fp8_block)
-            dest.copy_(tensor)  # casts to the dtype the model keeps this tensor in
+            dest.copy_(as_stored(tensor, dest))  # casts to the dtype the model keeps this tensor in
 
 
 def _to_empty(model: torch.nn.Module, device) -> None:
@@ -327,7 +264,7 @@ def _init_buffers(model: torch.nn.Module) -> None:
 
 def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, args: ModelArgs | None = None, engram_mmap: bool = False,
-                    device_map=None):
+                    device_map=None, keep_packed: bool = False):
     """Build a Transformer from a checkpoint directory. `dtype` casts the compute weights (the model keeps its fp32
     tensors: hyper-connections, norms, sinks, ...); None keeps the model's defaults. `args` overrides config.json.
     engram_mmap: Engram's tables stay in their files, memory-mapped, and on the CPU whatever `device` (for inference:
@@ -336,6 +273,7 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     device and the checkpoint is copied straight into it, shard by shard (dsv4.weights.placement.materialize); the
     model's `placement` holds the map and its hooks (None when unplaced). With engram_mmap, the tables the map puts
     on the CPU are the ones mapped.
+    keep_packed: the release's FP8 / FP4 weights stay packed in memory (dsv4.weights.packed) instead of decoded.
     A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning (and
     a device map's `mtp.*` entries are dropped)."""
     from dsv4.model.transformer import Transformer
@@ -363,6 +301,8 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     if dtype is not None:
         model.to_dtype(dtype)
     quantize_as_configured(model, raw)  # `dsv4 quantize` wrote it: the layers stay quantized in memory
+    if keep_packed:
+        keep_stored_formats(model, _scan(path))
     tables = frozenset(n for n, _ in model.named_parameters() if n.endswith("engram.table.weight")) \
         if engram_mmap else frozenset()
     if device_map is None:
@@ -484,15 +424,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, engram_mmap: bool = True, device_map=None):
+                    dtype: torch.dtype | None = None, engram_mmap: bool = True, device_map=None,
+                    keep_packed: bool = False):
     """A checkpoint directory that `dsv4 train` wrote (weights + tokenizer.json) -> (model in eval mode, tokenizer).
     For inference, Engram's tables stay memory-mapped in their files (engram_mmap), and `device_map` places the
-    model instead of `device` (see from_pretrained)."""
+    model instead of `device`; keep_packed keeps the release's FP8/FP4 weights packed (see from_pretrained)."""
     from dsv4.tokenizers.text import Tokenizer
 
     path = os.fspath(path)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
     model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap,
-                            device_map=device_map).eval()
+                            device_map=device_map, keep_packed=keep_packed).eval()
     return model, Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
