@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from dsv4.cli import main
 from dsv4.kernels import quant
 from dsv4.kernels.fused import Fused, LinearGroup, Products, QuantLinear, fuse_linear_groups, prepare_decode
-from dsv4.kernels.qweight import FORMATS, QuantWeight, from_int4_kernel_layout, int4_kernel_layout, quantize
+from dsv4.kernels.qweight import (
+    FORMATS,
+    QuantWeight,
+    fitting_group,
+    from_int4_kernel_layout,
+    int4_kernel_layout,
+    quantize,
+)
 from dsv4.model.quantized import quantize_model
 from dsv4.weights.checkpoint import from_pretrained, save_pretrained
 from tests.helpers import random_ids, random_model
@@ -181,9 +188,9 @@ def test_quantized_checkpoint_round_trip(tmp_path, fmt):
     assert loaded.quantization == {"quant_method": "dsv4", "format": fmt, "group_size": 64 if fmt == "int4" else 32}
     assert loaded.layers[2].attn.wq_a.weight.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
     torch.testing.assert_close(loaded.layers[2].attn.wq_a.scale, model.layers[2].attn.wq_a.scale, rtol=0, atol=0)
-    if fmt == "int4":  # q_lora_rank 32 does not divide into groups of 64: wq_b stays dense, and is reported
-        assert loaded.layers[2].attn.wq_b.weight.dtype == torch.float32
-        assert "layers.2.attn.wq_b" in report.dense
+    if fmt == "int4":  # q_lora_rank 32 does not divide into groups of 64: wq_b falls back to groups of 32
+        assert loaded.layers[2].attn.wq_b.matrix().group == 32 and loaded.layers[2].attn.wq_a.matrix().group == 64
+        assert not report.dense
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), want, rtol=0, atol=0)
     dense = sum(p.numel() * p.element_size() for p in random_model().state_dict().values())
@@ -276,3 +283,15 @@ def test_quantize_command_writes_a_checkpoint_every_command_opens(ckpt, capsys, 
     assert "already quantized (int4)" in capsys.readouterr().err
     assert main(["quantize", "--ckpt", str(ckpt), "--to", "int8", "-o", str(ckpt)]) == 2
     assert "not over its source" in capsys.readouterr().err
+
+
+def test_groups_fall_back_to_one_that_divides_the_input():
+    assert [fitting_group("int4", n, 32) for n in (64, 96, 104, 48, 12, 7)] == [32, 32, 8, 16, None, None]
+    assert fitting_group("fp4", 104) == 8 and fitting_group("int8", 7) == 0 and fitting_group("fp8", 7) == 0
+    w = torch.randn(64, 104, generator=torch.Generator().manual_seed(4))
+    for fmt in ("int4", "fp4"):
+        qw = quantize(w, fmt)
+        assert qw.group == 8 and (qw.dequantize() - w).norm() / w.norm() < ROUND_TRIP[fmt]
+        assert not qw.to_kernel().kernel  # the int4 kernel takes groups of 32 and up only
+    with pytest.raises(ValueError, match="no group of 8 or more inputs divides 12"):
+        quantize(torch.randn(4, 12), "int4")

@@ -87,6 +87,7 @@ def _(x, packed, scales_zeros, index, group):
 
 
 KERNEL_ROWS = 64  # the int4 kernel's layout interleaves blocks of 64 output rows
+KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
 # torch's quantized-weight kernels are matrix-vector kernels: past a few rows (a prefill chunk), decoding the matrix
 # for one GEMM is faster (256 rows: the int8 and int4 kernels took twice as long as bf16's GEMM, 2-core EPYC)
 KERNEL_MAX_ROWS = 16
@@ -159,7 +160,8 @@ class QuantWeight:
 
     def to_kernel(self) -> "QuantWeight":
         """int4 in the CPU kernel's layout when that is possible (rows in whole blocks of 64), else itself."""
-        if self.fmt != "int4" or self.kernel or self.index is not None or self.shape[-2] % KERNEL_ROWS:
+        if self.fmt != "int4" or self.kernel or self.index is not None or self.shape[-2] % KERNEL_ROWS \
+                or self.group not in KERNEL_GROUPS:
             return self
         return QuantWeight(self.fmt, *int4_kernel_layout(self.codes, self.scale), kernel=True)
 
@@ -252,17 +254,35 @@ class QuantWeight:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
 
 
+MIN_GROUP = 8  # the smallest group an input dim that the asked-for group does not divide falls back to
+
+
+def fitting_group(fmt: str, in_features: int, group: int = quant.INT4_GROUP) -> int | None:
+    """Inputs per scale for a matrix with `in_features` inputs: int4 `group`, fp4 32 (the release's), halved until it
+    divides the input dim (e.g. 104 inputs -> 8) but never below MIN_GROUP; None if even that does not divide it.
+    int8 and fp8 fit any width (0: not grouped)."""
+    if fmt in ("int8", "fp8"):
+        return 0
+    g = group if fmt == "int4" else quant.FP4_BLOCK
+    while g >= MIN_GROUP and in_features % g:
+        g //= 2
+    return g if g >= MIN_GROUP else None
+
+
 def quantize(w: torch.Tensor, fmt: str, group: int = quant.INT4_GROUP) -> QuantWeight:
     """A dense [.., out, in] weight -> its QuantWeight in `fmt` (`group`: inputs per scale for int4; fp4 uses 32 as
-    the release does, fp8 128x128 blocks). Scales are kept as precise as the format's memory allows: fp32 (int8, fp8)
-    or bf16 (int4, fp4)."""
+    the release does; both fall back to a smaller group that divides the input dim, see `fitting_group`; fp8 128x128
+    blocks). Scales are kept as precise as the format's memory allows: fp32 (int8, fp8) or bf16 (int4, fp4)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    g = fitting_group(fmt, w.shape[-1], group)
+    if g is None:
+        raise ValueError(f"{fmt}: no group of {MIN_GROUP} or more inputs divides {w.shape[-1]} inputs")
     if fmt == "int8":
         return QuantWeight(fmt, *quant.quant_int8(w))
     if fmt == "int4":
-        return QuantWeight(fmt, *quant.quant_int4(w, group))
+        return QuantWeight(fmt, *quant.quant_int4(w, g))
     if fmt == "fp8":
         return QuantWeight(fmt, *quant.quant_fp8(w, scale_dtype=torch.float32))
-    if fmt == "fp4":
-        codes, scale = quant.quant_fp4(w, scale_dtype=torch.bfloat16)
-        return QuantWeight(fmt, codes.view(torch.uint8), scale)
-    raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    codes, scale = quant.quant_fp4(w, g, scale_dtype=torch.bfloat16)
+    return QuantWeight(fmt, codes.view(torch.uint8), scale)

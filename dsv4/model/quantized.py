@@ -7,7 +7,8 @@ key and value, and the head in the 8-bit formats) and the routed experts, weight
 residual streams keep their dtypes. Kept dense: the embedding (a lookup), the head in the 4-bit formats (the one
 matrix every logit goes through, where 4-bit error costs the most bits per byte; small next to the experts in any
 real model), the router (fp32 by design) and the small fp32 parameters (norms, hyper-connections, sinks). A layer
-whose input dim does not divide into the format's groups stays dense and is listed in the report. A head tied to the
+whose input dim the format's group does not divide takes the largest smaller group that does (groups of 32 for a
+104-wide expert: 8); one that not even 8 divides stays dense and is listed in the report. A head tied to the
 embedding is untied by quantizing it (the embedding stays dense).
 
 Run on a model built on `meta`, the same calls give the empty quantized buffers that a quantized checkpoint fills
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from dsv4.kernels.fused import Linear, LinearGroup, QuantLinear
-from dsv4.kernels.quant import FP4_BLOCK, INT4_GROUP
-from dsv4.kernels.qweight import FORMATS
+from dsv4.kernels.quant import INT4_GROUP
+from dsv4.kernels.qweight import FORMATS, fitting_group
 from dsv4.model.moe import Experts
 
 KEEP_DENSE_4BIT = ("head",)  # module names (last component) the 4-bit formats leave dense
@@ -35,12 +36,9 @@ class QuantReport:
 
 
 def fits(fmt: str, in_features: int, group: int) -> bool:
-    """Whether an input dim of `in_features` divides into the format's groups."""
-    if fmt == "int4":
-        return in_features % group == 0
-    if fmt == "fp4":
-        return in_features % FP4_BLOCK == 0
-    return True
+    """Whether an input dim of `in_features` divides into the format's groups (or a smaller fallback group: see
+    dsv4.kernels.qweight.fitting_group)."""
+    return fitting_group(fmt, in_features, group) is not None
 
 
 def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> QuantReport:
