@@ -7,7 +7,7 @@ model without, at equal active parameters.
 
 Lookup + gating: one Engram layer of the `make run` model's width reading a 16 x 256 batch of random ids, forward
 only (what inference does per layer), the table held in RAM or memory-mapped from a safetensors file
-(`dsv4.weights.checkpoint.mmap_tensor`: a cold page cache is not forced, so repeated reads hit pages already read).
+(`dsv4.weights.tensors.mmap_tensor`: a cold page cache is not forced, so repeated reads hit pages already read).
 Training step: `Trainer.train_step` as `dsv4 train` runs it (16 x 256 tokens, MTP, Muon + AdamW + RowAdam for the
 table, eager, the CPU allocator tuned as the CLI tunes it), on a fixed batch; the Engram model's routed experts are
 narrowed so that its active parameters (backbone + Engram's gating + the rows a token reads) equal the plain
@@ -59,7 +59,8 @@ def with_engram(base: ModelArgs, table_ratio: float, conv: bool = True) -> Model
 
 def lookup_bench(args: ModelArgs, reps: int) -> dict:
     from dsv4.model.transformer import Transformer
-    from dsv4.weights.checkpoint import mmap_tensor, save_pretrained
+    from dsv4.weights.checkpoint import save_pretrained
+    from dsv4.weights.tensors import mmap_tensor
 
     torch.manual_seed(0)
     model = Transformer(args)

@@ -393,7 +393,7 @@ def test_an_engram_run_resumes_exactly(tmp_path):
     from dsv4.train.config import StageConfig, TrainConfig
     from dsv4.train.pipeline import run
     from dsv4.train.plots import read_metrics
-    from dsv4.weights.checkpoint import read_tensor
+    from dsv4.weights.tensors import read_tensor
 
     data = tmp_path / "corpus"
     data.mkdir()

@@ -81,23 +81,31 @@ def test_products_match_the_dequantized_matrix(fmt, dtype):
     x = torch.randn(5, 64, generator=g).to(dtype)
     dense = qw.dequantize(torch.float32)
     tol = dict(rtol=2e-2, atol=0.15) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)  # outputs ~8
-    if fmt != "fp8":  # fp8's 128-row blocks: no selection along experts' rows without decoding
-        one = qw[1]
-        torch.testing.assert_close(Products.linear(x, one).float(), x.float() @ dense[1].T, **tol)
-        torch.testing.assert_close(Fused.linear(x, one).float(), x.float() @ dense[1].T, **tol)
-        picked = qw[torch.tensor([2, 0, 2, 1, 0])]  # each row through its own expert, codes read in place
-        want = torch.einsum("ai,aoi->ao", x.float(), dense[[2, 0, 2, 1, 0]])
-        torch.testing.assert_close(Products.gathered_linear(x, picked).float(), want, **tol)
-        torch.testing.assert_close(Fused.gathered_linear(x, picked).float(), want, **tol)
-        flat = quantize(dense[0], fmt)
-        groups = flat.split_rows(4)  # [4, 32, 64]: a block-diagonal projection
-        xg = x[:, None].expand(5, 4, 64)
-        want = torch.einsum("agi,goi->ago", xg.float(), flat.dequantize().view(4, 32, 64))
-        torch.testing.assert_close(Products.grouped_linear(xg, groups).float(), want, **tol)
-        torch.testing.assert_close(Fused.grouped_linear(xg, groups).float(), want, **tol)
-    else:
-        flat = quantize(dense[0], fmt)
-        torch.testing.assert_close(Products.linear(x, flat).float(), x.float() @ flat.dequantize().T, **tol)
+    one = qw[1]
+    torch.testing.assert_close(Products.linear(x, one).float(), x.float() @ dense[1].T, **tol)
+    torch.testing.assert_close(Fused.linear(x, one).float(), x.float() @ dense[1].T, **tol)
+    picked = qw[torch.tensor([2, 0, 2, 1, 0])]  # each row through its own expert, codes read in place
+    want = torch.einsum("ai,aoi->ao", x.float(), dense[[2, 0, 2, 1, 0]])
+    torch.testing.assert_close(Products.gathered_linear(x, picked).float(), want, **tol)
+    torch.testing.assert_close(Fused.gathered_linear(x, picked).float(), want, **tol)
+    R = 128 if fmt == "fp8" else 64  # rows per group: fp8 splits into whole 128-row blocks only
+    flat = quantize(torch.randn(256, 64, generator=g), fmt)
+    groups = flat.split_rows(256 // R)  # [G, R, 64]: a block-diagonal projection's groups
+    xg = x[:, None].expand(5, 256 // R, 64)
+    want = torch.einsum("agi,goi->ago", xg.float(), flat.dequantize().view(256 // R, R, 64))
+    torch.testing.assert_close(Products.grouped_linear(xg, groups).float(), want, **tol)
+    torch.testing.assert_close(Fused.grouped_linear(xg, groups).float(), want, **tol)
+
+
+def test_selections_compose_and_need_stacked_matrices():
+    qw = quantize(torch.randn(6, 64, 32, generator=torch.Generator().manual_seed(5)), "int8")
+    dense = qw.dequantize()
+    torch.testing.assert_close(qw[torch.tensor([5, 1, 3])][torch.tensor([2, 0])].dequantize(), dense[[3, 5]])
+    torch.testing.assert_close(qw[torch.tensor([5, 1, 3])][1].dequantize(), dense[1])
+    with pytest.raises(ValueError, match="selects among stacked matrices"):
+        qw[0][torch.tensor([1])]
+    with pytest.raises(ValueError, match="do not split into 4 groups of 32 rows"):
+        quantize(torch.randn(128, 64), "fp8").split_rows(4)
 
 
 def test_int8_uses_the_packed_kernel(monkeypatch):

@@ -268,9 +268,10 @@ class QuantLinear(Linear):
         self.prepared = True
 
     def grouped(self, groups: int) -> Weight:
-        if self.fmt == "fp8":  # 128-row blocks do not split into groups: decode
-            return self.matrix().dequantize(self.dtype).unflatten(0, (groups, -1))
-        return self.matrix().split_rows(groups)
+        qw = self.matrix()
+        if not qw.splits_rows(groups):  # fp8 groups that are not whole 128-row blocks: decode
+            return qw.dequantize(self.dtype).unflatten(0, (groups, -1))
+        return qw.split_rows(groups)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

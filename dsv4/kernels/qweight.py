@@ -141,13 +141,14 @@ class QuantWeight:
         return self.shape[-1] // (1 if self.fmt == "int8" else self.scale.shape[-1])
 
     def __getitem__(self, idx: torch.Tensor | int) -> "QuantWeight":
-        """Select along the first dim: a tensor of indices lazily (e.g. `experts_w13[chosen]`: the products read the
-        chosen matrices in place), an int as a view."""
-        if self.fmt == "fp8" and self.codes.dim() < 3:
-            raise NotImplementedError("fp8 blocks span 128 rows; select along a leading dim, or after dequantize()")
+        """Select among stacked matrices (the first of >= 3 dims, e.g. `experts_w13[chosen]`): a tensor of indices
+        lazily (the products read the chosen matrices in place), an int as that one matrix. Selections compose."""
+        if self.codes.dim() < 3:
+            raise ValueError(f"indexing selects among stacked matrices; this {self.fmt} weight is one matrix "
+                             f"{list(self.shape)}")
         if self.index is not None:
-            raise NotImplementedError("a selection of a selection")
-        if isinstance(idx, int):
+            idx = self.index[idx]
+        if isinstance(idx, int) or idx.dim() == 0:
             return QuantWeight(self.fmt, self.codes[idx], self.scale[idx], kernel=self.kernel)
         return QuantWeight(self.fmt, self.codes, self.scale, idx, self.kernel)
 
@@ -171,13 +172,19 @@ class QuantWeight:
             return self.codes, self.scale
         return self.codes[self.index], self.scale[self.index]
 
+    def splits_rows(self, groups: int) -> bool:
+        """Whether `split_rows(groups)` keeps the codes: always, but for fp8 whose groups are not whole 128-row
+        blocks."""
+        return self.fmt != "fp8" or (self.shape[-2] // groups) % quant.FP8_BLOCK[0] == 0
+
     def split_rows(self, groups: int) -> "QuantWeight":
-        """[G*R, in] -> [G, R, in] (a block-diagonal projection's groups)."""
-        if self.fmt == "fp8":
-            raise NotImplementedError("fp8 blocks span 128 rows; split after dequantize()")
+        """[G*R, in] -> [G, R, in] (a block-diagonal projection's groups; see `splits_rows`)."""
+        if not self.splits_rows(groups):
+            raise ValueError(f"fp8's 128-row blocks do not split into {groups} groups of {self.shape[-2] // groups} "
+                             f"rows; decode the weight first")
         w = self.portable()
         return QuantWeight(self.fmt, w.codes.unflatten(-2, (groups, -1)),
-                           w.scale.unflatten(-2 if self.fmt != "int8" else -1, (groups, -1)))
+                           w.scale.unflatten(-1 if self.fmt == "int8" else -2, (groups, -1)))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes, scale = self.portable().selected()

@@ -39,18 +39,7 @@ from dsv4.model.quantized import quantize_as_configured, saved_quantization
 from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
 from dsv4.weights.packed import as_stored, is_codes, keep_stored_formats, scale_target
 from dsv4.weights.placement import DeviceMap, materialize
-from dsv4.weights.tensors import (  # noqa: F401
-    _FP4_ST,
-    _FP8_ST,
-    _INT_ST,
-    INDEX_FILE,
-    _Entry,
-    _listing,
-    _mmap_entry,
-    _scan,
-    mmap_tensor,
-    read_tensor,
-)
+from dsv4.weights.tensors import _FP4_ST, _FP8_ST, _INT_ST, INDEX_FILE, _Entry, _listing, _mmap_entry, _scan
 
 CONFIG_FILE = "config.json"
 

@@ -10,7 +10,8 @@ import os
 import torch
 
 from dsv4.model.engram import engram_hashes
-from dsv4.weights.checkpoint import read_config, read_tensor
+from dsv4.weights.checkpoint import read_config
+from dsv4.weights.tensors import read_tensor
 
 
 def engram_report(ckpt: str | os.PathLike, text: str) -> dict:
