@@ -5,6 +5,8 @@ bits per byte and greedy completions).
     python bench/quant.py --json bench/results/quant.json   # speed + memory on both models, quality on make run's
     python bench/quant.py --quality-only --json bench/results/quant_quality.json
     python bench/quant.py --speed-only --dtype fp32                # how a CPU without fast bf16 runs it
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python bench/quant.py --speed-only --dtype fp32 --json bench/results/quant_avx2.json   # ... on AVX2 alone
     python bench/quant.py --ceiling-of bench/results/quant.json --json bench/results/quant_ceiling.json
 
 Each variant runs in its own subprocess, `--repeats` times, in interleaved order (fp32, bf16, int8, int4, fp32, ...)
@@ -31,6 +33,7 @@ from common import add_run_args, emit, rss_kb, run_script_child, save_shared_che
 SPEED_VARIANTS = ("fp32", "bf16", "int8", "int4")
 QUALITY_FORMATS = ("int8", "fp8", "int4", "fp4")
 MAKE_RUN = "runs/v4-2m-engram/final"
+CPU_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # an AVX2-only CPU, simulated
 
 
 def child(opts) -> dict:
@@ -101,11 +104,12 @@ def speed(name: str, ckpt: str, root: str, opts) -> dict:
                     "decode_tok_s_runs": [round(x["decode_tok_s"], 1) for x in ok],
                     "weight_bytes": ok[0]["weight_bytes"], "peak_rss_bytes": max(x["peak_rss_bytes"] for x in ok),
                     "compute_dtype": ok[0]["dtype"]}
-    base = table.get("bf16", {})
-    for v in table:
-        if "decode_tok_s" in table[v] and "decode_tok_s" in base:
-            table[v]["decode_vs_bf16"] = round(table[v]["decode_tok_s"] / base["decode_tok_s"], 3)
-            table[v]["weight_bytes_vs_bf16"] = round(table[v]["weight_bytes"] / base["weight_bytes"], 3)
+    for dense in ("bf16", "fp32"):  # bf16: the target's baseline; fp32: the fastest dense dtype of a CPU without bf16
+        base = table.get(dense, {})
+        for v in table:
+            if "decode_tok_s" in table[v] and "decode_tok_s" in base:
+                table[v][f"decode_vs_{dense}"] = round(table[v]["decode_tok_s"] / base["decode_tok_s"], 3)
+                table[v][f"weight_bytes_vs_{dense}"] = round(table[v]["weight_bytes"] / base["weight_bytes"], 3)
     return table
 
 
@@ -147,7 +151,7 @@ def ceiling(report_path: str, context: int) -> dict:
 
 
 def parent(opts) -> dict:
-    report = {"args": vars(opts).copy()}
+    report = {"args": vars(opts).copy(), "env": {k: os.environ[k] for k in CPU_LIMITS if k in os.environ}}
     if not opts.quality_only:
         report["speed"] = {}
         with tempfile.TemporaryDirectory() as tmp:

@@ -377,19 +377,24 @@ def test_resave_replaces_shards_and_leaves_nothing_behind(tmp_path):
 
 
 def test_failed_save_leaves_target_untouched(tmp_path, monkeypatch):
-    import dsv4.weights.checkpoint as ckpt
+    import dsv4.weights.shards as shards
 
     target = tmp_path / "ckpt"
     model = random_model(seed=15)
     save_pretrained(model, target)
     before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+    written, real = [], shards.save_file
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    def boom(data, path, **k):  # the disk fills up at the third shard
+        if len(written) == 2:
+            raise OSError("disk full")
+        written.append(path)
+        real(data, path, **k)
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(shards, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(random_model(seed=16), target)
+        save_pretrained(random_model(seed=16), target, max_shard_bytes=2**16)
+    assert len(written) == 2
     assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
     assert os.listdir(tmp_path) == ["ckpt"]
 

@@ -75,11 +75,33 @@ def test_engram_tables_the_map_puts_on_the_cpu_stay_mapped(tmp_path, tok, monkey
     mapped, real = [], checkpoint._mmap_entry
     monkeypatch.setattr(checkpoint, "_mmap_entry", lambda path, entry, name: mapped.append(name) or
                         real(path, entry, name))
-    placed, _ = load_checkpoint(tmp_path, device_map={"": "cpu", "layers.1.engram.table": "cpu"})
+    placed, _ = load_checkpoint(tmp_path, device_map={"": "cpu", "layers.1.engram.table": "cpu"},
+                                experts_mmap=False)
     assert len(mapped) == 1 and "engram.table" in mapped[0]
     assert "layers.1.engram.table" in placed.placement.boundaries
     ids = random_ids(model.args, 1, 23)
     assert torch.equal(placed(ids), model(ids))
+
+
+@torch.no_grad()
+def test_routed_experts_on_the_cpu_stay_in_their_files(tmp_path, ckpt, monkeypatch):
+    """Experts stored whole in the dtype the model keeps (a `dsv4 quantize`d checkpoint's codes and scales) and placed
+    on the CPU are memory-mapped, not read, and compute what read ones do; a load that casts them reads them."""
+    quantize_checkpoint(ckpt, tmp_path / "q", "int8", progress=False)
+    mapped, real = [], checkpoint._mmap_entry
+    monkeypatch.setattr(checkpoint, "_mmap_entry", lambda path, entry, name: mapped.append(name) or
+                        real(path, entry, name))
+    placed, _ = load_checkpoint(tmp_path / "q", device_map=EXPERTS_HEAD)
+    experts = {n for n in placed.state_dict() if ".experts.w" in n}
+    assert set(mapped) == experts and len(experts) == 4 * (len(placed.layers) + len(placed.mtp))
+    assert not placed.layers[0].ffn.experts.w13.untyped_storage().resizable()  # the file's pages, not our memory
+    read, _ = load_checkpoint(tmp_path / "q", experts_mmap=False)
+    assert read.layers[0].ffn.experts.w13.untyped_storage().resizable()
+    ids = random_ids(placed.args, 2, 19)
+    assert torch.equal(placed(ids), read(ids))
+    mapped.clear()
+    load_checkpoint(ckpt, dtype=torch.bfloat16)  # fp32 experts stored, bf16 kept: read and cast
+    assert not mapped
 
 
 def test_a_map_for_mtp_loads_a_checkpoint_without_it(tmp_path):

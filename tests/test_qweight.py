@@ -303,3 +303,48 @@ def test_groups_fall_back_to_one_that_divides_the_input():
         assert not qw.to_kernel().kernel  # the int4 kernel takes groups of 32 and up only
     with pytest.raises(ValueError, match="no group of 8 or more inputs divides 12"):
         quantize(torch.randn(4, 12), "int4")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stacked_matrices_quantize_a_few_at_a_time_exactly(fmt):
+    """Experts go through the quantizer in chunks (V4-Flash's would not fit int4's clip search at once): the same
+    codes and scales as all at once, for chunks of one matrix, of two, and of a part of the stack's last chunk."""
+    w = torch.randn(2, 5, 128, 64, generator=torch.Generator().manual_seed(6))
+    whole = quantize(w, fmt, 32)
+    for chunk in (128 * 64, 2 * 128 * 64, 3 * 128 * 64):
+        part = quantize(w, fmt, 32, chunk=chunk)
+        assert part.codes.shape == whole.codes.shape and part.scale.shape == whole.scale.shape
+        assert torch.equal(part.codes.view(torch.uint8), whole.codes.view(torch.uint8))
+        assert torch.equal(part.scale, whole.scale)
+
+
+@pytest.mark.parametrize("fmt,tied", [("int8", True), ("int4", False)])
+def test_quantize_streams_one_block_at_a_time(tmp_path, monkeypatch, fmt, tied):
+    """dsv4 quantize reads, quantizes and writes one piece at a time (every other block stays on `meta`), into
+    several shards, and writes exactly what quantizing the whole loaded model gives; a tied head meets its embedding
+    (int8 unties it by quantizing it, int4 keeps it dense and tied)."""
+    from dsv4.weights import convert
+
+    model = random_model(0, tie_embeddings=tied, engram_layers=[1], engram_vocab=[97, 101], engram_dim=32,
+                         engram_heads=2)
+    save_pretrained(model, tmp_path / "dense")
+    live, real = [], convert.read_into
+
+    def read_into(model, reading, mmap=frozenset(), only=None):
+        live.append({".".join(n.split(".")[:2]) if n.startswith(("layers.", "mtp.")) else "rest"
+                     for n, t in model.state_dict().items() if t.device.type != "meta"})
+        real(model, reading, mmap, only)
+
+    monkeypatch.setattr(convert, "read_into", read_into)
+    report = convert.quantize_checkpoint(tmp_path / "dense", tmp_path / "q", fmt, group=32, max_shard_bytes=2**17,
+                                         progress=False)
+    assert live == [{"rest"}] + [{f"layers.{i}"} for i in range(len(model.layers))] + \
+        [{f"mtp.{j}"} for j in range(len(model.mtp))]
+    assert report["shards"] > 2 and len(list((tmp_path / "q").glob("model-*.safetensors"))) == report["shards"]
+    want = from_pretrained(tmp_path / "dense")
+    quantize_model(want, fmt, 32)
+    got = from_pretrained(tmp_path / "q")
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+    assert (got.head.weight is got.embed.weight) == (tied and fmt == "int4")

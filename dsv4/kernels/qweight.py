@@ -276,15 +276,31 @@ def fitting_group(fmt: str, in_features: int, group: int = quant.INT4_GROUP) -> 
     return g if g >= MIN_GROUP else None
 
 
-def quantize(w: torch.Tensor, fmt: str, group: int = quant.INT4_GROUP) -> QuantWeight:
+QUANTIZE_CHUNK = 2**26  # weights a quantizer takes at once: int4's clip search holds several fp32 copies of them
+
+
+def quantize(w: torch.Tensor, fmt: str, group: int = quant.INT4_GROUP, chunk: int = QUANTIZE_CHUNK) -> QuantWeight:
     """A dense [.., out, in] weight -> its QuantWeight in `fmt` (`group`: inputs per scale for int4; fp4 uses 32 as
     the release does; both fall back to a smaller group that divides the input dim, see `fitting_group`; fp8 128x128
-    blocks). Scales are kept as precise as the format's memory allows: fp32 (int8, fp8) or bf16 (int4, fp4)."""
+    blocks). Scales are kept as precise as the format's memory allows: fp32 (int8, fp8) or bf16 (int4, fp4).
+    Stacked matrices (the routed experts) go through the quantizer a few at a time, about `chunk` weights: every
+    format's scales stay within one matrix, so this is exact, and a layer of V4-Flash's experts (1.6B weights) does not
+    need several fp32 copies of itself."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     g = fitting_group(fmt, w.shape[-1], group)
     if g is None:
         raise ValueError(f"{fmt}: no group of {MIN_GROUP} or more inputs divides {w.shape[-1]} inputs")
+    if w.dim() > 2 and w.numel() > chunk:
+        flat = w.flatten(0, -3)
+        step = max(1, chunk // (w.shape[-1] * w.shape[-2]))
+        parts = [_quantize(flat[i:i + step], fmt, g) for i in range(0, len(flat), step)]
+        return QuantWeight(fmt, torch.cat([p.codes for p in parts]).unflatten(0, w.shape[:-2]),
+                           torch.cat([p.scale for p in parts]).unflatten(0, w.shape[:-2]))
+    return _quantize(w, fmt, g)
+
+
+def _quantize(w: torch.Tensor, fmt: str, g: int) -> QuantWeight:
     if fmt == "int8":
         return QuantWeight(fmt, *quant.quant_int8(w))
     if fmt == "int4":

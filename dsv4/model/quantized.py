@@ -44,12 +44,20 @@ def fits(fmt: str, in_features: int, group: int) -> bool:
 def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> QuantReport:
     """Quantize `model`'s linear layers and routed experts in place (see the module docstring); the model remembers
     its format in `model.quantization` (what save_pretrained writes to config.json). Returns what was done."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['format']})")
+    report = choose(model, fmt, group)
+    quantize_modules(model, dict.fromkeys(report.quantized, fmt), group)
+    model.quantization = {"quant_method": "dsv4", "format": fmt, "group_size": group}
+    return report
+
+
+def choose(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> QuantReport:
+    """Which modules quantize_model quantizes and which it keeps dense because the groups do not fit, from the shapes
+    alone (a model on `meta` answers too)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     report = QuantReport(fmt, group)
-    chosen = {}
     for path, module in model.named_modules():
         name = path.rsplit(".", 1)[-1]
         if type(module) is Linear and not (fmt in ("int4", "fp4") and name in KEEP_DENSE_4BIT):
@@ -58,13 +66,7 @@ def quantize_model(model: nn.Module, fmt: str, group: int = INT4_GROUP) -> Quant
             width = (module.w13.shape[-1], module.w2.shape[-1])
         else:
             continue
-        if all(fits(fmt, w, group) for w in width):
-            chosen[path] = fmt
-        else:
-            report.dense.append(path)
-    quantize_modules(model, chosen, group)
-    report.quantized = list(chosen)
-    model.quantization = {"quant_method": "dsv4", "format": fmt, "group_size": group}
+        (report.quantized if all(fits(fmt, w, group) for w in width) else report.dense).append(path)
     return report
 
 

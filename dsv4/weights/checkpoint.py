@@ -22,6 +22,7 @@ Which tensors are quantized is read from the files (dtype, presence of a scale),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,6 @@ import warnings
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dsv4.config import ModelArgs
 from dsv4.kernels import quant
@@ -39,7 +39,8 @@ from dsv4.model.quantized import quantize_as_configured, saved_quantization
 from dsv4.weights.names import LAYOUTS, Target, detect_layout, resolve, scale_owner, to_layout_name
 from dsv4.weights.packed import as_stored, is_codes, keep_stored_formats, scale_target
 from dsv4.weights.placement import DeviceMap, materialize
-from dsv4.weights.tensors import _FP4_ST, _FP8_ST, _INT_ST, INDEX_FILE, _Entry, _listing, _mmap_entry, _scan
+from dsv4.weights.shards import ShardWriter
+from dsv4.weights.tensors import _FP4_ST, _FP8_ST, _INT_ST, INDEX_FILE, _Entry, _listing, _mmap_entry, _scan, mappable
 
 CONFIG_FILE = "config.json"
 
@@ -182,13 +183,19 @@ def _plan(entries: dict[str, _Entry], model_tensors: dict[str, torch.Tensor], gr
     return plan, errors
 
 
-@torch.no_grad()
-def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None,
-              mmap: frozenset[str] = frozenset()) -> None:
-    """Fill `model`'s parameters and persistent buffers from the checkpoint at `path` (any layout), in place.
-    Every problem (missing, unexpected, wrong shape, bad format) is found from the headers and raised together in
-    one ValueError before any data is read. Parameters named in `mmap` (on the CPU, stored in their own dtype) are
-    memory-mapped from their file instead of read (Engram's tables: pages come in as rows are read)."""
+@dataclasses.dataclass
+class Reading:
+    """What a checkpoint directory holds for a model, matched and checked from the headers (`plan_reading`)."""
+    path: str
+    entries: dict[str, _Entry]
+    plan: list[tuple[str, Target, str | None]]  # (checkpoint name, target, scale name or None), shard by shard
+    fp8_block: tuple[int, int]
+
+
+def plan_reading(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None) -> Reading:
+    """Match the checkpoint at `path` (any layout) to `model`'s parameters and persistent buffers. Every problem
+    (missing, unexpected, wrong shape, bad format) is found from the headers and raised together in one ValueError
+    before any data is read."""
     path = os.fspath(path)
     if fp8_block is None:
         cfg_path = os.path.join(path, CONFIG_FILE)
@@ -202,6 +209,25 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[
     if errors:
         raise ValueError(f"checkpoint {path} (layout {detect_layout(entries)}) does not fit the model:\n  "
                          + "\n  ".join(errors))
+    plan.sort(key=lambda p: (entries[p[0]].file, p[0]))  # shard by shard, so each file's pages are touched once
+    return Reading(path, entries, plan, fp8_block)
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[int, int] | None = None,
+              mmap: frozenset[str] = frozenset()) -> None:
+    """Fill `model`'s parameters and persistent buffers from the checkpoint at `path` (any layout), in place, after
+    checking all of it (plan_reading). Parameters named in `mmap` (on the CPU, stored whole in their own dtype) are
+    memory-mapped from their file instead of read (Engram's tables, routed experts: pages come in when touched)."""
+    read_into(model, plan_reading(model, path, fp8_block), mmap)
+
+
+@torch.no_grad()
+def read_into(model: torch.nn.Module, reading: Reading, mmap: frozenset[str] = frozenset(), only=None) -> None:
+    """Copy a checked reading into `model`; `only`: a predicate on model tensor names, to fill a part of the model
+    (dsv4 quantize reads one layer at a time into a model whose other layers stay on `meta`)."""
+    path, entries = reading.path, reading.entries
+    model_tensors = dict(model.state_dict(keep_vars=True))
     with contextlib.ExitStack() as stack:
         handles: dict[str, object] = {}
 
@@ -210,14 +236,14 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[
                 handles[fname] = stack.enter_context(safe_open(os.path.join(path, fname), framework="pt"))
             return handles[fname]
 
-        # shard by shard, so each file's pages are touched once
-        for name, target, scale in sorted(plan, key=lambda p: (entries[p[0]].file, p[0])):
+        for name, target, scale in reading.plan:
+            if only is not None and not only(target.param):
+                continue
             dest = _dest(model_tensors, target)
-            if target.param in mmap and target.expert is None and scale is None and dest.device.type == "cpu":
-                mapped = _mmap_entry(path, entries[name], name)
-                if mapped.dtype == dest.dtype:
-                    dest.data = mapped
-                    continue
+            if target.param in mmap and target.expert is None and scale is None and dest.device.type == "cpu" \
+                    and mappable(entries[name], dest.dtype):
+                dest.data = _mmap_entry(path, entries[name], name)
+                continue
             tensor = handle(entries[name].file).get_tensor(name)
             if scale is not None and is_codes(dest):  # kept packed (dsv4.weights.packed): codes and scales as stored
                 s = handle(entries[scale].file).get_tensor(scale)
@@ -225,8 +251,20 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, fp8_block: tuple[
                 scales.copy_(as_stored(s, scales))
             elif scale is not None:  # dequantise where the weight will live (fast on an accelerator)
                 s = handle(entries[scale].file).get_tensor(scale)
-                tensor = quant.dequantize(tensor.to(dest.device), s.to(dest.device), fp8_block)
+                tensor = quant.dequantize(tensor.to(dest.device), s.to(dest.device), reading.fp8_block)
             dest.copy_(as_stored(tensor, dest))  # casts to the dtype the model keeps this tensor in
+
+
+def checkpoint_args(path: str) -> tuple[ModelArgs, dict]:
+    """read_config, for loading: a checkpoint without any `mtp.*` tensor (as transformers writes) gets a model
+    without MTP modules, with a warning."""
+    args, raw = read_config(path)
+    if args.n_mtp_layers and not any(n.removeprefix("model.").startswith("mtp.") for n in _scan(path)):
+        warnings.warn(f"{path} holds no MTP weights (transformers does not save them); loading without the "
+                      f"{args.n_mtp_layers} MTP module(s)", stacklevel=3)
+        args = ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
+                                    "compress_ratios": args.compress_ratios[: args.n_layers]})
+    return args, raw
 
 
 def _to_empty(model: torch.nn.Module, device) -> None:
@@ -253,7 +291,7 @@ def _init_buffers(model: torch.nn.Module) -> None:
 
 def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, args: ModelArgs | None = None, engram_mmap: bool = False,
-                    device_map=None, keep_packed: bool = False):
+                    device_map=None, keep_packed: bool = False, experts_mmap: bool = False):
     """Build a Transformer from a checkpoint directory. `dtype` casts the compute weights (the model keeps its fp32
     tensors: hyper-connections, norms, sinks, ...); None keeps the model's defaults. `args` overrides config.json.
     engram_mmap: Engram's tables stay in their files, memory-mapped, and on the CPU whatever `device` (for inference:
@@ -263,6 +301,9 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     model's `placement` holds the map and its hooks (None when unplaced). With engram_mmap, the tables the map puts
     on the CPU are the ones mapped.
     keep_packed: the release's FP8 / FP4 weights stay packed in memory (dsv4.weights.packed) instead of decoded.
+    experts_mmap: routed experts placed on the CPU and stored whole in the dtype the model keeps (the dsv4 and hf
+    layouts; a `dsv4 quantize`d checkpoint's codes) stay in their files, memory-mapped: loading costs no time and the
+    page cache holds them (the release's one tensor per expert is read as usual).
     A checkpoint without any `mtp.*` tensor (as transformers writes) loads without MTP modules, with a warning (and
     a device map's `mtp.*` entries are dropped)."""
     from dsv4.model.transformer import Transformer
@@ -273,15 +314,10 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     path = os.fspath(path)
     raw = {}
     if args is None:
-        args, raw = read_config(path)
-        if args.n_mtp_layers and not any(n.removeprefix("model.").startswith("mtp.") for n in _scan(path)):
-            warnings.warn(f"{path} holds no MTP weights (transformers does not save them); loading without the "
-                          f"{args.n_mtp_layers} MTP module(s)", stacklevel=2)
-            args = ModelArgs.from_dict({**args.to_dict(), "n_mtp_layers": 0,
-                                        "compress_ratios": args.compress_ratios[: args.n_layers]})
-            if device_map is not None:
-                device_map = DeviceMap({k: v for k, v in DeviceMap.parse(device_map).entries.items()
-                                        if k.partition(".")[0] != "mtp"})
+        args, raw = checkpoint_args(path)
+        if device_map is not None and not args.n_mtp_layers:  # no MTP modules: a map's `mtp.*` entries go
+            device_map = DeviceMap({k: v for k, v in DeviceMap.parse(device_map).entries.items()
+                                    if k.partition(".")[0] != "mtp"})
     else:
         cfg_path = os.path.join(path, CONFIG_FILE)
         raw = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
@@ -294,6 +330,8 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         keep_stored_formats(model, _scan(path))
     tables = frozenset(n for n, _ in model.named_parameters() if n.endswith("engram.table.weight")) \
         if engram_mmap else frozenset()
+    experts = frozenset(n for n, _ in model.state_dict(keep_vars=True).items()
+                        if ".experts.w" in n) if experts_mmap else frozenset()
     if device_map is None:
         model.placement = None
         _to_empty(model, device or "cpu")
@@ -304,7 +342,7 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         model.placement = materialize(model, device_map)
         tables = frozenset(n for n in tables if model.get_parameter(n).device.type == "cpu")
     _init_buffers(model)
-    load_into(model, path, _fp8_block(raw), mmap=tables)
+    load_into(model, path, _fp8_block(raw), mmap=tables | experts)  # experts: the map's CPU ones (load_into checks)
     return model
 
 
@@ -315,11 +353,12 @@ def load_state_dict(path: str | os.PathLike, args: ModelArgs | None = None,
 
 
 # --- saving ----------------------------------------------------------------------------------------------------------
-def export(model: torch.nn.Module, layout: str = "hf"):
-    """Yield (name in `layout`, tensor view) for every persistent tensor, each storage once (tied head skipped)."""
+def export(model: torch.nn.Module, layout: str = "hf", only=None):
+    """Yield (name in `layout`, tensor view) for every persistent tensor, each storage once (tied head skipped);
+    `only`: a predicate on our tensor names, to export a part of the model (a layer at a time)."""
     seen = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
+        if id(t) in seen or (only is not None and not only(name)):
             continue
         seen.add(id(t))
         t = t.detach()
@@ -336,8 +375,19 @@ def export(model: torch.nn.Module, layout: str = "hf"):
         yield to_layout_name(name, layout), t
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
+def checkpoint_config(args: ModelArgs, layout: str, dtype: torch.dtype, quantization: dict | None) -> dict:
+    """config.json of a checkpoint in `layout` whose compute weights are stored in `dtype`."""
+    config = args.to_dict() if layout == "upstream" else {**args.to_hf_config(),
+                                                          "dtype": str(dtype).removeprefix("torch.")}
+    if quantization:
+        config["quantization_config"] = quantization
+    return config
+
+
+def write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -354,51 +404,18 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a directory")
-    args: ModelArgs = model.args
     quantization = saved_quantization(model, layout)
-    tensors = list(export(model, layout))
-    if len({n for n, _ in tensors}) != len(tensors):
-        raise ValueError("two model tensors map to the same checkpoint name")
-
-    # greedy shards in state_dict order, each under max_shard_bytes unless one tensor alone is larger
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += nbytes
-    n = len(shards)
-    fnames = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-
-    if layout == "upstream":
-        config = args.to_dict()
-    else:
-        config = args.to_hf_config()
-        config["dtype"] = str(dict(tensors)[to_layout_name("embed.weight", layout)].dtype).removeprefix("torch.")
-    if quantization:
-        config["quantization_config"] = quantization
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in tensors)},
-             "weight_map": {name: fnames[k] for k, shard in enumerate(shards) for name, _ in shard}}
-
+    config = checkpoint_config(model.args, layout, model.embed.weight.dtype, quantization)
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
-        for fname, shard in zip(fnames, shards):
-            # own contiguous CPU copies: no views into the model, no storage shared between names (safetensors
-            # refuses shared storage; expert slices of w13 would otherwise share it)
-            data = {name: t.to("cpu", copy=True).contiguous() for name, t in shard}
-            save_file(data, os.path.join(tmp, fname), metadata={"format": "pt"})
-            del data
-            _fsync(os.path.join(tmp, fname))
-        for fname, obj in ((CONFIG_FILE, config), (INDEX_FILE, index)):
-            with open(os.path.join(tmp, fname), "w") as f:
-                json.dump(obj, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
+        writer = ShardWriter(tmp, max_shard_bytes)  # greedy shards in state_dict order
+        for name, t in export(model, layout):
+            writer.add(name, t)
+        fnames, index = writer.close()
+        write_json(os.path.join(tmp, CONFIG_FILE), config)
+        write_json(os.path.join(tmp, INDEX_FILE), index)
         if not os.path.exists(path):
             os.replace(tmp, path)
             return fnames
@@ -414,15 +431,16 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, engram_mmap: bool = True, device_map=None,
-                    keep_packed: bool = False):
+                    keep_packed: bool = False, experts_mmap: bool = True):
     """A checkpoint directory that `dsv4 train` wrote (weights + tokenizer.json) -> (model in eval mode, tokenizer).
-    For inference, Engram's tables stay memory-mapped in their files (engram_mmap), and `device_map` places the
-    model instead of `device`; keep_packed keeps the release's FP8/FP4 weights packed (see from_pretrained)."""
+    For inference, Engram's tables and the routed experts on the CPU stay memory-mapped in their files where they
+    can (engram_mmap, experts_mmap), and `device_map` places the model instead of `device`; keep_packed keeps the
+    release's FP8/FP4 weights packed (see from_pretrained)."""
     from dsv4.tokenizers.text import Tokenizer
 
     path = os.fspath(path)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
-    model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap,
+    model = from_pretrained(path, device=device, dtype=dtype, engram_mmap=engram_mmap, experts_mmap=experts_mmap,
                             device_map=device_map, keep_packed=keep_packed).eval()
     return model, Tokenizer.from_file(os.path.join(path, "tokenizer.json"))

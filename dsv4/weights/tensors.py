@@ -58,7 +58,13 @@ def _scan(path: str) -> dict[str, _Entry]:
 
 
 _MMAP_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-                "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64)}
+                "BF16": (np.uint16, torch.bfloat16), "I64": (np.int64, torch.int64),
+                "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8), "F8_E4M3": (np.uint8, torch.float8_e4m3fn)}
+
+
+def mappable(entry: _Entry, dtype: torch.dtype) -> bool:
+    """Whether a stored tensor memory-maps as a tensor of `dtype` as it is (no cast, bytes in the tensor's layout)."""
+    return entry.dtype in _MMAP_DTYPES and _MMAP_DTYPES[entry.dtype][1] == dtype and all(entry.shape)
 
 
 def _mmap_entry(path: str, entry: _Entry, stored: str) -> torch.Tensor:
