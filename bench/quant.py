@@ -7,6 +7,7 @@ bits per byte and greedy completions).
     python bench/quant.py --speed-only --dtype fp32                # how a CPU without fast bf16 runs it
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python bench/quant.py --speed-only --dtype fp32 --json bench/results/quant_avx2.json   # ... on AVX2 alone
+      (with those variables the compiled code goes to a cache of its own: inductor's does not key on them)
     python bench/quant.py --ceiling-of bench/results/quant.json --json bench/results/quant_ceiling.json
 
 Each variant runs in its own subprocess, `--repeats` times, in interleaved order (fp32, bf16, int8, int4, fp32, ...)
@@ -186,6 +187,12 @@ def main():
     if opts.ceiling_of:
         emit(ceiling(opts.ceiling_of, opts.prompt + opts.new_tokens // 2), opts.json)
         return
+    limits = [os.environ[k] for k in CPU_LIMITS if k in os.environ]
+    if limits and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # inductor's cache does not key on these: kernels built for AVX2 and loaded by a process with AVX512 torch
+        # corrupted its heap here; the children get a cache of their own
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "torchinductor_" +
+                                                             "_".join(limits).lower())
     emit(parent(opts), opts.json)
 
 

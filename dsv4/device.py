@@ -340,6 +340,19 @@ def has_int8_weight_kernel(device: torch.device | str) -> bool:
     return k is not None and k.int8_weights
 
 
+def vectorizes_int8(device: torch.device | str) -> bool:
+    """Whether a compiled loop that reads int8 codes next to fp32 math runs at full vector width here. On the CPU
+    only with AVX512: inductor reads 8 codes at a time beside 8 fp32 lanes on AVX2, a partial load that made `small`'s
+    int8 decode step 4.6x slower than fp32's (28 against 6.1 ms, bench/results/quant_avx2.json); torch's int8 kernel
+    is the lesser evil there. Accelerators: yes."""
+    return _type(device) != "cpu" or _cpu_has_avx512()
+
+
+@torch.compiler.assume_constant_result  # a constant for a compiled step (the query itself is not traceable)
+def _cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def has_int4_weight_kernel(device: torch.device | str) -> bool:
     """torch's int4-weight matmul for this device kind exists (`torch._weight_int4pack_mm_for_cpu`: the CPU's)."""
     k = KINDS.get(_type(device))

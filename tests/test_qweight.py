@@ -118,6 +118,27 @@ def test_int8_uses_the_packed_kernel(monkeypatch):
     assert calls == [torch.int8]
 
 
+@pytest.mark.parametrize("isa,kernel", [("AVX512", False), ("AVX2", True), ("DEFAULT", True)])
+def test_compiled_int8_takes_the_kernel_where_the_loop_reads_codes_partially(monkeypatch, isa, kernel):
+    """A compiled step decodes int8 in its multiply-and-sum loop on AVX512 and calls torch's kernel on a CPU with
+    narrower vectors (dsv4.device.vectorizes_int8); both give the decoded matrix's product."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    g = torch.Generator().manual_seed(7)
+    qw = quantize(torch.randn(3, 24, 32, generator=g), "int8")
+    x = torch.randn(2, 32, generator=g)
+    idx = torch.tensor([2, 0])
+    calls = []
+    for name in ("_weight_int8pack_mm", "bmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    y = Fused.linear(x, qw[1])
+    yg = Fused.gathered_linear(x, qw[idx])
+    assert bool(calls) == kernel
+    dense = qw.dequantize()
+    torch.testing.assert_close(y, x @ dense[1].T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(yg, torch.einsum("ai,aoi->ao", x, dense[idx]), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_group_of_quantized_layers(fmt):
     """Quantized layers that share an input still run as one product, with the same outputs."""

@@ -117,7 +117,7 @@ class Fused(Products):
 
     @staticmethod
     def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-        if isinstance(weight, QuantWeight) and weight.int4_kernel(x):  # the loop cannot unpack nibbles quickly
+        if isinstance(weight, QuantWeight) and weight.kernel_over_loop(x):
             return weight.linear(x)
         return _per_row(x, weight, 1)
 
@@ -127,7 +127,7 @@ class Fused(Products):
 
     @staticmethod
     def gathered_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-        if isinstance(weight, QuantWeight) and weight.int4_kernel(x):
+        if isinstance(weight, QuantWeight) and weight.kernel_over_loop(x):
             return weight.gathered(x)
         return matvec(x, weight)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dsv4.device import has_int4_weight_kernel, has_int8_weight_kernel
+from dsv4.device import has_int4_weight_kernel, has_int8_weight_kernel, vectorizes_int8
 from dsv4.kernels import quant
 
 FORMATS = ("int8", "int4", "fp8", "fp4")
@@ -208,6 +208,12 @@ class QuantWeight:
     def int4_kernel(self, x: torch.Tensor) -> bool:
         return self.kernel and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             and has_int4_weight_kernel(x.device)
+
+    def kernel_over_loop(self, x: torch.Tensor) -> bool:
+        """Whether a compiled step calls torch's kernel for this product rather than decoding the codes in its
+        multiply-and-sum loop: int4 always (the loop cannot unpack nibbles quickly), int8 where the loop would read
+        its codes with partial vector loads (a CPU without AVX512: see dsv4.device.vectorizes_int8)."""
+        return self.int4_kernel(x) or (self.int8_kernel(x) and not vectorizes_int8(x.device))
 
     def fast(self, x: torch.Tensor) -> bool:
         """Whether one of torch's quantized-weight kernels takes this product (else the matrix is decoded)."""
