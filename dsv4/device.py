@@ -342,9 +342,9 @@ def has_int8_weight_kernel(device: torch.device | str) -> bool:
 
 def vectorizes_int8(device: torch.device | str) -> bool:
     """Whether a compiled loop that reads int8 codes next to fp32 math runs at full vector width here. On the CPU
-    only with AVX512: inductor reads 8 codes at a time beside 8 fp32 lanes on AVX2, a partial load that made `small`'s
-    int8 decode step 4.6x slower than fp32's (28 against 6.1 ms, bench/results/quant_avx2.json); torch's int8 kernel
-    is the lesser evil there. Accelerators: yes."""
+    only with AVX512: on AVX2 inductor reads 8 codes at a time beside 8 fp32 lanes, a partial load that left `small`'s
+    int8 decode at 0.24x fp32 (bench/results/quant_avx2_loop.json); torch's int8 kernel, 0.34x there
+    (quant_avx2.json), is the lesser evil. Accelerators: yes."""
     return _type(device) != "cpu" or _cpu_has_avx512()
 
 

@@ -39,6 +39,7 @@ from dsv4.weights.checkpoint import (
     read_into,
     write_json,
 )
+from dsv4.weights.placement import reallocate
 from dsv4.weights.shards import ShardWriter
 
 REPORT_FILE = "quantization.json"
@@ -100,18 +101,8 @@ def pieces(model: nn.Module) -> Iterator[Callable[[str], bool]]:
 
 
 def place(model: nn.Module, only: Callable[[str], bool], device: str | torch.device) -> None:
-    """Give the parameters and persistent buffers `only` picks new empty storage on `device` (on "meta": no storage,
-    which lets their data go); a tensor two names share (a tied head) stays shared."""
-    new: dict[int, torch.Tensor] = {}
-    for prefix, module in model.named_modules():
-        persistent = [(k, t) for k, t in module._buffers.items() if k not in module._non_persistent_buffers_set]
-        for key, t in [*module._parameters.items(), *persistent]:
-            if t is None or not only(f"{prefix}.{key}" if prefix else key):
-                continue
-            if id(t) not in new:
-                empty = torch.empty_like(t, device=device)
-                new[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
-            (module._parameters if key in module._parameters else module._buffers)[key] = new[id(t)]
+    """Give the tensors `only` picks new empty storage on `device` (on "meta": no storage, which lets their data go)."""
+    reallocate(model, lambda name: device if only(name) else None, lambda t, d: torch.empty_like(t, device=d))
 
 
 def _sixteen_bit(raw: dict) -> bool:

@@ -219,18 +219,28 @@ def place(model: nn.Module, device_map) -> "Placement":
 def _allocate(model: nn.Module, device_map: DeviceMap, fn) -> "Placement":
     names = tensor_devices(model, device_map)
     devices = {name: resolve_device(name) for name in set(names.values())}
+    reallocate(model, lambda name: devices[names[name]], fn)
+    return attach(model, device_map)
+
+
+def reallocate(model: nn.Module, where, fn) -> None:
+    """Give every parameter and buffer new storage `fn(old, device)` on the device `where(its name)` says (None: left
+    as it is); a tensor several names share (a tied head) stays one."""
     new: dict[int, tuple] = {}  # id(old) -> (old, new): tied tensors stay one (the old kept alive: ids stay unique)
     for path, module in model.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
         for name, p in list(module.named_parameters(recurse=False, remove_duplicate=False)):
-            if id(p) not in new:
-                new[id(p)] = p, nn.Parameter(fn(p.data, devices[names[prefix + name]]), requires_grad=p.requires_grad)
-            setattr(module, name, new[id(p)][1])
+            device = where(prefix + name)
+            if device is not None:
+                if id(p) not in new:
+                    new[id(p)] = p, nn.Parameter(fn(p.data, device), requires_grad=p.requires_grad)
+                setattr(module, name, new[id(p)][1])
         for name, b in list(module.named_buffers(recurse=False, remove_duplicate=False)):
-            if id(b) not in new:
-                new[id(b)] = b, fn(b, devices[names[prefix + name]])
-            setattr(module, name, new[id(b)][1])
-    return attach(model, device_map)
+            device = where(prefix + name)
+            if device is not None:
+                if id(b) not in new:
+                    new[id(b)] = b, fn(b, device)
+                setattr(module, name, new[id(b)][1])
 
 
 class Mover:
