@@ -78,6 +78,14 @@ def add_train(subparsers):
                         "auto = where a compiler backend exists)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or reuse it when finished)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("several processes (FSDP2 + expert parallelism; docs/scaling.md; several machines: "
+                             "torchrun -m dsv4 train ...)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per accelerator; on the "
+                   "CPU they share the cores); the global batch is the same as one process's")
+    g.add_argument("--expert-parallel", type=int, default=d.expert_parallel, metavar="E",
+                   help="spread each layer's routed experts over E ranks (all-to-all dispatch); divides --nproc")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
     g = p.add_argument_group("pretraining")
     g.add_argument("--steps", type=int, default=None,
                    help="a fixed number of optimizer steps, for exact reproduction (instead of --time-budget)")
@@ -193,18 +201,30 @@ def train_config(opts):
                        val_frac=opts.val_frac, device=opts.device,
                        dtype=opts.dtype, compile=opts.compile, init=opts.init, pretrain=pretrain, longctx=longctx,
                        longctx_task_frac=opts.longctx_task_frac, longctx_tasks=tuple(opts.longctx_tasks),
-                       longctx_edge_frac=opts.longctx_edge_frac, sft=sft, engram=engram_options(opts))
+                       longctx_edge_frac=opts.longctx_edge_frac, sft=sft, engram=engram_options(opts),
+                       expert_parallel=opts.expert_parallel, activation_checkpointing=opts.activation_checkpointing)
 
 
 def run_train(opts) -> int:
+    from dsv4.train import distributed
     from dsv4.train import pipeline as train
 
+    cfg = train_config(opts)  # (checked before any process starts)
+    if opts.nproc > 1 and distributed.world_size() == 1:
+        from dsv4.train.launch import launch
+
+        if opts.nproc % cfg.expert_parallel:
+            raise ValueError(f"--expert-parallel {cfg.expert_parallel} must divide --nproc {opts.nproc}")
+        return launch(opts.nproc, opts.argv)
     start = time.perf_counter()
     try:
-        final = train.run(train_config(opts), resume=opts.resume, progress=not opts.quiet)
+        final = train.run(cfg, resume=opts.resume, progress=not opts.quiet)
     except KeyboardInterrupt:
         return 130
-    print(f"checkpoint: {final}  ({time.perf_counter() - start:.0f} s)")
+    finally:
+        distributed.shutdown()
+    if distributed.world_size() == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {final}  ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
@@ -437,9 +457,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
+    opts.argv = list(sys.argv[1:] if argv is None else argv)  # (what `dsv4 train --nproc` hands its processes)
     tune_cpu_allocator()  # process-wide, so here at the entry point and never inside the library
     try:
         return opts.run(opts)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad config or path: one line, not a traceback
-        print(f"dsv4 {opts.command}: error: {e}", file=sys.stderr)
+        rank = f" [rank {os.environ['RANK']}]" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+        print(f"dsv4 {opts.command}{rank}: error: {e}", file=sys.stderr)
         return 2

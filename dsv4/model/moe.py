@@ -94,6 +94,7 @@ class Experts(nn.Module):
     fmt: str | None = None  # the quantized format, None while dense
     kernel_layout = False  # int4 codes in the layout of torch's CPU kernel (prepare_kernels)
     prepared = False  # prepare_kernels ran: an inference-time layout, not saved
+    ep = None  # a dsv4.model.parallel.ExpertParallel when this rank holds a slice of the experts (training)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -150,6 +151,10 @@ class Experts(nn.Module):
         return swiglu(gate, up, self.limit)
 
     def forward(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        if self.ep is not None:  # experts spread over ranks (dsv4.model.parallel)
+            from dsv4.model.parallel import expert_parallel_forward
+
+            return expert_parallel_forward(self, x_ND, w_NK, idx_NK, self.ep)
         E = self.w13.shape[0]
         if 0 < 2 * idx_NK.numel() <= E:  # decoding a few tokens: fewer assignments than experts
             return self.forward_gathered(x_ND, w_NK, idx_NK)
@@ -158,23 +163,32 @@ class Experts(nn.Module):
             return self.forward_dense(x_ND, w_NK, idx_NK)
         N, K = idx_NK.shape
         # sort the N*K assignments by expert, run each expert once on its contiguous slice (grouped GEMM)
-        order_A = idx_NK.flatten().argsort(stable=True)
+        flat = idx_NK.flatten()
+        order_A = flat.argsort(stable=True)
         token_A = order_A // K
-        flat = idx_NK.flatten()  # expert counts with a static shape (bincount's length depends on the data)
-        counts_E = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
-        rows = grouped_rows_multiple(x_ND.device, x_ND.dtype)
-        if rows == 1:
-            offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_A2I = F.grouped_mm(x_ND[token_A], w13.transpose(-1, -2), offs=offs_E)
-            y_AD = F.grouped_mm(self.act(h_A2I), w2.transpose(-1, -2), offs=offs_E)
-        else:
-            pos_A, offs_E, total = padded_groups(flat[order_A], counts_E, rows)
-            x_PD = x_ND.new_zeros(total, x_ND.shape[-1]).index_copy_(0, pos_A, x_ND[token_A])
-            h_P2I = F.grouped_mm(x_PD, w13.transpose(-1, -2), offs=offs_E)
-            y_AD = F.grouped_mm(self.act(h_P2I), w2.transpose(-1, -2), offs=offs_E)[pos_A]
+        # expert counts with a static shape (bincount's length depends on the data)
+        counts_E = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        y_AD = self.grouped(x_ND[token_A], flat[order_A], counts_E, w13, w2)
         y_AD = y_AD * w_NK.flatten()[order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+    def grouped(self, x_AD: torch.Tensor, expert_A: torch.Tensor, counts_E: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """Rows x_AD sorted by expert (expert_A, counts_E of each of the E experts of w13 [E, 2I, D] and w2) -> each
+        row through its expert, unweighted [A, D]: one grouped GEMM per matrix, or the dense twin where the grouped
+        GEMM cannot take the shapes."""
+        if not self.grouped_ok(x_AD, w13):
+            ones = torch.ones(expert_A.shape[0], 1, dtype=torch.float32, device=x_AD.device)
+            return self.forward_dense(x_AD, ones, expert_A[:, None], w13, w2)
+        rows = grouped_rows_multiple(x_AD.device, x_AD.dtype)
+        if rows == 1:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            h_A2I = F.grouped_mm(x_AD, w13.transpose(-1, -2), offs=offs_E)
+            return F.grouped_mm(self.act(h_A2I), w2.transpose(-1, -2), offs=offs_E)
+        pos_A, offs_E, total = padded_groups(expert_A, counts_E, rows)
+        x_PD = x_AD.new_zeros(total, x_AD.shape[-1]).index_copy_(0, pos_A, x_AD)
+        h_P2I = F.grouped_mm(x_PD, w13.transpose(-1, -2), offs=offs_E)
+        return F.grouped_mm(self.act(h_P2I), w2.transpose(-1, -2), offs=offs_E)[pos_A]
 
     def forward_gathered(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         """Few assignments (a decode step): run just the chosen experts, each on its token, instead of a grouped GEMM
@@ -197,13 +211,17 @@ class Experts(nn.Module):
         return (x.dtype == w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
                 and x.device.type != "meta")
 
-    def forward_dense(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def forward_dense(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
+                      w13: torch.Tensor | None = None, w2: torch.Tensor | None = None) -> torch.Tensor:
         """Plain twin of `forward`: every expert on every token, weighted by a dense [N, E] routing matrix.
-        Exact and simple; used by tests and for shapes the grouped GEMM cannot take."""
-        dense_NE = torch.zeros(x_ND.shape[0], self.w13.shape[0], dtype=torch.float32, device=x_ND.device)
+        Exact and simple; used by tests and for shapes the grouped GEMM cannot take. w13, w2: the expert stacks
+        (default: this layer's, all of them)."""
+        w13 = self.dense("w13", x_ND.dtype) if w13 is None else w13
+        w2 = self.dense("w2", x_ND.dtype) if w2 is None else w2
+        dense_NE = torch.zeros(x_ND.shape[0], w13.shape[0], dtype=torch.float32, device=x_ND.device)
         dense_NE.scatter_add_(1, idx_NK, w_NK.float())
-        h_NE2I = torch.einsum("nd,efd->nef", x_ND, self.dense("w13", x_ND.dtype).to(x_ND.dtype))
-        y_NED = torch.einsum("nei,edi->ned", self.act(h_NE2I), self.dense("w2", x_ND.dtype).to(x_ND.dtype))
+        h_NE2I = torch.einsum("nd,efd->nef", x_ND, w13.to(x_ND.dtype))
+        y_NED = torch.einsum("nei,edi->ned", self.act(h_NE2I), w2.to(x_ND.dtype))
         return (y_NED * dense_NE.unsqueeze(-1).to(y_NED.dtype)).sum(1)
 
 

@@ -64,6 +64,8 @@ class TrainConfig:
     init: str | None = None           # a checkpoint directory to start from (its weights and tokenizer)
     time_budget: float | None = None  # seconds for the whole run; pretraining's steps are then measured to fit
     engram: dict | None = None        # Engram on the preset: {option: value} over engram_defaults (None = off)
+    expert_parallel: int = 1          # with several processes: ranks that share each layer's routed experts
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     pretrain: StageConfig = field(default_factory=StageConfig)
     longctx: StageConfig = field(default_factory=lambda: StageConfig(
         steps=0, batch_size=1, seq_len=8192, lr=1e-3, warmup=5, indexer_warmup=20, mtp_weight=0.0, eval_every=50,

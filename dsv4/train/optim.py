@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dsv4.device import has_fused_adamw
 
@@ -93,25 +94,50 @@ class Muon(torch.optim.Optimizer):
         loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            by_shape: dict[torch.Size, list] = {}  # same-shaped matrices orthogonalise in one batched call
+            # same-shaped matrices orthogonalise in one batched call; a parameter sharded across ranks (a DTensor,
+            # dsv4.train.distributed) is updated through its local shard, and one whose shards cut its matrices is
+            # gathered whole for Newton-Schulz first (stacks sharded by expert keep whole matrices locally)
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                g = _local(p.grad).float()
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=torch.float32)
+                buf = _local(state["momentum_buffer"])
                 buf.mul_(mu).add_(g)
-                by_shape.setdefault(p.shape, []).append((p, g.add(buf, alpha=mu) if group["nesterov"] else buf))
-            for shape, pairs in by_shape.items():
+                u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                if _splits_matrices(p):
+                    u = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+                by_shape.setdefault((tuple(u.shape), p.shape), []).append((p, u))
+            for (_, shape), pairs in by_shape.items():
                 params = [p for p, _ in pairs]
                 ortho = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"], group["ns_dtype"])
+                updates = [_shard_of(o, p) if _splits_matrices(p) else o for p, o in zip(params, ortho.unbind(0))]
+                params = [_local(p) for p in params]
                 if wd:
                     torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW
-                torch._foreach_add_(params, [o.to(p.dtype) for p, o in zip(params, ortho.unbind(0))],
+                torch._foreach_add_(params, [o.to(p.dtype) for p, o in zip(params, updates)],
                                     alpha=-lr * muon_scale(shape))
         return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (in place-updatable), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _splits_matrices(p: torch.Tensor) -> bool:
+    """A DTensor whose shards cut through its [out, in] matrices (not only through the stack of them)."""
+    return isinstance(p, DTensor) and any(isinstance(pl, Shard) and pl.dim >= p.dim() - 2 for pl in p.placements)
+
+
+def _shard_of(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's shard of `whole` (computed alike on every rank) in `like`'s layout, without communication."""
+    replicated = DTensor.from_local(whole, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local()
 
 
 class RowAdam(torch.optim.SparseAdam):
@@ -308,17 +334,26 @@ def coalesced(grad: torch.Tensor) -> torch.Tensor:
 
 def clip_grad_norm(params, max_norm: float) -> float:
     """Clip the global grad norm to max_norm (skips params without grads); returns the pre-clip norm. Sparse
-    gradients (Engram's tables) are coalesced first: a row read at several positions counts once, summed."""
+    gradients (Engram's tables) are coalesced first: a row read at several positions counts once, summed. Sharded
+    gradients (DTensors, dsv4.train.distributed) count every shard once: the squares of the local shards are summed
+    over the ranks, plain gradients (the same on every rank) are added once."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     for p in params:
         if p.grad.is_sparse:
             p.grad = coalesced(p.grad)
-    norm = torch.linalg.vector_norm(torch.stack([
-        torch.linalg.vector_norm((p.grad.values() if p.grad.is_sparse else p.grad).float()) for p in params]))
+    grads = [_local(p.grad.values() if p.grad.is_sparse else p.grad) for p in params]
+    if any(isinstance(p.grad, DTensor) for p in params):
+        sharded = [g.float().pow(2).sum() for p, g in zip(params, grads) if isinstance(p.grad, DTensor)]
+        plain = [g.float().pow(2).sum() for p, g in zip(params, grads) if not isinstance(p.grad, DTensor)]
+        total = torch.stack(sharded).sum()
+        torch.distributed.all_reduce(total)
+        norm = (total + (torch.stack(plain).sum() if plain else 0.0)).sqrt()
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            (p.grad.values() if p.grad.is_sparse else p.grad).mul_(coef.to(p.grad.dtype))
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
     return norm.item()

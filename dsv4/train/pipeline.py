@@ -10,9 +10,10 @@
     out/sft/...                           the same for fine-tuning (docstring -> function chat pairs)
     out/final/                            config.json + safetensors + tokenizer.json + plots: any dsv4 command loads it
 
-Each stage is a `dsv4.train.trainer.Trainer` (optimizer steps, validation, snapshots, exact resume). The same loop
-will drive distributed training: everything device- or rank-specific goes through `MixedPrecision`,
-the batch source and `update_balance_bias` (which would all-reduce the load first).
+Each stage is a `dsv4.train.trainer.Trainer` (optimizer steps, validation, snapshots, exact resume). Launched on
+several processes (`dsv4 train --nproc N`, or torchrun), every rank runs this same pipeline on a model sharded by
+dsv4.train.distributed: rank 0 prepares the tokenizer and token files first, times the dtype, writes the run's files
+and exports `final` from the last (resharded) snapshot.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer
     return model
 
 
+# settings a resumed run may change: where it runs and how, not what it computes (the process count is not a setting:
+# a sharded snapshot reshards)
+RESUMABLE_CHANGES = ("out", "device", "compile", "expert_parallel", "activation_checkpointing")
+
+
 def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
     saved = out / "train_config.json"
     if not saved.exists():
@@ -88,7 +94,7 @@ def _check_resume(out: Path, cfg: TrainConfig, resume: bool):
     new, default = (json.loads(json.dumps(c.to_dict())) for c in (cfg, TrainConfig()))  # as saved (tuples: lists)
     # a key an older version did not write had its default
     changed = sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k)
-                     and k not in ("out", "device", "compile"))
+                     and k not in RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"--resume with a different configuration ({', '.join(changed)} changed) would not continue "
                          f"the same run; use the original settings or another --out")
@@ -230,8 +236,6 @@ def throughput(last: dict, args: ModelArgs, train_file: Path) -> str:
 
 def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or continue, or reuse) the whole pipeline; returns the final checkpoint directory."""
-    from dsv4.train.plots import plot_run
-
     out = Path(cfg.out)
     final = out / "final"
     if (final / DONE).exists():
@@ -245,27 +249,57 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     check_budget(cfg)
     if not stages and not cfg.init:
         raise ValueError("every stage has 0 steps: nothing to train (--steps, --longctx-steps, --sft-steps)")
-    _check_resume(out, cfg, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+    from dsv4.train import distributed
 
-    device = parse_device(cfg.device)
+    d = distributed.init(cfg.device, cfg.expert_parallel)
+    main = d is None or d.main
+    progress = progress and main
+    _check_resume(out, cfg, resume)
+    if d is not None:
+        d.barrier()  # every rank checked before rank 0 writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+
+    device = d.device if d is not None else parse_device(cfg.device)
     args = ModelArgs.from_name(cfg.preset)
     seq = max((stage.seq_len for _, stage in stages), default=0)
     if seq > args.max_seq_len:
         raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
+    if d is not None and not main:
+        d.barrier()  # rank 0 trains the tokenizer and writes the token files; the others then read them
     tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
+    if d is not None and main:
+        d.barrier()
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
     args, build = model_builder(cfg, tok, device)
     dtype = training_dtype(cfg.dtype, device, build, stages[0][1] if stages else cfg.pretrain, out / "dtype.json",
-                           budgeted=bool(cfg.time_budget), progress=progress)
-    model = build()
-    if cfg.init:
-        model.load_state_dict(initial_weights(cfg.init, args, device).state_dict())
-    for name, stage in stages:
+                           budgeted=bool(cfg.time_budget), progress=progress) if main else None
+    if d is not None:
+        dtype = d.broadcast(dtype)  # rank 0 timed it
+
+    def plain(weights: dict | None = None) -> Transformer:
+        model = build()
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
+
+    def fresh(weights: dict | None = None) -> Transformer:
+        """A model for a stage: built, given `weights`, and sharded in a distributed run."""
+        model = plain(weights)
+        if d is not None:
+            return distributed.parallelize(model, d, dtype, cfg.activation_checkpointing)
+        if cfg.activation_checkpointing:
+            distributed.checkpoint_blocks(model)
+        return model
+
+    start = initial_weights(cfg.init, args, device).state_dict() if cfg.init else None
+    model = fresh(start) if stages else plain(start)
+    for i, (name, stage) in enumerate(stages):
         batches, val = stage_data(name, stage, cfg, tok, (train_docs, val_docs), (train_file, val_file))
-        trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name)
+        trainer = Trainer(model, stage, out / name, batches, val, dtype, meta=meta, progress=progress, desc=name,
+                          dist=d)
         trainer.resume()
         budgeted = bool(cfg.time_budget) and name == "pretrain"
         use_compile = compile_enabled(cfg.compile, device, dtype, steps=None if budgeted else stage.steps,
@@ -277,8 +311,9 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
             n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
             steps = (f"steps sized to end {cfg.time_budget / 60:.1f} min after the start" if budget else
                      f"{stage.steps} steps")
+            ranks = f" x {d.world} processes" + (f", experts over {d.ep}" if d.ep > 1 else "") if d else ""
             print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
-                  f"{device.type}), {steps} x {stage.tokens_per_step} tokens"
+                  f"{device.type}{ranks}), {steps} x {stage.tokens_per_step} tokens"
                   + (f", resuming at step {trainer.step}" if trainer.step else "")
                   + (" (compiled: the first steps include compilation)" if use_compile else ""), flush=True)
         last = trainer.fit(budget)
@@ -287,9 +322,20 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
                   f"val {last.get('val_loss', float('nan')):.4f}", flush=True)
             if name == "pretrain":
                 print(throughput(last, args, train_file), flush=True)
-        # the next stage starts from this one's final weights at full precision
-        model = build_model(args, device, cfg.init_seed)
-        model.load_state_dict(load_latest(out / name)["model"])
+        # the next stage (and `final`) starts from this one's final weights at full precision (read whole)
+        if i + 1 < len(stages) or main:
+            weights = load_latest(out / name)["model"]
+            model = fresh(weights) if i + 1 < len(stages) else plain(weights)
+    if main:
+        export(model, out, dtype, tok, stages, cfg, final)
+    if d is not None:
+        d.barrier()
+    return final
+
+
+def export(model: Transformer, out: Path, dtype: torch.dtype, tok, stages: list, cfg: TrainConfig, final: Path):
+    """Write `final`: the model in its compute dtype, the tokenizer, the stages' plots, the config."""
+    from dsv4.train.plots import plot_run
 
     model.to_dtype(dtype)
     with atomic_dir(final) as tmp:
@@ -301,4 +347,3 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
                 shutil.copy(png, tmp / f"{name}_{Path(png).name}")
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         (tmp / DONE).write_text("")
-    return final

@@ -28,18 +28,19 @@ MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
-def _flatten(obj, path: str, tensors: dict):
-    """Nested dict/list state -> JSON-able structure with tensors replaced by {"__tensor__": key}."""
+def flatten_state(obj, path: str, tensors: dict, copy: bool = True):
+    """Nested dict/list state -> JSON-able structure with tensors replaced by {"__tensor__": key}; `tensors` gets
+    {key: a CPU copy} (copy=False: the tensor itself, e.g. a DTensor shard for torch.distributed.checkpoint)."""
     if isinstance(obj, torch.Tensor):
         key = path or "root"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach().cpu().contiguous() if copy else obj.detach()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{path}.k{i}", tensors), _flatten(v, f"{path}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {"__dict__": [[flatten_state(k, f"{path}.k{i}", tensors, copy),
+                              flatten_state(v, f"{path}.{i}", tensors, copy)] for i, (k, v) in enumerate(obj.items())]}
     if isinstance(obj, (list, tuple)):
         return {"__list__" if isinstance(obj, list) else "__tuple__":
-                [_flatten(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+                [flatten_state(v, f"{path}.{i}", tensors, copy) for i, v in enumerate(obj)]}
     if isinstance(obj, torch.dtype):
         return {"__dtype__": str(obj).removeprefix("torch.")}
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -47,18 +48,18 @@ def _flatten(obj, path: str, tensors: dict):
     raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a snapshot")
 
 
-def _unflatten(obj, tensors: dict):
+def unflatten_state(obj, tensors: dict):
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
         if "__dtype__" in obj:
             return getattr(torch, obj["__dtype__"])
         if "__dict__" in obj:
-            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in obj["__dict__"]}
         if "__list__" in obj:
-            return [_unflatten(v, tensors) for v in obj["__list__"]]
+            return [unflatten_state(v, tensors) for v in obj["__list__"]]
         if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
     return obj
 
 
@@ -78,7 +79,7 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -101,11 +102,11 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, model: torch.nn.Module 
         model_sd, aliases = _dedupe(model if isinstance(model, dict) else model.state_dict())
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
         opt_tensors: dict[str, torch.Tensor] = {}
-        opt_structure = _flatten(optimizer_state, "opt", opt_tensors)
+        opt_structure = flatten_state(optimizer_state, "opt", opt_tensors)
         rng_tensors: dict[str, torch.Tensor] = {}
-        rng = _flatten(rng_state(), "rng", rng_tensors)
+        rng = flatten_state(rng_state(), "rng", rng_tensors)
         save_file({**opt_tensors, **rng_tensors}, os.path.join(tmp, "optimizer.safetensors"))
-        files = {name: _sha256(os.path.join(tmp, name)) for name in ("model.safetensors", "optimizer.safetensors")}
+        files = {name: sha256_file(os.path.join(tmp, name)) for name in ("model.safetensors", "optimizer.safetensors")}
         manifest = {"step": step, "optimizer": opt_structure, "rng": rng, "meta": meta or {}, "aliases": aliases,
                     "sha256": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -141,8 +142,8 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[str]:
     return [os.path.join(run_dir, n) for n in names]
 
 
-def load_snapshot(path: str) -> dict:
-    """Verify and read one snapshot -> {"step", "model", "optimizer", "rng", "meta"}; ValueError if corrupt."""
+def read_manifest(path: str) -> dict:
+    """A snapshot's manifest, its files checked against their checksums; ValueError if corrupt."""
     manifest_path = os.path.join(path, MANIFEST)
     try:
         with open(manifest_path) as f:
@@ -151,14 +152,36 @@ def load_snapshot(path: str) -> dict:
         raise ValueError(f"snapshot {path}: unreadable manifest ({e})") from None
     for name, digest in manifest.get("sha256", {}).items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file) or _sha256(file) != digest:
+        if not os.path.isfile(file) or sha256_file(file) != digest:
             raise ValueError(f"snapshot {path}: {name} is missing or does not match its checksum (truncated?)")
+    return manifest
+
+
+def load_snapshot(path: str) -> dict:
+    """Verify and read one snapshot -> {"step", "model", "optimizer", "rng", "meta"} (whole tensors, whatever number
+    of processes wrote it); ValueError if corrupt."""
+    manifest = read_manifest(path)
+    if manifest.get("format") == "dcp":  # written by a sharded run (dsv4.train.sharded)
+        from dsv4.train.sharded import read_whole
+
+        return read_whole(path, manifest)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     model_sd = load_file(os.path.join(path, "model.safetensors"))
     model_sd.update({alias: model_sd[name] for alias, name in manifest.get("aliases", {}).items()})
     return {"step": manifest["step"], "model": model_sd,
-            "optimizer": _unflatten(manifest["optimizer"], tensors), "rng": _unflatten(manifest["rng"], tensors),
-            "meta": manifest["meta"]}
+            "optimizer": unflatten_state(manifest["optimizer"], tensors),
+            "rng": unflatten_state(manifest["rng"], tensors), "meta": manifest["meta"]}
+
+
+def latest(run_dir: str | os.PathLike) -> tuple[str, dict] | None:
+    """(path, manifest) of the newest snapshot whose files match their checksums, or None; corrupt ones are
+    reported and skipped."""
+    for path in reversed(list_snapshots(run_dir)):
+        try:
+            return path, read_manifest(path)
+        except ValueError as e:
+            warnings.warn(f"{e}; falling back to the previous snapshot", stacklevel=2)
+    return None
 
 
 def load_latest(run_dir: str | os.PathLike) -> dict | None:

@@ -6,6 +6,9 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` x `seq_len` toke
     aux-loss-free bias update from the micro-batches' summed expert load (reported by the forward: TrainStats)
 Batch k of a stage depends only on (seed, k), and a snapshot holds everything else that changes (weights, optimizer
 moments, routing biases, RNG), so `--resume` after a kill continues with exactly the losses of an uninterrupted run.
+With a `dsv4.train.distributed.Dist` the same loop runs on every rank of a sharded model: each rank takes its rows of
+every micro-batch, gradients are synchronised on the last micro-batch only, loads, metrics and norms are reduced
+over the ranks, rank 0 writes the metrics and plots, and snapshots are written by all ranks (dsv4.train.sharded).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from dsv4.model.stats import TrainStats
 from dsv4.model.transformer import Transformer
 from dsv4.train.budget import OPEN, StepBudget
 from dsv4.train.config import StageConfig
+from dsv4.train.distributed import Dist, ShardedPrecision
 from dsv4.train.loss import cross_entropy, training_loss
 from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
 from dsv4.train.precision import MixedPrecision
-from dsv4.train.snapshot import load_latest, save_snapshot, set_rng_state
+from dsv4.train.sharded import load_in_place, save_sharded
+from dsv4.train.snapshot import latest, load_latest, save_snapshot, set_rng_state
 
 Batch = tuple[torch.Tensor, ...]  # (ids, targets) or (ids, targets, mask), each [B, T]
 PLOT_EVERY_S = 120.0  # the plots in the run directory are redrawn at most this often while a stage runs, and at its end
@@ -52,11 +57,13 @@ class Trainer:
 
     def __init__(self, model: Transformer, cfg: StageConfig, run_dir: str | os.PathLike,
                  batches: Callable[[int], Iterator[Batch]], val: list[Batch], dtype: torch.dtype,
-                 meta: dict | None = None, progress: bool = True, desc: str = "train"):
+                 meta: dict | None = None, progress: bool = True, desc: str = "train", dist: Dist | None = None):
         self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
         self.batches, self.val, self.meta, self.progress, self.desc = batches, val, meta or {}, progress, desc
+        self.dist, self.main = dist, dist is None or dist.main  # rank 0 (or the only process) logs and plots
         self.device = next(model.parameters()).device
-        self.mp = MixedPrecision(model, dtype)
+        # a sharded model (dsv4.train.distributed.parallelize) holds its fp32 masters itself
+        self.mp = ShardedPrecision() if dist else MixedPrecision(model, dtype)
         # Muon's Newton-Schulz is robust in bf16
         ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -79,22 +86,34 @@ class Trainer:
 
     # -- state --
     def resume(self) -> bool:
-        """Load the newest good snapshot of this stage; False when there is none."""
-        snap = load_latest(self.run_dir)
-        if snap is None:
-            return False
-        self.mp.load_state_dict(self.model, snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        """Load the newest good snapshot of this stage, whatever number of processes wrote it; False when there is
+        none."""
+        if self.dist is None:
+            snap = load_latest(self.run_dir)
+            if snap is None:
+                return False
+            self.mp.load_state_dict(self.model, snap["model"])
+            self.optimizer.load_state_dict(snap["optimizer"])
+        else:  # each rank reads its shards in place
+            found = latest(self.run_dir)
+            if found is None:
+                return False
+            snap = load_in_place(*found, self.mp.state_dict(self.model), self.optimizer, self.dist)
         set_rng_state(snap["rng"])
         self.step = snap["step"]
-        self._truncate_metrics(self.step)
+        if self.main:
+            self._truncate_metrics(self.step)
         return True
 
     def save(self):
         meta = {**self.meta, "stage_config": dataclasses.asdict(self.cfg),
                 "data_position": {"seed": self.cfg.seed, "next_batch": self.step * self.cfg.grad_accum}}
-        save_snapshot(self.run_dir, self.step, self.mp.state_dict(self.model), self.optimizer.state_dict(),
-                      meta=meta, keep=self.cfg.keep)
+        if self.dist is not None:
+            save_sharded(self.run_dir, self.step, self.mp.state_dict(self.model), self.optimizer.state_dict(),
+                         self.dist, meta=meta, keep=self.cfg.keep)
+        else:
+            save_snapshot(self.run_dir, self.step, self.mp.state_dict(self.model), self.optimizer.state_dict(),
+                          meta=meta, keep=self.cfg.keep)
 
     def _truncate_metrics(self, step: int):
         """Drop metrics rows after `step` (written by a run that was killed before its next snapshot)."""
@@ -131,22 +150,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         load = [torch.zeros(m.gate.n_experts, device=self.device) for m in self.moes]
-        for _ in range(cfg.grad_accum):
-            batch = [t.to(self.device, non_blocking=True) for t in next(micro)]
-            ids, targets, mask = batch[0], batch[1], batch[2] if len(batch) > 2 else None
+        for i in range(cfg.grad_accum):
+            ids, targets, mask = self._local(next(micro))
+            weight = self._token_weight(mask)
+            if self.dist is not None:  # gradients are reduced once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             stats = TrainStats(indexer=stage, balance=cfg.aux_alpha > 0)
             loss, metrics = training_loss(self.model, ids, targets, mask, mtp_weight=cfg.mtp_weight,
                                           indexer_weight=cfg.indexer_weight, aux_alpha=cfg.aux_alpha, stats=stats,
                                           compiled=self.compiled)
-            (loss / cfg.grad_accum).backward()
+            (loss * weight / cfg.grad_accum).backward()
             self.mp.accumulate()
             metrics["loss"] = loss.item()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+                totals[k] = totals.get(k, 0.0) + v * weight / cfg.grad_accum
             loads = stats.collect("load")
             for acc, layer_id in zip(load, self.moe_layers):
                 if layer_id in loads:  # (MTP layers run only with an MTP loss)
                     acc += loads[layer_id]
+        if self.dist is not None:  # the global step: mean metrics, summed loads (the bias moves as in one process)
+            totals = self.dist.mean(totals)
+            load = list(self.dist.sum(torch.stack(load)).unbind(0)) if load else load
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"{self.desc}: loss is {totals['loss']} at step {self.step}; lower --lr or "
                                      "resume from the last snapshot")
@@ -161,6 +185,19 @@ class Trainer:
                "lr": lr_mult * self.optimizer.param_groups[0]["base_lr"]}
         return row, load
 
+    def _local(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, targets, mask or None) of this rank's rows of a global batch, on the device."""
+        batch = [(t if self.dist is None else self.dist.rows(t)).to(self.device, non_blocking=True) for t in batch]
+        return batch[0], batch[1], batch[2] if len(batch) > 2 else None
+
+    def _token_weight(self, mask: torch.Tensor | None) -> float:
+        """What this rank's mean loss counts for so that the ranks' mean is the global batch's token mean: 1 without
+        a mask (every rank has as many tokens), world * tokens here / tokens everywhere with one (SFT's answers)."""
+        if self.dist is None or mask is None:
+            return 1.0
+        here = mask.sum().double()
+        return (self.dist.world * here / self.dist.sum(here.clone()).clamp(min=1)).item()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss (CE, mask-aware) on the fixed validation batches, without gradients, with the attention the last
@@ -170,12 +207,12 @@ class Trainer:
         losses = []
         with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile an eval variant for this
             for batch in self.val:
-                batch = [t.to(self.device) for t in batch]
-                mask = batch[2] if len(batch) > 2 else None
-                logits = self.model(batch[0], stats=TrainStats(indexer=self.stage))
-                losses.append(cross_entropy(logits, batch[1], mask).item())
+                ids, targets, mask = self._local(batch)
+                logits = self.model(ids, stats=TrainStats(indexer=self.stage))
+                losses.append(cross_entropy(logits, targets, mask).item() * self._token_weight(mask))
         self.model.train()
-        return sum(losses) / max(len(losses), 1)
+        loss = sum(losses) / max(len(losses), 1)
+        return loss if self.dist is None else self.dist.mean({"val": loss})["val"]
 
     def fit(self, budget: StepBudget | None = None) -> dict:
         """Train from self.step to cfg.steps; snapshots, metrics, plots. Ctrl-C saves a snapshot and re-raises.
@@ -195,7 +232,7 @@ class Trainer:
         start = {"val_loss_start": self.evaluate()} if self.step == 0 else {}
         micro = self.batches(self.step * cfg.grad_accum)
         bar = tqdm(total=None if cfg.steps == OPEN else cfg.steps, initial=self.step, desc=self.desc, unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self.main), dynamic_ncols=True)
         tokens_done, t_start = 0, time.perf_counter()
         plotted = t_start
         try:
@@ -203,7 +240,7 @@ class Trainer:
                 row, load = self.train_step(micro)
                 row.update(start)
                 start = {}
-                if budget and (cfg.steps == OPEN or budget.revisable):
+                if budget and (self.dist is not None or cfg.steps == OPEN or budget.revisable):
                     self._budget_step(budget, bar)
                     cfg = self.cfg
                 tokens_done += cfg.tokens_per_step
@@ -213,19 +250,21 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     row["val_loss"] = self.evaluate()
                     row["expert_load"] = {str(i): n.tolist() for i, n in zip(self.moe_layers, load)}
-                self._log(row)
+                if self.main:
+                    self._log(row)
                 last = row
                 val = f" val {row['val_loss']:.3f}" if "val_loss" in row else ""
                 bar.set_postfix_str(f"ce {row['ce']:.3f}{val} {row['tok_per_s']:.0f} tok/s")
                 bar.update(1)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save()
-                if self.step == cfg.steps or time.perf_counter() - plotted > PLOT_EVERY_S:
+                if self.main and (self.step == cfg.steps or time.perf_counter() - plotted > PLOT_EVERY_S):
                     plot_run(self.metrics_path, self.run_dir)
                     plotted = time.perf_counter()
         except KeyboardInterrupt:
             bar.close()
-            if self.step > 0 and not os.path.isdir(os.path.join(self.run_dir, f"step-{self.step:09d}")):
+            saved = os.path.isdir(os.path.join(self.run_dir, f"step-{self.step:09d}"))
+            if self.dist is None and self.step > 0 and not saved:  # (ranks are stopped by their launcher)
                 self.save()
                 print(f"\ninterrupted: saved step {self.step} to {self.run_dir}; continue with --resume")
             raise
@@ -233,11 +272,16 @@ class Trainer:
         return last
 
     def _budget_step(self, budget: StepBudget, bar: tqdm) -> None:
-        """Let the budget see this step; once it decides, the stage has that many steps."""
-        decision = budget.observe(self.step)
+        """Let the budget see this step; once it decides, the stage has that many steps. In a sharded run rank 0's
+        clock decides for every rank."""
+        decision = None
+        if self.main and (self.cfg.steps == OPEN or budget.revisable):
+            decision = budget.observe(self.step)
+        if self.dist is not None:
+            decision = self.dist.broadcast(decision)
         if decision is not None:
             self.cfg = dataclasses.replace(self.cfg, steps=decision.steps)
-            if self.progress:
+            if self.progress and self.main:
                 tqdm.write(f"{self.desc}: {decision.sec_per_step:.2f} s a step ({decision.tokens_per_s:.0f} tokens/s) "
                            f"-> {decision.steps} steps to end on time ({decision.seconds_left:.0f} s left, "
                            f"{decision.reserved_s:.0f} s of them for the stages after this one)"
