@@ -1,5 +1,6 @@
 """`dsv4 plan` (issue 23): where a model runs on a machine (accelerators + host RAM) and about how fast, computed on
-the meta device (dsv4.weights.plan). Registered in dsv4.cli's COMMANDS like the others."""
+the meta device (dsv4.weights.plan); `dsv4 plan --train` (issue 24): what training it takes on N GPUs and the layout
+to use (dsv4.train.scaling). Registered in dsv4.cli's COMMANDS like the others."""
 
 from dsv4.config import PRESETS
 
@@ -42,6 +43,13 @@ def add_plan(subparsers):
                    "working set + 1 GB)")
     g.add_argument("--ram-headroom", default="8GB", help="kept free in host RAM (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON (its device_map is what --device-map takes)")
+    g = p.add_argument_group("training (--train: memory and traffic per GPU of FSDP2 + expert parallelism, and the "
+                             "layout to use; docs/scaling.md)")
+    g.add_argument("--train", action="store_true", help="plan training instead of inference placement")
+    g.add_argument("--gpus", default="8,64,512", help="GPU counts to plan for (default: %(default)s)")
+    g.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (default: %(default)s)")
+    g.add_argument("--seqs-per-gpu", type=int, default=1, help="sequences per GPU per step (default: %(default)s)")
     p.set_defaults(run=run_plan)
 
 
@@ -56,6 +64,8 @@ def run_plan(opts) -> int:
         from dsv4.weights.checkpoint import read_config
 
         (args, raw), name = read_config(opts.ckpt), opts.ckpt
+    if opts.train:
+        return run_train_plan(opts, args, name)
     quantized = raw.get("quantization_config") or {}
     if quantized.get("quant_method") == "dsv4":  # `dsv4 quantize` wrote it: its layers stay in its format
         fm = Formats(quantized["format"], quantized["format"], group=quantized.get("group_size", fm.group))
@@ -71,4 +81,19 @@ def run_plan(opts) -> int:
                       opts.group if opts.group is not None else fm.group)
     result = plan(args, hardware, opts.context, opts.batch, formats, opts.chunk, name)
     print(result.to_json() if opts.json else format_plan(result))
+    return 0
+
+
+def run_train_plan(opts, args, name: str) -> int:
+    from dsv4.train.scaling import format_train_plan, to_json, train_plan
+    from dsv4.weights.plan import parse_size
+
+    try:
+        gpus = [int(n) for n in opts.gpus.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus takes GPU counts separated by commas (8,64,512), got {opts.gpus!r}") from None
+    if not gpus or min(gpus) < 1:
+        raise ValueError(f"--gpus needs positive counts, got {opts.gpus!r}")
+    result = train_plan(args, name, gpus, opts.seqs_per_gpu, opts.seq_len, parse_size(opts.gpu_memory))
+    print(to_json(result) if opts.json else format_train_plan(result))
     return 0

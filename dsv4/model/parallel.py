@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ExpertParallel:
 
 def local_weight(w: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a (DTensor) expert stack, differentiable; a plain tensor as it is."""
-    return w.to_local() if hasattr(w, "to_local") else w
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def exchange_counts(counts_E: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dsv4.device import distributed_backend, parse_device
+from dsv4.model.hyper import HyperConnection, HyperHead
 from dsv4.model.parallel import ExpertParallel
 from dsv4.model.transformer import Transformer
 
@@ -62,7 +63,7 @@ class Dist:
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean over ranks of each value (every rank passes the same keys)."""
-        keys = sorted(values)
+        keys = list(values)
         t = self.sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device))
         return {k: v / self.world for k, v in zip(keys, t.tolist())}
 
@@ -138,7 +139,9 @@ def fsdp_policy(dtype: torch.dtype, compute: bool = True):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     low = dtype != torch.float32 and compute
-    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32)
+    # the blocks cast their own inputs (the residual streams stay fp32 between them)
+    return MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
 
 
 def parallelize(model: Transformer, d: Dist, dtype: torch.dtype, activation_checkpointing: bool = False
@@ -146,12 +149,17 @@ def parallelize(model: Transformer, d: Dist, dtype: torch.dtype, activation_chec
     """Shard `model` (an fp32 model, the same on every rank) in place: activation checkpointing, expert parallelism,
     then FSDP2 bottom-up: hyper-connections (kept fp32 as the release keeps them), each block, the experts over
     "edp", and the root (embedding, head, final norms). MTP blocks keep their parameters gathered after their
-    forward: the model reads their head norms outside it."""
+    forward: the model reads their head norms outside it. Engram's tables (sparse gradients, which FSDP cannot
+    reduce) stay whole on every rank: `sync_replicated_grads` sums their rows over the ranks."""
     from torch.distributed.fsdp import fully_shard
 
     if activation_checkpointing:
         checkpoint_blocks(model)
     low, fp32 = fsdp_policy(dtype), fsdp_policy(dtype, compute=False)
+    if dtype != torch.float32:  # hyper-connections and heads stay fp32, each its own unit
+        for m in model.modules():
+            if isinstance(m, (HyperConnection, HyperHead)):
+                fully_shard(m, mesh=d.mesh, mp_policy=fp32)
     if d.ep > 1:
         shard_experts(model, d)
     for block in [*model.layers, *model.mtp]:
@@ -159,12 +167,39 @@ def parallelize(model: Transformer, d: Dist, dtype: torch.dtype, activation_chec
             experts = block.ffn.experts
             fully_shard(experts, mesh=d.ep_mesh["edp"], mp_policy=low)
             experts.set_gradient_divide_factor(float(d.world))
-        if dtype != torch.float32:
-            for hc in (block.hc_attn, block.hc_ffn):
-                fully_shard(hc, mesh=d.mesh, mp_policy=fp32)
-        fully_shard(block, mesh=d.mesh, mp_policy=low, reshard_after_forward=block not in model.mtp)
+        fully_shard(block, mesh=d.mesh, mp_policy=low, reshard_after_forward=block not in model.mtp,
+                    ignored_params=sparse_params(block))
     fully_shard(model, mesh=d.mesh, mp_policy=low)
     return model
+
+
+def sparse_params(module: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """Parameters of embeddings with sparse gradients (Engram's tables)."""
+    return {m.weight for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+
+
+@torch.no_grad()
+def sync_replicated_grads(params: list[torch.Tensor], d: Dist) -> None:
+    """Average over the ranks the gradients FSDP does not own (parameters kept whole on every rank): dense ones by an
+    all-reduce, sparse ones (Engram's rows) by gathering every rank's rows and summing the duplicates."""
+    for p in params:
+        if p.grad is None or isinstance(p, DTensor):
+            continue
+        if not p.grad.is_sparse:
+            p.grad = d.sum(p.grad) / d.world
+            continue
+        g = p.grad.coalesce()
+        rows, values = g.indices()[0], g.values()
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(d.world)]
+        dist.all_gather(counts, torch.tensor([rows.numel()]))
+        n = max(int(c) for c in counts)  # all_gather takes equal sizes: pad to the longest
+        rows_all = [rows.new_zeros(n) for _ in range(d.world)]
+        values_all = [values.new_zeros(n, *values.shape[1:]) for _ in range(d.world)]
+        dist.all_gather(rows_all, torch.cat([rows, rows.new_zeros(n - rows.numel())]))
+        dist.all_gather(values_all, torch.cat([values, values.new_zeros(n - rows.numel(), *values.shape[1:])]))
+        rows = torch.cat([r[:int(c)] for r, c in zip(rows_all, counts)])
+        values = torch.cat([v[:int(c)] for v, c in zip(values_all, counts)])
+        p.grad = torch.sparse_coo_tensor(rows[None], values / d.world, g.shape).coalesce()
 
 
 class ShardedPrecision:

@@ -31,7 +31,7 @@ from dsv4.model.stats import TrainStats
 from dsv4.model.transformer import Transformer
 from dsv4.train.budget import OPEN, StepBudget
 from dsv4.train.config import StageConfig
-from dsv4.train.distributed import Dist, ShardedPrecision
+from dsv4.train.distributed import Dist, ShardedPrecision, sync_replicated_grads
 from dsv4.train.loss import cross_entropy, training_loss
 from dsv4.train.optim import build_optimizer, clip_grad_norm, set_lr
 from dsv4.train.precision import MixedPrecision
@@ -169,6 +169,7 @@ class Trainer:
                 if layer_id in loads:  # (MTP layers run only with an MTP loss)
                     acc += loads[layer_id]
         if self.dist is not None:  # the global step: mean metrics, summed loads (the bias moves as in one process)
+            sync_replicated_grads(self.params, self.dist)
             totals = self.dist.mean(totals)
             load = list(self.dist.sum(torch.stack(load)).unbind(0)) if load else load
         if not math.isfinite(totals["loss"]):

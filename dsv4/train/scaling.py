@@ -1,0 +1,220 @@
+"""What training a configuration costs on N accelerators with dsv4's layout (dsv4.train.distributed), computed from
+the config alone: `dsv4 plan --train`. docs/scaling.md explains each term; the numbers are per GPU.
+
+Layout: FSDP2 over all N ranks for everything; with expert parallelism E, rank r holds E_total/E of each layer's routed
+experts and FSDP2 shards them further over the N/E ranks that hold the same ones. One micro-batch of `seqs` sequences
+of `seq_len` tokens per rank per optimizer step.
+
+    P = all parameters (MTP included); P_exp = routed experts; P_dense = P - P_exp
+    masters       4 P / N                 fp32, sharded (the FSDP2 parameters themselves)
+    gradients     4 P / N                 fp32, reduced and sharded
+    optimizer     (8 P_adamw + 4 P_muon) / N      AdamW: two moments; Muon: one momentum
+    gathered      2 (2 U_dense + 2 U_exp / E) + 2 P_root      bf16 working copies: the unit in use and the one being
+                                          prefetched (U = the largest block's dense / routed parameters), and the root
+                                          (embedding, head), kept gathered from the forward to the backward
+    grad buffers  4 (U_dense + U_exp / E)   one unit's unsharded fp32 gradients before their reduce-scatter
+    activations   tokens x (a_block x layers)          without activation checkpointing
+                  tokens x (a_stream x layers + a_block)   with it (each block keeps only its input streams)
+Communication per optimizer step and GPU (bytes sent or received, ring collectives):
+    FSDP dense    (2 + 2 [+ 2 with checkpointing: the recompute gathers again]) P_dense (N-1)/N + 4 P_dense (N-1)/N
+    FSDP experts  the same over P_exp / E and N/E ranks
+    all-to-all    2 (dispatch + combine) x passes x tokens x K x D x 2 bytes x (E-1)/E per MoE layer; passes = 2
+                  (forward, backward), 3 with checkpointing
+`recommend` picks, for each N, the expert-parallel degree (a divisor of N and of the experts) and whether to
+checkpoint that fit the memory with the least communication; when none fits, the smallest N that would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from dsv4.config import ModelArgs
+from dsv4.model.moe import Experts
+from dsv4.train.optim import param_kind
+
+GB = 1e9
+STATE = ("masters", "gradients", "optimizer")  # what scales with P / N
+
+
+@dataclass
+class Params:
+    """Parameter counts of one configuration, as the layout and the optimizer see them."""
+    total: int
+    experts: int            # routed experts, every layer
+    adamw: int              # parameters AdamW updates (two moments)
+    muon: int               # parameters Muon updates (one momentum)
+    unit_dense: int         # the largest block's parameters other than its routed experts (one FSDP unit)
+    unit_experts: int       # one block's routed experts
+    root: int               # embedding and head (and what else the root unit holds)
+
+    @classmethod
+    def of(cls, args: ModelArgs) -> Params:
+        from dsv4.weights.info import meta_model
+
+        model = meta_model(args)
+        adamw = muon = experts = 0
+        seen = set()
+        for mname, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                kind = param_kind(f"{mname}.{pname}" if mname else pname, p, module)
+                muon += p.numel() if kind == "muon" else 0
+                adamw += p.numel() if kind != "muon" else 0
+                experts += p.numel() if isinstance(module, Experts) else 0
+        blocks = [*model.layers, *model.mtp]
+        per_block = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.ffn.experts.parameters()))
+                     for b in blocks]
+        in_blocks = sum(n for n, _ in per_block)
+        return cls(total=adamw + muon, experts=experts, adamw=adamw, muon=muon,
+                   unit_dense=max(n - e for n, e in per_block), unit_experts=max(e for _, e in per_block),
+                   root=adamw + muon - in_blocks)
+
+
+def attention_keys(args: ModelArgs, layer_id: int, seq_len: int) -> int:
+    """Keys one query scores in a training forward at the end of a seq_len window (the largest it gets)."""
+    ratio = args.compress_ratios[layer_id]
+    window = min(args.window_size, seq_len)
+    if ratio == 0:
+        return window
+    entries = seq_len // ratio
+    return window + (min(args.index_topk, entries) if ratio == args.csa_ratio else entries)
+
+
+def block_activation_bytes(args: ModelArgs, layer_id: int, seq_len: int) -> int:
+    """Bytes one token keeps alive for the backward in one block (bf16 activations, fp32 streams and softmaxes), as
+    the pure-PyTorch blocks hold them: the residual streams in and between the two sub-layers, the norms' outputs,
+    the attention projections, the attention probabilities (a fused attention kernel would not keep them), the
+    lightning indexer's scores on compressed-sparse layers, the router's scores and the experts' inputs and hidden
+    activations for the K routed and the shared experts."""
+    d, n = args.dim, args.hc_mult
+    streams = 3 * n * d * 4
+    norms = 2 * d * 2
+    attn = 2 * (args.q_lora_rank + 2 * args.n_heads * args.head_dim + args.head_dim + args.o_groups * args.o_lora_rank)
+    probs = 4 * args.n_heads * attention_keys(args, layer_id, seq_len)
+    ratio = args.compress_ratios[layer_id]
+    indexer = 2 * args.index_n_heads * (seq_len // ratio) if ratio == args.csa_ratio else 0
+    inter, shared = args.moe_inter_dim, args.n_shared_experts * args.moe_inter_dim
+    moe = 4 * args.n_routed_experts + 2 * (args.n_activated_experts * (d + 3 * inter) + (d + 3 * shared if shared
+                                                                                           else 0))
+    return streams + norms + attn + probs + indexer + moe
+
+
+@dataclass
+class TrainLayout:
+    """One layout's memory and traffic per GPU, in bytes."""
+    gpus: int
+    expert_parallel: int
+    checkpointing: bool
+    seqs: int
+    seq_len: int
+    memory: dict[str, float] = field(default_factory=dict)
+    comm: dict[str, float] = field(default_factory=dict)
+    budget: float = 0.0
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def total_comm(self) -> float:
+        return sum(self.comm.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_memory <= self.budget
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_memory": self.total_memory, "total_comm": self.total_comm,
+                "fits": self.fits}
+
+
+def layout(args: ModelArgs, p: Params, gpus: int, ep: int, checkpointing: bool, seqs: int = 1,
+           seq_len: int = 4096, gpu_memory: float = 80 * GB, headroom: float = 0.1) -> TrainLayout:
+    """Memory and communication per GPU of one layout (the module's docstring has the formulas)."""
+    n = gpus
+    layers = range(args.n_layers + args.n_mtp_layers)
+    tokens = seqs * seq_len
+    a_block = [block_activation_bytes(args, i, seq_len) for i in layers]
+    a_stream = args.hc_mult * args.dim * 4
+    activations = tokens * (a_stream * len(a_block) + max(a_block) if checkpointing else sum(a_block))
+    dense = p.total - p.experts
+    memory = {"masters": 4 * p.total / n, "gradients": 4 * p.total / n, "optimizer": (8 * p.adamw + 4 * p.muon) / n,
+              "gathered": 2 * (2 * p.unit_dense + 2 * p.unit_experts / ep) + 2 * p.root,
+              "grad_buffers": 4 * (p.unit_dense + p.unit_experts / ep), "activations": activations}
+    gathers = 3 if checkpointing else 2
+    edp = n // ep
+
+    def fsdp(params: float, ranks: int) -> float:
+        return (2 * gathers + 4) * params * (ranks - 1) / ranks
+
+    passes = 3 if checkpointing else 2
+    comm = {"fsdp_dense": fsdp(dense, n), "fsdp_experts": fsdp(p.experts / ep, edp),
+            "all_to_all": 2 * passes * tokens * args.n_activated_experts * args.dim * 2 * (ep - 1) / ep * len(a_block)}
+    return TrainLayout(gpus, ep, checkpointing, seqs, seq_len, memory, comm, gpu_memory * (1 - headroom))
+
+
+def candidates(args: ModelArgs, gpus: int) -> list[int]:
+    """Expert-parallel degrees a layout can take: divisors of the GPU count that divide the routed experts."""
+    return [e for e in range(1, gpus + 1) if gpus % e == 0 and args.n_routed_experts % e == 0]
+
+
+def recommend(args: ModelArgs, gpus: int, seqs: int = 1, seq_len: int = 4096, gpu_memory: float = 80 * GB,
+              headroom: float = 0.1, params: Params | None = None) -> dict:
+    """The layout for `gpus` GPUs: of those that fit, the least traffic (checkpointing only when needed); else the
+    one with the least memory and the smallest GPU count (a multiple of 8) at which some layout fits."""
+    p = params or Params.of(args)
+    opts = [layout(args, p, gpus, ep, ac, seqs, seq_len, gpu_memory, headroom)
+            for ac in (False, True) for ep in candidates(args, gpus)]
+    fitting = [o for o in opts if o.fits]
+    if fitting:
+        best = min(fitting, key=lambda o: (o.checkpointing, o.total_comm))
+        return {"gpus": gpus, "fits": True, "layout": best.to_dict()}
+    best = min(opts, key=lambda o: o.total_memory)
+    need = gpus
+    while need < 1 << 20:
+        need += 8
+        if any(layout(args, p, need, ep, True, seqs, seq_len, gpu_memory, headroom).fits
+               for ep in candidates(args, need)):
+            break
+    return {"gpus": gpus, "fits": False, "layout": best.to_dict(), "gpus_needed": need}
+
+
+def train_plan(args: ModelArgs, name: str, gpus: list[int], seqs: int = 1, seq_len: int = 4096,
+               gpu_memory: float = 80 * GB, headroom: float = 0.1) -> dict:
+    """`dsv4 plan --train`: the parameter split and the recommended layout for each GPU count."""
+    p = Params.of(args)
+    return {"model": name, "params": dataclasses.asdict(p), "gpu_memory": gpu_memory, "seqs_per_gpu": seqs,
+            "seq_len": seq_len, "plans": [recommend(args, n, seqs, seq_len, gpu_memory, headroom, p) for n in gpus]}
+
+
+def format_train_plan(plan: dict) -> str:
+    """The plan as a table: one column per GPU count."""
+    p = plan["params"]
+    lines = [f"training {plan['model']}: {p['total'] / 1e9:.1f}B parameters ({p['experts'] / 1e9:.1f}B routed experts,"
+             f" {p['muon'] / 1e9:.1f}B on Muon, {p['adamw'] / 1e9:.2f}B on AdamW), {plan['seqs_per_gpu']} x "
+             f"{plan['seq_len']} tokens per GPU per step, {plan['gpu_memory'] / GB:.0f} GB per GPU"]
+    for entry in plan["plans"]:
+        lay = entry["layout"]
+        head = (f"{entry['gpus']} GPUs: expert parallel {lay['expert_parallel']}, activation checkpointing "
+                f"{'on' if lay['checkpointing'] else 'off'}")
+        if not entry["fits"]:
+            head += (f" -- DOES NOT FIT: {lay['total_memory'] / GB:.0f} GB per GPU against {lay['budget'] / GB:.0f} "
+                     f"usable; fits from {entry['gpus_needed']} GPUs")
+        lines.append(head)
+        mem = ", ".join(f"{k} {v / GB:.1f}" for k, v in lay["memory"].items())
+        lines.append(f"  memory per GPU {lay['total_memory'] / GB:.1f} GB ({mem})")
+        comm = ", ".join(f"{k} {v / GB:.1f}" for k, v in lay["comm"].items())
+        lines.append(f"  traffic per step per GPU {lay['total_comm'] / GB:.1f} GB ({comm})")
+        if not entry["fits"]:
+            state = sum(lay["memory"][k] for k in STATE)
+            lines.append(f"  (the sharded state -- masters, gradients, optimizer -- is {state / GB:.0f} GB of it per "
+                         f"GPU: kept in host memory instead, a node of 8 would need {8 * state / 1e12:.1f} TB)")
+    return "\n".join(lines)
+
+
+def to_json(plan: dict) -> str:
+    return json.dumps(plan, indent=1)
