@@ -87,15 +87,25 @@ def test_experts_over_two_ranks_train_like_one_process(one_process, corpus, tmp_
     assert_same_run(one_process, out)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_saved_on_two_ranks_resumes_on_one_and_on_two(two_ranks, corpus, tmp_path, nproc):  # noqa: F811
+@pytest.mark.parametrize("saved, nproc", [("two_ranks", 1), ("two_ranks", 2), ("one_process", 2)])
+def test_saved_on_two_ranks_resumes_on_one_and_on_two(request, corpus, tmp_path, saved, nproc):  # noqa: F811
+    """(and a one-process snapshot resumes on two ranks)"""
+    run = request.getfixturevalue(saved)
     cut = tmp_path / "cut"
-    subprocess.run(["cp", "-r", str(two_ranks), str(cut)], check=True)
+    subprocess.run(["cp", "-r", str(run), str(cut)], check=True)
     for later in list_snapshots(cut / "pretrain")[1:]:  # as if killed after the first snapshot (step 2)
         subprocess.run(["rm", "-r", later], check=True)
     subprocess.run(["rm", "-r", str(cut / "final")], check=True)
     train(cut, corpus, "--resume", *(["--nproc", "2"] if nproc == 2 else []))
-    assert_same_run(two_ranks, cut)
+    assert_same_run(run, cut)
+
+
+def test_activation_checkpointing_changes_nothing_in_one_process(one_process, corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "ac"
+    train(out, corpus, "--activation-checkpointing")
+    assert losses(out) == losses(one_process)
+    wa, wb = weights(one_process), weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_killed_rank_ends_the_run_quickly_and_names_it(corpus, tmp_path):  # noqa: F811

@@ -78,14 +78,7 @@ def add_train(subparsers):
                         "auto = where a compiler backend exists)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or reuse it when finished)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("several processes (FSDP2 + expert parallelism; docs/scaling.md; several machines: "
-                             "torchrun -m dsv4 train ...)")
-    g.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per accelerator; on the "
-                   "CPU they share the cores); the global batch is the same as one process's")
-    g.add_argument("--expert-parallel", type=int, default=d.expert_parallel, metavar="E",
-                   help="spread each layer's routed experts over E ranks (all-to-all dispatch); divides --nproc")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
+    add_parallel_options(p)
     g = p.add_argument_group("pretraining")
     g.add_argument("--steps", type=int, default=None,
                    help="a fixed number of optimizer steps, for exact reproduction (instead of --time-budget)")
@@ -141,6 +134,17 @@ def add_train(subparsers):
     g.add_argument("--sft-seq-len", type=int, default=sft.seq_len)
     add_engram_options(p)
     p.set_defaults(run=run_train)
+
+
+def add_parallel_options(p):
+    g = p.add_argument_group("several processes (FSDP2 + expert parallelism; docs/scaling.md; several machines: "
+                             "torchrun -m dsv4 train ...)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per accelerator; on the "
+                   "CPU they share the cores); the global batch is the same as one process's")
+    g.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="spread each layer's routed experts over E ranks (all-to-all dispatch); divides --nproc")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
 
 
 def add_engram_options(p):

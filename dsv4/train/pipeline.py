@@ -254,26 +254,11 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     d = distributed.init(cfg.device, cfg.expert_parallel)
     main = d is None or d.main
     progress = progress and main
-    _check_resume(out, cfg, resume)
-    if d is not None:
-        d.barrier()  # every rank checked before rank 0 writes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
-
     device = d.device if d is not None else parse_device(cfg.device)
-    args = ModelArgs.from_name(cfg.preset)
-    seq = max((stage.seq_len for _, stage in stages), default=0)
-    if seq > args.max_seq_len:
-        raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
-    if d is not None and not main:
-        d.barrier()  # rank 0 trains the tokenizer and writes the token files; the others then read them
-    tok, train_docs, val_docs, train_file, val_file = prepare_data(cfg, out, args.vocab_size, progress)
-    if d is not None and main:
-        d.barrier()
+    tok, train_docs, val_docs, train_file, val_file = begin(cfg, out, resume, stages, d, progress)
     meta = {"train_config": cfg.to_dict(), "tokenizer_hash": tok.hash()}
 
-    args, build = model_builder(cfg, tok, device)
+    args, build = model_builder(cfg, tok, device)  # (Engram's vocabulary from the tokenizer)
     dtype = training_dtype(cfg.dtype, device, build, stages[0][1] if stages else cfg.pretrain, out / "dtype.json",
                            budgeted=bool(cfg.time_budget), progress=progress) if main else None
     if d is not None:
@@ -308,14 +293,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
         if use_compile and (budget or trainer.step < stage.steps):
             trainer.compile()
         if progress:
-            n = sum(p.numel() for p in dict.fromkeys(model.parameters()))
-            steps = (f"steps sized to end {cfg.time_budget / 60:.1f} min after the start" if budget else
-                     f"{stage.steps} steps")
-            ranks = f" x {d.world} processes" + (f", experts over {d.ep}" if d.ep > 1 else "") if d else ""
-            print(f"{name}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
-                  f"{device.type}{ranks}), {steps} x {stage.tokens_per_step} tokens"
-                  + (f", resuming at step {trainer.step}" if trainer.step else "")
-                  + (" (compiled: the first steps include compilation)" if use_compile else ""), flush=True)
+            announce(trainer, cfg, dtype, d, bool(budget), use_compile)
         last = trainer.fit(budget)
         if progress and last:
             print(f"{name}: step {last.get('step')} train ce {last.get('ce', float('nan')):.4f} "
@@ -331,6 +309,40 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     if d is not None:
         d.barrier()
     return final
+
+
+def begin(cfg: TrainConfig, out: Path, resume: bool, stages: list, d, progress: bool):
+    """Check the run directory and write its config (rank 0, once every rank has checked), then the tokenizer and
+    token files (rank 0 first; the others read what it wrote) -> prepare_data's result."""
+    main = d is None or d.main
+    _check_resume(out, cfg, resume)
+    if d is not None:
+        d.barrier()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+    args = ModelArgs.from_name(cfg.preset)
+    seq = max((stage.seq_len for _, stage in stages), default=0)
+    if seq > args.max_seq_len:
+        raise ValueError(f"seq_len {seq} exceeds the {cfg.preset} preset's max_seq_len {args.max_seq_len}")
+    if d is not None and not main:
+        d.barrier()
+    data = prepare_data(cfg, out, args.vocab_size, progress)
+    if d is not None and main:
+        d.barrier()
+    return data
+
+
+def announce(trainer: Trainer, cfg: TrainConfig, dtype: torch.dtype, d, budgeted: bool, compiled: bool) -> None:
+    """The line a stage starts with: the model, where it runs, how many steps of how many tokens."""
+    stage = trainer.cfg
+    n = sum(p.numel() for p in dict.fromkeys(trainer.model.parameters()))
+    steps = f"steps sized to end {cfg.time_budget / 60:.1f} min after the start" if budgeted else f"{stage.steps} steps"
+    ranks = f" x {d.world} processes" + (f", experts over {d.ep}" if d.ep > 1 else "") if d else ""
+    print(f"{trainer.desc}: {cfg.preset} ({n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on "
+          f"{trainer.device.type}{ranks}), {steps} x {stage.tokens_per_step} tokens"
+          + (f", resuming at step {trainer.step}" if trainer.step else "")
+          + (" (compiled: the first steps include compilation)" if compiled else ""), flush=True)
 
 
 def export(model: Transformer, out: Path, dtype: torch.dtype, tok, stages: list, cfg: TrainConfig, final: Path):
