@@ -208,8 +208,9 @@ class Experts(nn.Module):
         align = 16 // x.element_size()
         if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
             return False
-        return (x.dtype == w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
-                and x.device.type != "meta")
+        if x.device.type == "meta" and x.dtype != torch.bfloat16:  # (its meta kernel: bf16 only, compiled or not)
+            return False
+        return x.dtype == w13.dtype and x.shape[-1] % align == 0 and self.inter_dim % align == 0
 
     def forward_dense(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
                       w13: torch.Tensor | None = None, w2: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,8 +13,10 @@ of `seq_len` tokens per rank per optimizer step.
                                           prefetched (U = the largest block's dense / routed parameters), and the root
                                           (embedding, head), kept gathered from the forward to the backward
     grad buffers  4 (U_dense + U_exp / E)   one unit's unsharded fp32 gradients before their reduce-scatter
-    activations   tokens x (a_block x layers)          without activation checkpointing
-                  tokens x (a_stream x layers + a_block)   with it (each block keeps only its input streams)
+    activations   tokens x sum(a_block)                  without activation checkpointing
+                  tokens x (a_stream x layers + max a_block)   with it (each block keeps only its input streams)
+                  a_block: what one block keeps per token, measured on `meta` (`block_activations`);
+                  a_stream = hc_mult x dim x 4 (its fp32 input streams)
 Communication per optimizer step and GPU (bytes sent or received, ring collectives):
     FSDP dense    (2 + 2 [+ 2 with checkpointing: the recompute gathers again]) P_dense (N-1)/N + 4 P_dense (N-1)/N
     FSDP experts  the same over P_exp / E and N/E ranks
@@ -30,8 +32,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import torch
+
 from dsv4.config import ModelArgs
 from dsv4.model.moe import Experts
+from dsv4.model.stats import TrainStats
+from dsv4.model.transformer import Block, Transformer
 from dsv4.train.optim import param_kind
 
 GB = 1e9
@@ -74,33 +80,47 @@ class Params:
                    root=adamw + muon - in_blocks)
 
 
-def attention_keys(args: ModelArgs, layer_id: int, seq_len: int) -> int:
-    """Keys one query scores in a training forward at the end of a seq_len window (the largest it gets)."""
-    ratio = args.compress_ratios[layer_id]
-    window = min(args.window_size, seq_len)
-    if ratio == 0:
-        return window
-    entries = seq_len // ratio
-    return window + (min(args.index_topk, entries) if ratio == args.csa_ratio else entries)
+def block_activations(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> list[float]:
+    """Bytes per token each block (the main layers, then the MTP layers) keeps for its backward in a training
+    forward of one seq_len sequence, as this implementation keeps them: one block of each kind (sliding window,
+    CSA, HCA; hash-routed or learned; with or without Engram) runs on the `meta` device inside a saved-tensors hook
+    that adds up every tensor autograd saves, parameters excluded (views counted once, by their base). An MTP block
+    counts without its input projections."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_dtype(dtype)
+    skip = {id(t) for t in (*model.parameters(), *model.buffers())}
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    positions = torch.arange(seq_len, device="meta")
+    ropes = {kind: model.rope(kind, positions) for kind in ("swa", "csa")}
+    ropes["hca"] = ropes["csa"]
+    memory = model.engram_rows(ids)  # {Engram layer: its rows}
+    measured: dict[tuple, float] = {}
+    sizes = []
+    for i in range(args.n_layers + args.n_mtp_layers):
+        kind = args.layer_kind(i)
+        key = (kind, i < args.n_hash_layers, i in memory)
+        if key not in measured:
+            block = model.layers[i] if i < args.n_layers else model.mtp[i - args.n_layers]
+            measured[key] = saved_bytes(block, args, ids, ropes[kind], memory.get(i), skip) / seq_len
+        sizes.append(measured[key])
+    return sizes
 
 
-def block_activation_bytes(args: ModelArgs, layer_id: int, seq_len: int) -> int:
-    """Bytes one token keeps alive for the backward in one block (bf16 activations, fp32 streams and softmaxes), as
-    the pure-PyTorch blocks hold them: the residual streams in and between the two sub-layers, the norms' outputs,
-    the attention projections, the attention probabilities (a fused attention kernel would not keep them), the
-    lightning indexer's scores on compressed-sparse layers, the router's scores and the experts' inputs and hidden
-    activations for the K routed and the shared experts."""
-    d, n = args.dim, args.hc_mult
-    streams = 3 * n * d * 4
-    norms = 2 * d * 2
-    attn = 2 * (args.q_lora_rank + 2 * args.n_heads * args.head_dim + args.head_dim + args.o_groups * args.o_lora_rank)
-    probs = 4 * args.n_heads * attention_keys(args, layer_id, seq_len)
-    ratio = args.compress_ratios[layer_id]
-    indexer = 2 * args.index_n_heads * (seq_len // ratio) if ratio == args.csa_ratio else 0
-    inter, shared = args.moe_inter_dim, args.n_shared_experts * args.moe_inter_dim
-    moe = 4 * args.n_routed_experts + 2 * (args.n_activated_experts * (d + 3 * inter) + (d + 3 * shared if shared
-                                                                                           else 0))
-    return streams + norms + attn + probs + indexer + moe
+def saved_bytes(block, args: ModelArgs, ids: torch.Tensor, rope, memory, skip: set[int]) -> int:
+    """Bytes autograd saves in one forward of `block` (on meta) over the sequence `ids` [1, S]."""
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(t) not in skip and id(base) not in skip:
+            saved.setdefault(id(base), base)
+        return t
+
+    h = torch.zeros(1, ids.shape[1], args.hc_mult, args.dim, device="meta", requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # (an MTP block runs as the block it is)
+        Block.forward(block, h, ids, rope, stats=TrainStats(indexer="sparse").layer(block.layer_id), memory=memory)
+    return sum(t.nbytes for t in saved.values())
 
 
 @dataclass
@@ -132,13 +152,12 @@ class TrainLayout:
                 "fits": self.fits}
 
 
-def layout(args: ModelArgs, p: Params, gpus: int, ep: int, checkpointing: bool, seqs: int = 1,
-           seq_len: int = 4096, gpu_memory: float = 80 * GB, headroom: float = 0.1) -> TrainLayout:
-    """Memory and communication per GPU of one layout (the module's docstring has the formulas)."""
+def layout(args: ModelArgs, p: Params, a_block: list[float], gpus: int, ep: int, checkpointing: bool,
+           seqs: int = 1, seq_len: int = 4096, gpu_memory: float = 80 * GB, headroom: float = 0.1) -> TrainLayout:
+    """Memory and communication per GPU of one layout (the module's docstring has the formulas); a_block: bytes
+    per token each block keeps for the backward (`block_activations` at seq_len)."""
     n = gpus
-    layers = range(args.n_layers + args.n_mtp_layers)
     tokens = seqs * seq_len
-    a_block = [block_activation_bytes(args, i, seq_len) for i in layers]
     a_stream = args.hc_mult * args.dim * 4
     activations = tokens * (a_stream * len(a_block) + max(a_block) if checkpointing else sum(a_block))
     dense = p.total - p.experts
@@ -167,7 +186,8 @@ def recommend(args: ModelArgs, gpus: int, seqs: int = 1, seq_len: int = 4096, gp
     """The layout for `gpus` GPUs: of those that fit, the least traffic (checkpointing only when needed); else the
     one with the least memory and the smallest GPU count (a multiple of 8) at which some layout fits."""
     p = params or Params.of(args)
-    opts = [layout(args, p, gpus, ep, ac, seqs, seq_len, gpu_memory, headroom)
+    a_block = block_activations(args, seq_len)
+    opts = [layout(args, p, a_block, gpus, ep, ac, seqs, seq_len, gpu_memory, headroom)
             for ac in (False, True) for ep in candidates(args, gpus)]
     fitting = [o for o in opts if o.fits]
     if fitting:
@@ -177,7 +197,7 @@ def recommend(args: ModelArgs, gpus: int, seqs: int = 1, seq_len: int = 4096, gp
     need = gpus
     while need < 1 << 20:
         need += 8
-        if any(layout(args, p, need, ep, True, seqs, seq_len, gpu_memory, headroom).fits
+        if any(layout(args, p, a_block, need, ep, True, seqs, seq_len, gpu_memory, headroom).fits
                for ep in candidates(args, need)):
             break
     return {"gpus": gpus, "fits": False, "layout": best.to_dict(), "gpus_needed": need}
