@@ -4,7 +4,8 @@ the step time and whether the losses agree.
     python bench/distributed.py --json bench/results/distributed_cpu.json
     python bench/distributed.py --preset tiny --dtype fp32 --steps 10
 
-Each configuration runs the real command (`--steps N`, `--sft-steps 0`, no compile: a compiled sharded step would
+Each configuration runs the real command (and one process once more with one thread, another summation order, as
+the yardstick for the loss differences) (`--steps N`, `--sft-steps 0`, no compile: a compiled sharded step would
 compile per rank) on the same data, in turns (one, two, two+EP, one, ...) so the machine's drift falls on all. The
 tokenizer and token files are prepared once and copied into every run. Step time = the median of the per-step times
 from metrics.jsonl (its cumulative tokens/s), steps with an evaluation or a snapshot excluded. On a CPU the ranks
@@ -26,8 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUTS = {"one process": [], "2 ranks (FSDP2)": ["--nproc", "2"],
-           "2 ranks (FSDP2 + expert parallel 2)": ["--nproc", "2", "--expert-parallel", "2"]}
+# name -> (extra flags, extra environment); the second one-process run sums in another order (one thread), the
+# yardstick for the ranks' loss differences: MoE routing turns summation-order noise into diverging losses after a
+# few steps, whatever changed the order
+LAYOUTS = {"one process": ([], {}), "one process, 1 thread": ([], {"OMP_NUM_THREADS": "1"}),
+           "2 ranks (FSDP2)": (["--nproc", "2"], {}),
+           "2 ranks (FSDP2 + expert parallel 2)": (["--nproc", "2", "--expert-parallel", "2"], {})}
 
 
 def step_times(metrics: Path, every: int) -> list[float]:
@@ -36,8 +41,9 @@ def step_times(metrics: Path, every: int) -> list[float]:
     return [b - a for a, b, r in zip(elapsed, elapsed[1:], rows[1:]) if r["step"] % every]
 
 
-def run(out: Path, base: list[str], extra: list[str]) -> tuple[list[float], dict[int, float]]:
-    res = subprocess.run(base + ["--out", str(out)] + extra, cwd=ROOT, capture_output=True, text=True)
+def run(out: Path, base: list[str], extra: list[str], env: dict) -> tuple[list[float], dict[int, float]]:
+    res = subprocess.run(base + ["--out", str(out)] + extra, cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **env})
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
     metrics = out / "pretrain" / "metrics.jsonl"
@@ -67,12 +73,12 @@ def main():
         subprocess.run(base[:base.index("--steps")] + ["--steps", "1", "--out", str(prep)], cwd=ROOT, check=True,
                        capture_output=True)
         for turn in range(opts.turns):
-            for name, extra in LAYOUTS.items():
+            for name, (extra, env) in LAYOUTS.items():
                 out = Path(tmp) / f"{turn}-{len(losses)}-{name.split()[0]}"
                 out.mkdir()
                 shutil.copy(prep / "tokenizer.json", out)
                 shutil.copytree(prep / "data", out / "data")
-                dts, losses[name] = run(out, base, extra)
+                dts, losses[name] = run(out, base, extra, env)
                 times[name].append(statistics.median(dts))
                 shutil.rmtree(out)
     one = statistics.median(times["one process"])
@@ -81,10 +87,12 @@ def main():
               "tokens_per_step": opts.batch_size * opts.seq_len,
               "layouts": {name: {"step_s": statistics.median(ts), "step_s_per_turn": ts,
                                  "time_vs_one_process": statistics.median(ts) / one,
-                                 "max_loss_difference": max(abs(losses[name][s] - ref[s]) for s in ref)}
+                                 "loss_difference_per_step": [abs(losses[name][s] - ref[s]) for s in sorted(ref)]}
                           for name, ts in times.items()},
               "note": "CPU ranks share the machine's cores (cores / nproc threads each): the ratio is the cost of "
-                      "sharding and of gloo's collectives on one machine, not a multi-device speed-up"}
+                      "sharding and of gloo's collectives on one machine, not a multi-device speed-up. Loss "
+                      "differences: against the first one-process run, per step; the one-thread run shows what "
+                      "another summation order alone does"}
     emit(report, opts.json)
 
 

@@ -219,11 +219,6 @@ class ShardedPrecision:
         return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (the tensor itself when it is not one)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
