@@ -1,6 +1,7 @@
 """Training on several processes (CPU + gloo): `dsv4 train --nproc 2` with FSDP2, and with the routed experts spread
-over both ranks, trains as one process does on the same global batch; snapshots saved on 2 ranks resume on 1 and on
-2; a killed rank ends the run at once with its name; the gradients of a sharded model equal one process's."""
+over both ranks, trains as one process does on the same global batch (pretraining and masked fine-tuning, two
+micro-batches a step); snapshots saved on 2 ranks resume on 1 and on 2; a killed rank ends the run at once with its
+name; the gradients of a sharded model equal one process's."""
 
 import json
 import os
@@ -30,7 +31,8 @@ def train_argv(out: Path, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dsv4", "train", "--preset", "tiny", "--out", str(out), "--data", str(data),
             "--val-frac", str(VAL_FRAC), "--dtype", "fp32", "--device", "cpu", "--steps", str(STEPS),
             "--batch-size", "2", "--seq-len", "64", "--warmup", "2", "--lr", LR, "--eval-every", "2",
-            "--save-every", "2", "--sft-steps", "0", "--compile", "off", "--quiet", *extra]
+            "--save-every", "2", "--grad-accum", "2", "--sft-steps", "2", "--sft-batch-size", "2", "--sft-seq-len",
+            "128", "--compile", "off", "--quiet", *extra]
 
 
 def train(out: Path, data: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,8 +42,8 @@ def train(out: Path, data: Path, *extra: str, check: bool = True) -> subprocess.
     return res
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+def losses(run_dir: Path, stage: str = "pretrain") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
 
 
@@ -52,9 +54,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_run(a: Path, b: Path, steps=range(1, STEPS + 1)):
-    la, lb = losses(a), losses(b)
-    assert sorted(lb) == list(steps) and all(abs(la[s] - lb[s]) < TOLERANCE for s in steps), (la, lb)
+def assert_same_run(a: Path, b: Path):
+    for stage, steps in (("pretrain", STEPS), ("sft", 2)):  # (fine-tuning: masked answers, ranks' token shares)
+        la, lb = losses(a, stage), losses(b, stage)
+        assert sorted(lb) == list(range(1, steps + 1)), (stage, lb)
+        assert all(abs(la[s] - lb[s]) < TOLERANCE for s in la), (stage, la, lb)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     worst = max(wa, key=lambda k: (wa[k].float() - wb[k].float()).abs().max().item())
@@ -95,7 +99,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_on_two(request, corpus, tmp_path,
     subprocess.run(["cp", "-r", str(run), str(cut)], check=True)
     for later in list_snapshots(cut / "pretrain")[1:]:  # as if killed after the first snapshot (step 2)
         subprocess.run(["rm", "-r", later], check=True)
-    subprocess.run(["rm", "-r", str(cut / "final")], check=True)
+    subprocess.run(["rm", "-r", str(cut / "final"), str(cut / "sft")], check=True)
     train(cut, corpus, "--resume", *(["--nproc", "2"] if nproc == 2 else []))
     assert_same_run(run, cut)
 
@@ -103,7 +107,7 @@ def test_saved_on_two_ranks_resumes_on_one_and_on_two(request, corpus, tmp_path,
 def test_activation_checkpointing_changes_nothing_in_one_process(one_process, corpus, tmp_path):  # noqa: F811
     out = tmp_path / "ac"
     train(out, corpus, "--activation-checkpointing")
-    assert losses(out) == losses(one_process)
+    assert losses(out) == losses(one_process) and losses(out, "sft") == losses(one_process, "sft")
     wa, wb = weights(one_process), weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -152,18 +152,17 @@ class Trainer:
         load = [torch.zeros(m.gate.n_experts, device=self.device) for m in self.moes]
         for i in range(cfg.grad_accum):
             ids, targets, mask = self._local(next(micro))
-            weight = self._token_weight(mask)
             if self.dist is not None:  # gradients are reduced once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             stats = TrainStats(indexer=stage, balance=cfg.aux_alpha > 0)
             loss, metrics = training_loss(self.model, ids, targets, mask, mtp_weight=cfg.mtp_weight,
                                           indexer_weight=cfg.indexer_weight, aux_alpha=cfg.aux_alpha, stats=stats,
-                                          compiled=self.compiled)
-            (loss * weight / cfg.grad_accum).backward()
+                                          compiled=self.compiled, share=self._token_weight)
+            (loss / cfg.grad_accum).backward()
             self.mp.accumulate()
             metrics["loss"] = loss.item()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * weight / cfg.grad_accum
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             loads = stats.collect("load")
             for acc, layer_id in zip(load, self.moe_layers):
                 if layer_id in loads:  # (MTP layers run only with an MTP loss)
