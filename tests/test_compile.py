@@ -51,21 +51,18 @@ def test_compile_hot_paths_compiles_exactly_the_listed_methods():
 def test_compiled_blocks_report_what_eager_blocks_report_without_recompiling():
     """The statistics object passes through compiled blocks as graph outputs: same loads, balance statistics and
     indexer KLs as eager, no graph break; the indexer's switch from dense to sparse recompiles only the blocks that
-    have an indexer (one graph: both CSA layers share it), and a later step recompiles nothing. (Two CSA layers and a
-    sliding-window one, no MTP loss: each further kind of block is two more graphs to compile, ~25 s each on 2
-    cores, and the statistics travel the same way through every kind.)"""
-    layers = dict(n_layers=3, compress_ratios=[4, 4, 0, 0], n_hash_layers=0, **FEW_SINKHORN)
+    have an indexer (one graph: both CSA layers share it), and a later step recompiles nothing."""
     ids = random_ids(random_model().args, 2, 65)
     results = []
     for compile_it in (False, True):
-        model = random_model(seed=5, **layers).train()
+        model = random_model(seed=5, **FEW_SINKHORN).train()
         if compile_it:
             compile_blocks(model)
         counters.clear()
         graphs = []
         for stage in ("dense", "sparse", "sparse"):
             stats = TrainStats(indexer=stage, balance=True)
-            loss, _ = training_loss(model, ids[:, :-1], ids[:, 1:], aux_alpha=1e-3, stats=stats, mtp_weight=0.0,
+            loss, _ = training_loss(model, ids[:, :-1], ids[:, 1:], aux_alpha=1e-3, stats=stats,
                                     compiled=compile_it)
             loss.backward()
             graphs.append(counters["stats"]["unique_graphs"])

@@ -99,6 +99,23 @@ def test_completions_n_seed_stop_and_logprobs(client, local):
     assert r.choices[0].text == want[: want.index(cut)] and r.choices[0].finish_reason == "stop"
 
 
+def test_vllm_sampling_fields_reach_the_engine(client, local):
+    """top_k, min_p and repetition_penalty, the extra body fields vLLM accepts: top_k=1 or min_p=1 keep only the most
+    probable token (the greedy answer at any temperature); a repetition penalty gives the engine's own answer."""
+    engine, tok = local
+    greedy = alone(local, tok.encode(PROMPTS[0]), 10)
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=1.5, seed=3,
+                                      extra_body=extra)
+        assert r.choices[0].text == greedy, extra
+    want = engine.generate([tok.encode(PROMPTS[4])], SamplingParams(temperature=0, repetition_penalty=5.0),
+                           max_new_tokens=12)[0].text
+    assert want != alone(local, tok.encode(PROMPTS[4]), 12)  # (the penalty changes this answer)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=12, temperature=0,
+                                  extra_body={"repetition_penalty": 5.0})
+    assert r.choices[0].text == want
+
+
 def test_thinking_goes_to_reasoning_content(client, local):
     """With thinking on, the prompt opens <think> and the answer text before </think> is reasoning_content."""
     _, tok = local
@@ -224,6 +241,10 @@ BAD = [  # (body or raw bytes, status, words the message must contain, param)
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role", "messages.0.role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "stop", "stop"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400, "greater than",
+     "repetition_penalty"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "min_p": 1.5}, 400, "min_p", "min_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_k": -2}, 400, "top_k", "top_k"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 3000}]}, 400, "context holds 2048", None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3000}, 400, "context holds 2048",
      None),

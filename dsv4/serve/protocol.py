@@ -29,6 +29,9 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 N = Annotated[int, Field(ge=1, le=MAX_N)]
 Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), lt=2 ** 63)]
+TopK = Annotated[int, Field(ge=-1)]
+MinP = Annotated[float, Field(ge=0, le=1)]
+Repetition = Annotated[float, Field(gt=0, le=10)]
 
 
 class StreamOptions(Body):
@@ -49,6 +52,10 @@ class Sampling(Body):
     seed: Seed | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past the end-of-text token, up to max_tokens
+    # sampling controls OpenAI's API lacks, as extra body fields vLLM accepts under the same names
+    top_k: TopK = 0  # keep the k most probable tokens (0 or -1 = off)
+    min_p: MinP = 0.0  # drop tokens less probable than min_p x the most probable
+    repetition_penalty: Repetition = 1.0  # seen tokens' logits: positive / r, negative x r (1 = off)
 
     @field_validator("stop")
     @classmethod

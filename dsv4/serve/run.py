@@ -16,8 +16,9 @@ from dsv4.serve.runner import EngineError, EngineRunner, ShuttingDown
 
 def sampling(body: api.Sampling, count: int) -> list[SamplingParams]:
     """One SamplingParams per engine request; with a seed, request i draws from seed + i (reproducible choices)."""
-    return [SamplingParams(temperature=body.temperature, top_p=body.top_p, presence_penalty=body.presence_penalty,
-                           frequency_penalty=body.frequency_penalty,
+    return [SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                           min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                            seed=None if body.seed is None else (body.seed + i) % 2 ** 63) for i in range(count)]
 
 
