@@ -116,6 +116,22 @@ def test_vllm_sampling_fields_reach_the_engine(client, local):
     assert r.choices[0].text == want
 
 
+def test_json_object_mode_writes_json_and_json_schema_is_refused(client, live_server):
+    from dsv4.engine.json_mode import START, advance
+
+    messages = [{"role": "user", "content": "the weather as JSON"}]
+    for temperature in (0, 1.0):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=temperature,
+                                           seed=1, response_format={"type": "json_object"})
+        text = r.choices[0].message.content
+        assert text.lstrip().startswith("{") and advance(START, text.encode()) is not None, text
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+    body = {"model": MODEL, "messages": messages, "response_format": {"type": "json_schema", "json_schema": {}}}
+    r = httpx.post(live_server + "/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
 def test_thinking_goes_to_reasoning_content(client, local):
     """With thinking on, the prompt opens <think> and the answer text before </think> is reasoning_content."""
     _, tok = local

@@ -135,8 +135,9 @@ class Engine:
         """Queue a request. A str prompt is encoded as plain text; token ids (e.g. an encoded chat) go in as they are.
         logprobs: None = off, n >= 0 = the chosen token's log-probability plus the n most likely alternatives (of
         the model's distribution, before any processor). processor: constrained decoding (`LogitsProcessor`, e.g.
-        a visual span's grammar); not with speculation. guidance: (unconditional prompt ids, scale) for
-        classifier-free guidance (dsv4.engine.guidance: a hidden second row; needs max_batch >= 2)."""
+        a visual span's grammar, JSON mode); with speculation its row keeps no drafts. guidance: (unconditional
+        prompt ids, scale) for classifier-free guidance (dsv4.engine.guidance: a hidden second row; needs
+        max_batch >= 2)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -150,8 +151,8 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {logprobs}")
-        if (processor is not None or guidance is not None) and self.speculative:
-            raise ValueError("constrained decoding and guidance run on an engine without speculation")
+        if guidance is not None and self.speculative:
+            raise ValueError("guidance runs on an engine without speculation")
         if guidance is not None and (self.max_batch < 2 or not guidance[0]):
             raise ValueError("guidance needs an unconditional prompt and an engine with max_batch >= 2")
         params = params or SamplingParams()
@@ -312,6 +313,10 @@ class Engine:
         h, logits = self._compiled(self._decode_step, ids, self.cache, step)
         logits = logits.float()  # [B, 2, V]
         accept, first = verify_drafts(self._penalised(reqs, logits[:, 0]), drafts, q, params, generators)
+        held = [i for i, r in enumerate(reqs) if r.processor is not None and not r.processor.done]
+        if held:  # a constrained row keeps no draft: its token comes from its masked logits, as a plain decode's
+            for i, t in zip(held, self._sample([reqs[i] for i in held], logits[held, 0])):
+                accept[i], first[i] = False, t
         bonus = [None] * len(reqs)
         ok = [i for i, a in enumerate(accept) if a]
         if ok:  # the accepted rows' next token, sampled as the plain decode would (the draft now counts as seen)

@@ -123,6 +123,12 @@ class Thinking(Body):
     type: Literal["enabled", "disabled"]
 
 
+class ResponseFormat(Body):
+    """OpenAI's response_format: plain text, or one JSON object (decoding constrained: dsv4.engine.json_mode)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Tokens | None = None
@@ -137,6 +143,7 @@ class ChatCompletionRequest(Sampling):
     # a release checkpoint's reasoning effort (also chat_template_kwargs={"reasoning_effort": ...}): see
     # dsv4.serve.prompts.EFFORTS; our own chat format has none and ignores it
     reasoning_effort: str | None = None
+    response_format: ResponseFormat | None = None
 
     def wants_thinking(self) -> bool:
         if self.thinking is not None:

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from dsv4.engine.engine import Engine
+from dsv4.engine.json_mode import JsonVocab
 from dsv4.engine.visual import VisualModel
 from dsv4.serve import protocol as api
 from dsv4.serve.errors import ERRORS, APIError
@@ -49,6 +50,20 @@ class Served:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @functools.cached_property
+    def json_vocab(self) -> JsonVocab:
+        """The tokens JSON mode allows in each state, shared by every request that asks for it."""
+        return JsonVocab(self.tokenizer)
+
+    def processor(self, response_format: api.ResponseFormat | None):
+        """A factory of each request's logits processor: one JSON object for `response_format` json_object (its
+        tokens are ordinary text tokens, so a multimodal model's visual codes are out too), else `text_only`."""
+        kind = response_format.type if response_format is not None else "text"
+        if kind == "json_schema":
+            raise APIError(400, "response_format json_schema is not supported; use {\"type\": \"json_object\"} and "
+                                "describe the schema in the prompt", param="response_format")
+        return self.json_vocab.processor if kind == "json_object" else self.text_only
 
     def check_model(self, name: str):
         if name != self.model_name:
@@ -95,7 +110,8 @@ async def chat(body: api.ChatCompletionRequest, s: Served = Depends(served)):
     max_new = budget(s.engine.max_len, len(prompt), body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     tools = bool(body.tools) and body.tool_choice != "none"
-    run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, body, max_new, logprobs, s.text_only))
+    run = Run(s.runner, s.metrics, text_requests([prompt] * body.n, body, max_new, logprobs,
+                                                 s.processor(body.response_format)))
     parsers = [output_parser(s.tokenizer, body.wants_thinking(), tools) for _ in range(body.n)]
     if body.stream:
         return sse(chat_chunks(run, body, parsers, s.model_name, s.tokenizer))
