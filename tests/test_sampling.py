@@ -71,3 +71,10 @@ def test_drawn_frequencies_follow_the_filtered_distribution():
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token():
+    """(an API client may send any integer: 10**30 must not overflow, it filters nothing)"""
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    out = filter_logits(logits, [SamplingParams(top_k=10 ** 30), SamplingParams(top_k=12)])
+    assert torch.equal(out, logits)

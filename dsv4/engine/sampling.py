@@ -58,7 +58,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(V, device=logits.device)
-    k = torch.tensor([p.top_k or V for p in params], device=logits.device)[:, None]
+    k = torch.tensor([min(p.top_k or V, V) for p in params], device=logits.device)[:, None]  # (k > V: all)
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # mass of the better tokens: keep while it is below top_p
     drop = (rank >= k) | (mass_before >= _column(params, "top_p", logits))

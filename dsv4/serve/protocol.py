@@ -31,7 +31,7 @@ Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), lt=2 ** 63)]
 TopK = Annotated[int, Field(ge=-1)]
 MinP = Annotated[float, Field(ge=0, le=1)]
-Repetition = Annotated[float, Field(gt=0, le=10)]
+Repetition = Annotated[float, Field(ge=0.01, le=10)]  # (a positive logit / r: r near 0 would overflow it)
 
 
 class StreamOptions(Body):
