@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dsv4.device import distributed_backend, parse_device
 from dsv4.model.hyper import HyperConnection, HyperHead
@@ -190,8 +190,8 @@ def sync_replicated_grads(params: list[torch.Tensor], d: Dist) -> None:
             continue
         g = p.grad.coalesce()
         rows, values = g.indices()[0], g.values()
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(d.world)]
-        dist.all_gather(counts, torch.tensor([rows.numel()]))
+        counts = [rows.new_zeros(1) for _ in range(d.world)]
+        dist.all_gather(counts, rows.new_tensor([rows.numel()]))
         n = max(int(c) for c in counts)  # all_gather takes equal sizes: pad to the longest
         rows_all = [rows.new_zeros(n) for _ in range(d.world)]
         values_all = [values.new_zeros(n, *values.shape[1:]) for _ in range(d.world)]
@@ -222,3 +222,20 @@ class ShardedPrecision:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (updatable in place under no_grad), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def splits_matrices(p: torch.Tensor) -> bool:
+    """A DTensor whose shards cut through its [out, in] matrices (not only through the stack of them)."""
+    return isinstance(p, DTensor) and any(isinstance(pl, Shard) and pl.dim >= p.dim() - 2 for pl in p.placements)
+
+
+def shard_of(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's shard of `whole` (the same on every rank) in `like`'s layout, without communication."""
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(whole.to(like.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()

@@ -22,9 +22,10 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from dsv4.device import has_fused_adamw
+from dsv4.train.distributed import local, shard_of, splits_matrices
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -101,43 +102,27 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = _local(p.grad).float()
+                g = local(p.grad).float()
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=torch.float32)
-                buf = _local(state["momentum_buffer"])
+                buf = local(state["momentum_buffer"])
                 buf.mul_(mu).add_(g)
                 u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                if _splits_matrices(p):
+                if splits_matrices(p):
                     u = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape,
                                            stride=p.stride()).full_tensor()
                 by_shape.setdefault((tuple(u.shape), p.shape), []).append((p, u))
             for (_, shape), pairs in by_shape.items():
                 params = [p for p, _ in pairs]
                 ortho = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"], group["ns_dtype"])
-                updates = [_shard_of(o, p) if _splits_matrices(p) else o for p, o in zip(params, ortho.unbind(0))]
-                params = [_local(p) for p in params]
+                updates = [shard_of(o, p) if splits_matrices(p) else o for p, o in zip(params, ortho.unbind(0))]
+                params = [local(p) for p in params]
                 if wd:
                     torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as AdamW
                 torch._foreach_add_(params, [o.to(p.dtype) for p, o in zip(params, updates)],
                                     alpha=-lr * muon_scale(shape))
         return loss
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (in place-updatable), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _splits_matrices(p: torch.Tensor) -> bool:
-    """A DTensor whose shards cut through its [out, in] matrices (not only through the stack of them)."""
-    return isinstance(p, DTensor) and any(isinstance(pl, Shard) and pl.dim >= p.dim() - 2 for pl in p.placements)
-
-
-def _shard_of(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's shard of `whole` (computed alike on every rank) in `like`'s layout, without communication."""
-    replicated = DTensor.from_local(whole, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
-    return replicated.redistribute(like.device_mesh, like.placements).to_local()
 
 
 class RowAdam(torch.optim.SparseAdam):
@@ -343,7 +328,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     for p in params:
         if p.grad.is_sparse:
             p.grad = coalesced(p.grad)
-    grads = [_local(p.grad.values() if p.grad.is_sparse else p.grad) for p in params]
+    grads = [local(p.grad.values() if p.grad.is_sparse else p.grad) for p in params]
     if any(isinstance(p.grad, DTensor) for p in params):
         sharded = [g.float().pow(2).sum() for p, g in zip(params, grads) if isinstance(p.grad, DTensor)]
         plain = [g.float().pow(2).sum() for p, g in zip(params, grads) if not isinstance(p.grad, DTensor)]

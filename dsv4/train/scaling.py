@@ -182,11 +182,11 @@ def candidates(args: ModelArgs, gpus: int) -> list[int]:
 
 
 def recommend(args: ModelArgs, gpus: int, seqs: int = 1, seq_len: int = 4096, gpu_memory: float = 80 * GB,
-              headroom: float = 0.1, params: Params | None = None) -> dict:
+              headroom: float = 0.1, params: Params | None = None, a_block: list[float] | None = None) -> dict:
     """The layout for `gpus` GPUs: of those that fit, the least traffic (checkpointing only when needed); else the
     one with the least memory and the smallest GPU count (a multiple of 8) at which some layout fits."""
     p = params or Params.of(args)
-    a_block = block_activations(args, seq_len)
+    a_block = block_activations(args, seq_len) if a_block is None else a_block
     opts = [layout(args, p, a_block, gpus, ep, ac, seqs, seq_len, gpu_memory, headroom)
             for ac in (False, True) for ep in candidates(args, gpus)]
     fitting = [o for o in opts if o.fits]
@@ -206,9 +206,10 @@ def recommend(args: ModelArgs, gpus: int, seqs: int = 1, seq_len: int = 4096, gp
 def train_plan(args: ModelArgs, name: str, gpus: list[int], seqs: int = 1, seq_len: int = 4096,
                gpu_memory: float = 80 * GB, headroom: float = 0.1) -> dict:
     """`dsv4 plan --train`: the parameter split and the recommended layout for each GPU count."""
-    p = Params.of(args)
+    p, a_block = Params.of(args), block_activations(args, seq_len)
     return {"model": name, "params": dataclasses.asdict(p), "gpu_memory": gpu_memory, "seqs_per_gpu": seqs,
-            "seq_len": seq_len, "plans": [recommend(args, n, seqs, seq_len, gpu_memory, headroom, p) for n in gpus]}
+            "seq_len": seq_len,
+            "plans": [recommend(args, n, seqs, seq_len, gpu_memory, headroom, p, a_block) for n in gpus]}
 
 
 def format_train_plan(plan: dict) -> str:

@@ -22,9 +22,9 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
-from dsv4.train.distributed import Dist
+from dsv4.train.distributed import Dist, local, shard_of
 from dsv4.train.snapshot import (
     MANIFEST,
     PREFIX,
@@ -123,7 +123,7 @@ def load_in_place(path: str, manifest: dict, model_sd: dict, optimizer, d: Dist 
     else:
         from dsv4.train.snapshot import load_snapshot
 
-        snap = load_snapshot(path)
+        snap = load_snapshot(path, manifest)  # (its checksums were checked with the manifest)
         whole = {f"model.{k}": v for k, v in snap["model"].items()}
         flatten_state(snap["optimizer"], "opt", whole)
         flatten_state(snap["rng"], "rng", whole)
@@ -147,10 +147,4 @@ def _fill(template: dict, whole: dict) -> None:
     if missing:
         raise ValueError(f"the snapshot lacks {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     for key, t in template.items():
-        src = whole[key]
-        if isinstance(t, DTensor):
-            mesh = t.device_mesh
-            src = DTensor.from_local(src.to(t.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
-            t.to_local().copy_(src.redistribute(mesh, t.placements).to_local())
-        else:
-            t.copy_(src)
+        local(t).copy_(shard_of(whole[key], t) if isinstance(t, DTensor) else whole[key])

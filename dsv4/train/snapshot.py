@@ -157,10 +157,10 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def load_snapshot(path: str) -> dict:
+def load_snapshot(path: str, manifest: dict | None = None) -> dict:
     """Verify and read one snapshot -> {"step", "model", "optimizer", "rng", "meta"} (whole tensors, whatever number
-    of processes wrote it); ValueError if corrupt."""
-    manifest = read_manifest(path)
+    of processes wrote it); ValueError if corrupt. `manifest`: its manifest, already verified (`read_manifest`)."""
+    manifest = read_manifest(path) if manifest is None else manifest
     if manifest.get("format") == "dcp":  # written by a sharded run (dsv4.train.sharded)
         from dsv4.train.sharded import read_whole
 
