@@ -77,6 +77,30 @@ def test_chat_equals_the_engine_streaming_or_not(client, local):
         assert chunks[-1].usage.total_tokens == r.usage.total_tokens
 
 
+def test_a_chats_next_turn_starts_from_the_prefix_cache(client, local, live_server):
+    """The server keeps served prompts and answers (--prefix-cache-gb, on by default): the next turn of a chat
+    prefills only what is new, reports the rest as cached_tokens, answers as a fresh engine does, and /metrics counts
+    the hit."""
+    _, tok = local
+    first = [{"role": "user", "content": "def fib(n):\n    " * 3}]
+    r = client.chat.completions.create(model=MODEL, messages=first, max_tokens=12, temperature=0)
+    turn = first + [{"role": "assistant", "content": r.choices[0].message.content},
+                    {"role": "user", "content": "and again"}]
+    before = prefix_metric(live_server, "tokens_reused")
+    r2 = client.chat.completions.create(model=MODEL, messages=turn, max_tokens=12, temperature=0)
+    ids = tok.encode_chat(turn, add_generation_prompt=True)[0]
+    assert r2.choices[0].message.content == alone(local, ids, 12)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert len(chat_ids(tok, first[0]["content"])) <= cached < r2.usage.prompt_tokens == len(ids)
+    assert prefix_metric(live_server, "tokens_reused") - before == cached
+    assert prefix_metric(live_server, "hits") >= 1
+
+
+def prefix_metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return float(next(line for line in text.splitlines() if line.startswith(f"dsv4_prefix_cache_{name} ")).split()[-1])
+
+
 def test_completions_n_seed_stop_and_logprobs(client, local):
     _, tok = local
     want = alone(local, tok.encode(PROMPTS[0]), 10)

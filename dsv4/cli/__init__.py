@@ -302,6 +302,10 @@ def add_engine_args(p, max_len_help: str):
                         "--json` report), or the map itself, e.g. '{\"\": \"accel:0\", \"layers.*.ffn.experts\": "
                         "\"cpu\"}' (dsv4.weights.placement)")
     p.add_argument("--dtype", default="auto", help="compute dtype (auto: the fastest this device has)")
+    p.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
+                   help="keep the state of served prompts and answers (within this many GiB, least recently used "
+                        "evicted) and start a prompt that shares a prefix with one from it: a chat's next turn "
+                        "prefills only the new message; 0 = off")
 
 
 def add_sampling(p, temperature: float):
@@ -332,8 +336,11 @@ def sampling_params(opts):
 
 def engine_options(opts) -> dict:
     """The keywords add_engine_args' options give dsv4.engine.load (and the commands that open an engine)."""
+    if opts.prefix_cache_gb < 0:
+        raise SystemExit(f"--prefix-cache-gb must be >= 0, got {opts.prefix_cache_gb}")
     return dict(max_len=opts.max_len, device=opts.device, dtype=opts.dtype, speculative=opts.speculative,
-                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile, device_map=opts.device_map)
+                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile, device_map=opts.device_map,
+                prefix_cache_gb=opts.prefix_cache_gb)
 
 
 def add_generate(subparsers):

@@ -92,7 +92,7 @@ def stream_answer(engine: Engine, ids: list[int], params: SamplingParams, max_ne
 
 def open_engine(ckpt, system: str | None, context_dir: str | None, max_new_tokens: int, max_len: int | None,
                 device: str | None, dtype: str, compile: bool | str, speculative: bool | None,
-                device_map=None) -> tuple[Engine, str | None]:
+                device_map=None, prefix_cache_gb: float = 0.0) -> tuple[Engine, str | None]:
     """The engine for a chat, and its system prompt: with a context_dir, the tree packed after `system` into what the
     context leaves beside the turns, and the cache as long as the model's context (unless max_len says otherwise)."""
     model, tok = load_model(ckpt, device, dtype, device_map=device_map,
@@ -103,17 +103,19 @@ def open_engine(ckpt, system: str | None, context_dir: str | None, max_new_token
         budget = default_len - max_new_tokens - CHAT_TURNS_RESERVE - len(tok.encode(system or ""))
         packed = pack_context(context_dir, tok, budget)
         system = (system + "\n\n" if system else "") + "The repository:\n" + packed.text
-    engine = load_engine(model, tok, max_len=max_len or default_len, compile=compile, speculative=speculative)
+    engine = load_engine(model, tok, max_len=max_len or default_len, compile=compile, speculative=speculative,
+                         prefix_cache_gb=prefix_cache_gb)
     return engine, system
 
 
 def chat(ckpt: str | os.PathLike, *, system: str | None = None, thinking: bool = False, context_dir: str | None = None,
          params: SamplingParams | None = None, max_new_tokens: int = 256, stop: Sequence[str] = (),
          max_len: int | None = None, device: str | None = None, dtype: str = "auto", compile: bool | str = False,
-         speculative: bool | None = None, device_map=None, read: Callable[[str], str] = input) -> int:
+         speculative: bool | None = None, device_map=None, read: Callable[[str], str] = input,
+         prefix_cache_gb: float = 0.0) -> int:
     """Chat with the checkpoint's model until /exit or the end of input (`read` gives the user's lines) -> 0."""
     engine, system = open_engine(ckpt, system, context_dir, max_new_tokens, max_len, device, dtype, compile,
-                                 speculative, device_map)
+                                 speculative, device_map, prefix_cache_gb)
     params = params or SamplingParams(temperature=0.7)
     conversation = Conversation(engine.tokenizer, system, thinking)
     print(f"dsv4 chat: {ckpt} (/reset clears the history, /exit quits, Ctrl-C stops an answer)", file=sys.stderr)

@@ -15,11 +15,7 @@ tokens / strings (dsv4.engine.stops) and streams UTF-8-safe text deltas (dsv4.to
 Penalties count the generated tokens (not the prompt). A request's state and what it hands back (Request, Delta,
 Completion) are in dsv4.engine.request.
 
-MTP speculation (speculative=True, a model with an MTP module): each step the MTP module drafts one token from the
-last position's streams, the main model runs the pending token and the draft in one step of width 2, and the draft
-is kept iff the main model would have produced it (greedy: the argmax; sampling: the standard rule, accept with
-probability min(1, p/q), else draw from max(0, p - q)), so the output distribution is the plain one's.
-A rejected draft's position is run again by the next step (see dsv4.model.cache on why its writes are harmless).
+MTP speculation (speculative=True, a model with an MTP module): see dsv4.engine.speculation.
 """
 
 import itertools
@@ -31,8 +27,10 @@ import torch
 
 from dsv4.device import can_compile, release_free_memory
 from dsv4.engine.guidance import follow, guided_rows
+from dsv4.engine.prefix import PrefixCache
 from dsv4.engine.request import Completion, Delta, LogitsProcessor, Request, token_logprobs
-from dsv4.engine.sampling import SamplingParams, apply_penalties, draft_tokens, sample, verify_drafts
+from dsv4.engine.sampling import SamplingParams, apply_penalties, sample
+from dsv4.engine.speculation import Speculation
 from dsv4.engine.stops import StopMatcher
 from dsv4.model.cache import KVCache, Step
 from dsv4.weights.placement import cache_devices, main_device
@@ -40,17 +38,19 @@ from dsv4.weights.placement import cache_devices, main_device
 __all__ = ["Completion", "Delta", "Engine", "Request"]  # the request types live in dsv4.engine.request
 
 
-class Engine:
+class Engine(Speculation):
     TRIM_EVERY = 16384  # prompt tokens between hand-backs of freed memory to the OS during prefill
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
                  speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool | str = False,
-                 compile_scan: bool | None = None):
+                 compile_scan: bool | None = None, prefix_cache_gb: float = 0.0):
         """compile: False; True (decode, verify and draft steps through torch.compile: the first steps of each batch
         size compile, cached on disk); or "max" (also inductor's C++ wrapper, which launches the step's kernels
         without Python: ~10% faster steps for about twice the compile time; for long-lived engines).
         compile_scan: the lightning indexer's long-context scan through torch.compile (`dsv4.kernels.compile`;
         compiles at the first prefill long enough to scan, a few seconds, cached on disk); None = where a compiler
-        exists."""
+        exists.
+        prefix_cache_gb: keep snapshots of served prefixes within this many GiB and start requests that share one from
+        them (dsv4.engine.prefix); 0 = off."""
         if compile not in (False, True, "max"):
             raise ValueError(f"compile must be False, True or 'max', got {compile!r}")
         if speculative and not model.mtp:
@@ -96,7 +96,12 @@ class Engine:
                        "cpp_wrapper": compile == "max"}
             self._decode_step = torch.compile(self._decode_logits, dynamic=None, options=options)
             self._draft_step = torch.compile(self._draft_logits, dynamic=None, options=options)
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "drafted": 0, "accepted": 0,
+                      "cached_tokens": 0}  # prompt tokens restored from the prefix cache
+        self.prefix = None
+        if prefix_cache_gb > 0:  # a slot's state spans the MTP layers too when they run
+            layers = self.args.n_layers + (self.args.n_mtp_layers if speculative else 0)
+            self.prefix = PrefixCache(self.cache, int(prefix_cache_gb * 2 ** 30), layers, speculative, prefill_chunk)
         self._untrimmed = 0  # prompt tokens prefilled since freed memory was last handed back
 
     @torch.no_grad()
@@ -204,6 +209,9 @@ class Engine:
                 for r in (req, req.twin) if req.twin is not None else (req,):
                     r.slot = self.free.pop()
                     self.running.append(r)
+                    if self.prefix is not None:
+                        self.prefix.seed(r)
+                        self.stats["cached_tokens"] += r.cached
         prefill = [r for r in self.running if r.prefilling]
         if prefill:
             deltas += self._prefill(prefill)
@@ -227,19 +235,14 @@ class Engine:
         return ids, step
 
     def _prefill(self, reqs: list[Request]) -> list[Delta]:
-        chunks = [r.prompt[r.pos: r.pos + self.prefill_chunk] for r in reqs]
-        width = max(len(c) for c in chunks)
+        # chunks end on multiples of prefill_chunk (a request restored from the prefix cache first runs up to one)
+        chunks = [r.prompt[r.pos: min((r.pos // self.prefill_chunk + 1) * self.prefill_chunk, len(r.prompt))]
+                  for r in reqs]
         ids, step = self._rows(reqs, chunks, [len(c) for c in chunks])
         h = self.model.step(ids, self.cache, step)
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
         rows = torch.arange(len(reqs), device=self.device)
-        if self.speculative:  # the MTP module runs position t once token t+1 is known: all but a prompt's last
-            nxt = [r.prompt[r.pos + 1: r.pos + len(c) + 1] for r, c in zip(reqs, chunks)]
-            ids_next, mstep = self._rows(reqs, nxt, [len(n) for n in nxt], width)
-            self.model.mtp_step(h, ids_next, self.cache, mstep)
-            for i, (r, n) in enumerate(zip(reqs, nxt)):
-                if len(n) < len(chunks[i]):
-                    r.mtp_rows = [h[i, len(n)]]
+        streams = self._prefill_mtp(reqs, chunks, h) if self.speculative else [{}] * len(reqs)
         done = []
         self._untrimmed += sum(len(c) for c in chunks)
         if self._untrimmed >= self.TRIM_EVERY:  # long prefills: keep the resident size flat (see release_free_memory)
@@ -247,9 +250,12 @@ class Engine:
             release_free_memory()
         for i, (r, c) in enumerate(zip(reqs, chunks)):
             r.pos += len(c)
+            r.written = r.pos
             self.stats["prefill_tokens"] += len(c)
             if not r.prefilling:
                 done.append(i)
+            if self.prefix is not None and (not r.prefilling or r.pos % self.prefill_chunk == 0):
+                self.prefix.keep(r, r.prompt, streams[i])
         if not done:
             return []
         sel = torch.tensor(done, device=self.device)
@@ -265,24 +271,17 @@ class Engine:
                 torch._dynamo.mark_static(t, 0)
         return fn(*args)
 
-    # the decode and draft steps, head included (what compile=True compiles)
+    # the decode step, head included (what compile=True compiles; the draft step: dsv4.engine.speculation)
     def _decode_logits(self, ids: torch.Tensor, cache: KVCache, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.model.step_unchecked(ids, cache, step)
         return h, self.model.logits(h)
-
-    def _draft_logits(self, h: torch.Tensor, ids: torch.Tensor, cache: KVCache, step: Step,
-                      last: torch.Tensor) -> torch.Tensor:
-        """The MTP module over a step -> its logits [B, V] at each row's column `last`."""
-        model = self.model
-        hm = model.mtp_step(h, ids, cache, step)
-        hm = hm[torch.arange(hm.shape[0], device=hm.device), last][:, None]
-        return model.logits(hm, model.mtp[0].hc_head, model.mtp[0].norm)[:, 0]
 
     def _decode(self, reqs: list[Request]) -> list[Delta]:
         ids, step = self._rows(reqs, [[r.pending] for r in reqs], [1] * len(reqs))
         logits = self._compiled(self._decode_step, ids, self.cache, step)[1][:, 0]
         for r in reqs:
             r.pos += 1
+            r.written = r.pos
         self.stats["decode_tokens"] += len(reqs)
         return self._sample_emit(reqs, logits)
 
@@ -294,54 +293,6 @@ class Engine:
         tokens = self._sample(reqs, logits)
         follow(reqs, tokens)
         return self._emit(reqs, [[t] for t in tokens], logits[:, None])
-
-    # --- speculation ---
-    def _speculate(self, reqs: list[Request]) -> list[Delta]:
-        # 1. MTP over the positions it has not seen (1 or 2 per row; their next tokens are known) -> a draft
-        width = 2 if self.compile else max(len(r.mtp_rows) for r in reqs)  # compiled: one shape
-        nxt = [self._next_tokens(r, len(r.mtp_rows)) for r in reqs]
-        h_in = torch.stack([torch.stack(r.mtp_rows + [r.mtp_rows[-1]] * (width - len(r.mtp_rows))) for r in reqs])
-        ids, step = self._rows(reqs, nxt, [len(n) for n in nxt], width, [r.pos - len(r.mtp_rows) for r in reqs])
-        last = torch.tensor([len(r.mtp_rows) - 1 for r in reqs], device=self.device)
-        draft_logits = self._compiled(self._draft_step, h_in, ids, self.cache, step, last).float()
-        params, generators = [r.params for r in reqs], [r.generator for r in reqs]
-        drafts, q = draft_tokens(self._penalised(reqs, draft_logits), params, generators)
-        # 2. the main model runs pending + draft
-        ids, step = self._rows(reqs, [[r.pending, d] for r, d in zip(reqs, drafts)], [2] * len(reqs))
-        # both columns are committed: a rejected draft's position is simply run again by the next step, which
-        # rewrites everything it wrote before anything reads it (see dsv4.model.cache)
-        h, logits = self._compiled(self._decode_step, ids, self.cache, step)
-        logits = logits.float()  # [B, 2, V]
-        accept, first = verify_drafts(self._penalised(reqs, logits[:, 0]), drafts, q, params, generators)
-        held = [i for i, r in enumerate(reqs) if r.processor is not None and not r.processor.done]
-        if held:  # a constrained row keeps no draft: its token comes from its masked logits, as a plain decode's
-            for i, t in zip(held, self._sample([reqs[i] for i in held], logits[held, 0])):
-                accept[i], first[i] = False, t
-        bonus = [None] * len(reqs)
-        ok = [i for i, a in enumerate(accept) if a]
-        if ok:  # the accepted rows' next token, sampled as the plain decode would (the draft now counts as seen)
-            for i, t in zip(ok, self._sample([reqs[i] for i in ok], logits[ok, 1], extra=[drafts[i] for i in ok])):
-                bonus[i] = t
-        tokens, kept = [], []
-        self.stats["drafted"] += len(reqs)
-        self.stats["accepted"] += sum(accept)
-        for i, r in enumerate(reqs):
-            if accept[i]:
-                tokens.append([drafts[i], bonus[i]])
-                r.mtp_rows = [h[i, 0], h[i, 1]]
-            else:
-                tokens.append([first[i]])
-                r.mtp_rows = [h[i, 0]]
-            kept.append(2 if accept[i] else 1)
-        for r, k in zip(reqs, kept):
-            r.pos += k
-        self.stats["decode_tokens"] += sum(kept)
-        return self._emit(reqs, tokens, logits)
-
-    def _next_tokens(self, r: Request, n: int) -> list[int]:
-        """The n tokens that follow the positions in r.mtp_rows (the last of them is the pending token)."""
-        known = r.prompt + r.output
-        return known[r.pos - n + 1: r.pos + 1]
 
     def _penalised(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
         counts = self._counts(reqs)
@@ -411,6 +362,11 @@ class Engine:
     def _release(self, r: Request, reason: str):
         if r.twin is not None and r.twin.finish_reason is None:
             self._release(r.twin, reason)
+        if self.prefix is not None:  # its prompt and output: the next chat turn's prefix
+            if reason != "error":
+                self.prefix.keep(r, r.prompt + r.output, dict(enumerate(r.mtp_rows, r.pos - len(r.mtp_rows))))
+            self.prefix.release(r.snapshot)
+            r.snapshot = None
         r.finish_reason = reason
         if r in self.running:
             self.running.remove(r)

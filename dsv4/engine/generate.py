@@ -48,7 +48,8 @@ def stream_to_stdout(engine: Engine, ids: list[int], params: SamplingParams, max
 def generate(ckpt: str | os.PathLike, prompt: str | None = None, *, prompt_file: str | os.PathLike | None = None,
              context_dir: str | None = None, params: SamplingParams | None = None, max_new_tokens: int = 256,
              stop: Sequence[str] = (), max_len: int | None = None, device: str | None = None, dtype: str = "auto",
-             compile: bool | str = False, speculative: bool | None = None, device_map=None) -> str:
+             compile: bool | str = False, speculative: bool | None = None, device_map=None,
+             prefix_cache_gb: float = 0.0) -> str:
     """Continue the prompt with the checkpoint's model -> the generated text (also streamed to stdout). The engine's
     cache holds prompt + max_new_tokens (max_len: that many tokens instead; the packed tree fills up to it).
     device_map: see dsv4.engine.load.load_model ("auto" plans for max_len, else the model's context)."""
@@ -61,5 +62,5 @@ def generate(ckpt: str | os.PathLike, prompt: str | None = None, *, prompt_file:
     if not ids:
         raise ValueError("the prompt is empty (and --context-dir packed nothing)")
     engine = load_engine(model, tok, max_len=max_len or len(ids) + max_new_tokens, compile=compile,
-                         speculative=speculative)
+                         speculative=speculative, prefix_cache_gb=prefix_cache_gb)
     return stream_to_stdout(engine, ids, params or SamplingParams(temperature=0.0), max_new_tokens, stop)

@@ -80,14 +80,15 @@ def summary(p: Plan) -> str:
 
 
 def load_engine(model, tokenizer, max_len: int | None = None, max_batch: int = 1, compile: bool | str = False,
-                speculative: bool | None = None) -> Engine:
+                speculative: bool | None = None, prefix_cache_gb: float = 0.0) -> Engine:
     """An engine whose cache holds `max_len` tokens (at most the model's context - 1) for `max_batch` sequences.
     compile: False, True or "max" (see Engine). speculative: MTP speculation where the model has an MTP module;
-    None = on unless compiled (compiled plain steps are so cheap that a draft + verify round costs about two)."""
+    None = on unless compiled (compiled plain steps are so cheap that a draft + verify round costs about two).
+    prefix_cache_gb: see Engine."""
     max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len - 1)
     speculative = not compile if speculative is None else speculative
     return Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, speculative=speculative and bool(model.mtp),
-                  compile=compile)
+                  compile=compile, prefix_cache_gb=prefix_cache_gb)
 
 
 def context_len(model, max_len: int | None) -> int:

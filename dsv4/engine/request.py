@@ -72,6 +72,10 @@ class Request:
     generator: torch.Generator | None
     slot: int | None = None
     pos: int = 0  # tokens committed to the cache
+    written: int = 0  # positions written to the cache: pos, or pos + 1 after a rejected draft (dsv4.model.cache)
+    cached: int = 0  # prompt tokens restored from the prefix cache instead of prefilled (dsv4.engine.prefix)
+    snapshot: object = None  # the prefix-cache snapshot this sequence continues from, and the position it did so
+    snapshot_at: int = 0
     pending: int | None = None  # the last sampled token, not yet run through the model
     output: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # [V] generated-token counts (only when a penalty is set)

@@ -52,7 +52,9 @@ def report_speed(stats: dict, t0: float, first: float | None, finish_reason: str
     prefill_s = (first or t0) - t0
     n = stats["decode_tokens"] + (1 if first else 0)
     decode_s = max(elapsed - prefill_s, 1e-9)
-    line = (f"[{n} tokens in {elapsed:.2f} s: prefill {stats['prefill_tokens']} tokens {prefill_s:.2f} s, "
+    cached = stats.get("cached_tokens", 0)
+    line = (f"[{n} tokens in {elapsed:.2f} s: prefill {stats['prefill_tokens']} tokens "
+            f"{f'(+{cached} from the prefix cache) ' if cached else ''}{prefill_s:.2f} s, "
             f"decode {stats['decode_tokens'] / decode_s:.1f} tokens/s")
     if stats["drafted"]:
         line += f", MTP acceptance {stats['accepted'] / stats['drafted']:.0%}"

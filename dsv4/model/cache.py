@@ -110,6 +110,21 @@ class KVCache:
         parts += [self.engram_ids] if self.engram_ids is not None else []
         return sum(t.numel() * t.element_size() for t in parts)
 
+    def slot_state(self, layers: int) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]]]:
+        """The first `layers` layers' state (and Engram's ids), split as a copy of one slot needs it
+        (dsv4.engine.prefix): the rings, whose slot rows are whole at any position, and the entry buffers with each
+        one's ratio m (entry i closes at position (i + 1) m - 1 and never changes afterwards)."""
+        rings, entries = [], []
+        for layer_id, layer in enumerate(self.layers[:layers]):
+            rings.append(layer.window)
+            for state in (layer.compressed, layer.index):
+                if state is not None:
+                    rings += [state.kv, state.gate]
+                    entries.append((state.entries, self.args.compress_ratios[layer_id]))
+            rings += [layer.conv] if layer.conv is not None else []
+        rings += [self.engram_ids] if self.engram_ids is not None else []
+        return rings, entries
+
     def bytes_per_token(self) -> float:
         """Bytes that grow with the context, per token of one sequence: the compressed entries and indexer keys."""
         return bytes_per_token(self.args, self.dtype)

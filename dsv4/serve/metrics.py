@@ -25,6 +25,18 @@ class Metrics:
         Gauge("dsv4_running", "requests holding a cache slot", registry=r).set_function(lambda: runner.running)
         Gauge("dsv4_engine_busy_seconds", "time spent in engine steps", registry=r).set_function(
             lambda: runner.step_seconds)
+        prefix = runner.engine.prefix
+        if prefix is not None:  # (gauges read from the cache's own counters, which only grow)
+            for name, what in (("lookups", "requests that looked for a cached prefix"),
+                               ("hits", "requests started from a cached prefix"),
+                               ("tokens_reused", "prompt tokens restored from the prefix cache instead of prefilled"),
+                               ("saved", "prefix snapshots kept"), ("evicted", "prefix snapshots evicted")):
+                Gauge(f"dsv4_prefix_cache_{name}", f"{what} (cumulative)", registry=r).set_function(
+                    lambda name=name: getattr(prefix.stats, name))
+            Gauge("dsv4_prefix_cache_bytes", "bytes the prefix cache holds", registry=r).set_function(
+                lambda: prefix.nbytes)
+            Gauge("dsv4_prefix_cache_budget_bytes", "the prefix cache's budget", registry=r).set_function(
+                lambda: prefix.budget)
 
     async def count(self, request: Request, call_next):
         """HTTP middleware: one count per response, by endpoint (/v1/* by path, the rest as "other") and status."""

@@ -44,10 +44,12 @@ class Run:
         self.prompt_tokens = sum(len(r["prompt"]) for r in requests)
         self.completion_tokens = 0
         self.ids: list[int] = []
+        self.requests: list = []
         try:
             for i, r in enumerate(requests):
                 submit = dict(r)
-                self.ids.append(runner.submit(submit.pop("prompt"), self.queue, i, **submit))
+                self.requests.append(runner.submit(submit.pop("prompt"), self.queue, i, **submit))
+                self.ids.append(self.requests[-1].id)
         except ShuttingDown as e:
             self.cancel()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from e
@@ -92,5 +94,8 @@ class Run:
             self.runner.cancel(rid)
 
     def usage(self) -> api.Usage:
+        """Tokens in and out; prompt_tokens_details.cached_tokens: those restored from the prefix cache."""
         return api.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
+                         total_tokens=self.prompt_tokens + self.completion_tokens,
+                         prompt_tokens_details=api.PromptTokensDetails(
+                             cached_tokens=sum(r.cached for r in self.requests)))

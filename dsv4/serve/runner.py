@@ -14,6 +14,7 @@ import threading
 import time
 
 from dsv4.engine.engine import Engine
+from dsv4.engine.request import Request
 
 log = logging.getLogger("dsv4.serve")
 
@@ -104,8 +105,8 @@ class EngineRunner:
                 loop, queue, index = live
                 loop.call_soon_threadsafe(queue.put_nowait, (index, EngineError(f"the engine failed: {error}")))
 
-    def submit(self, prompt: list[int], queue: asyncio.Queue, index: int, **submit) -> int:
-        """Submit one request (keywords as `Engine.submit`; ValueError if it is refused) -> its id. Its deltas arrive
+    def submit(self, prompt: list[int], queue: asyncio.Queue, index: int, **submit) -> Request:
+        """Submit one request (keywords as `Engine.submit`; ValueError if it is refused) -> it. Its deltas arrive
         in `queue` as (index, Delta) from the event loop running this call; a failed step sends (index, EngineError).
         Whoever submits must `cancel` what has not finished when it stops listening."""
         if self.draining:
@@ -115,7 +116,7 @@ class EngineRunner:
                                  **submit)
         self._live[req.id] = (loop, queue, index)
         self._wake.set()
-        return req.id
+        return req
 
     def finished(self, request_id: int):
         self._live.pop(request_id, None)
