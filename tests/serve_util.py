@@ -39,7 +39,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         cmd = [sys.executable, "-m", "dsv4", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
-               "--model-name", MODEL, "--max-len", "2048", "--dtype", "fp32", *args]
+               "--model-name", MODEL, "--max-len", "2048", "--dtype", "fp32", "--no-compile", *args]
         env = {**os.environ, "DSV4_API_KEY": api_key or ""}
         if api_key is None:
             env.pop("DSV4_API_KEY")

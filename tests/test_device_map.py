@@ -144,7 +144,7 @@ def test_load_model_auto_plans_for_this_machine(ckpt, tok, capsys):
 
 
 def generate(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["generate", *argv, "def foo(x):", "--max-new-tokens", "5", "--dtype", "fp32"])
+    code = main(["generate", *argv, "def foo(x):", "--max-new-tokens", "5", "--dtype", "fp32", "--no-compile"])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -238,7 +238,8 @@ def ckpt(model, tok, tmp_path_factory):
 def test_cli_generate_streams_the_engines_greedy_text(ckpt, alone, capsys, tmp_path):
     from dsv4.cli import main
 
-    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "24", "--dtype", "fp32", "--stop", "\x00never"]
+    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "24", "--dtype", "fp32", "--stop", "\x00never",
+            "--no-compile"]
     assert main(argv + [PROMPTS[0]]) == 0
     out = capsys.readouterr()
     # greedy, MTP speculation on by default: the text equals the plain engine's (eos may end it earlier)
@@ -272,7 +273,7 @@ def test_cli_chat_keeps_history_and_resets(ckpt, tok, model, capsys, monkeypatch
 
     monkeypatch.setattr(Engine, "stream", spy)
     opts = cli.parser().parse_args(["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0",
-                                    "--speculative", "--dtype", "fp32"])
+                                    "--speculative", "--dtype", "fp32", "--no-compile"])
     assert cli.run_chat(opts, read=read) == 0
     out = capsys.readouterr().out
     assert out.count("dsv4> ") == 3
@@ -305,7 +306,7 @@ def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(ckpt, capsys, monkeypatch
 
     monkeypatch.setattr(Engine, "stream", interrupted)
     opts = cli.parser().parse_args(["chat", "--ckpt", str(ckpt), "--max-new-tokens", "8", "--temperature", "0",
-                                    "--no-speculative", "--dtype", "fp32"])
+                                    "--no-speculative", "--dtype", "fp32", "--no-compile"])
     assert cli.run_chat(opts, read=lambda _: next(lines)) == 0
     out = capsys.readouterr().out
     assert "[stopped]" in out and out.count("dsv4> ") == 2  # the chat went on to the second question

@@ -120,4 +120,6 @@ def test_cli_generate_hands_its_options_over(monkeypatch, tmp_path):
     assert seen["params"] == SamplingParams(temperature=0.5, seed=3, min_p=0.1, repetition_penalty=1.2)
     assert seen["stop"] == ["x", "y"] and seen["max_new_tokens"] == 256
     assert seen["compile"] is True and seen["speculative"] is None and seen["device"] == "cpu"
-    assert seen["max_len"] is None and seen["dtype"] == "auto"
+    assert seen["max_len"] is None and seen["dtype"] == "auto" and seen["prefix_cache_gb"] == 1.0
+    assert main(argv[:-3] + ["--no-compile"]) == 0 and seen["compile"] is False
+    assert main(argv[:-3]) == 0 and seen["compile"] == "auto"  # the default: compiled where a backend exists

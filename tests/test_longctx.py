@@ -280,7 +280,7 @@ def test_cli_generate_packs_a_source_tree(ckpt, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(Engine, "stream", spy)
     argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "4", "--dtype", "fp32", "--context-dir", str(root),
-            "--max-len", "300", "# the answer:"]
+            "--max-len", "300", "--no-compile", "# the answer:"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "context: 3 files" in err and "did not fit: README.md" in err and "left out 2 binary" in err

@@ -305,7 +305,7 @@ def test_quantize_command_writes_a_checkpoint_every_command_opens(ckpt, capsys, 
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int4"
     assert main(["info", "--ckpt", str(out)]) == 0
     assert "kept quantized in memory: int4, 32 inputs per scale" in capsys.readouterr().out
-    assert main(["generate", "--ckpt", str(out), "def f(x):", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--ckpt", str(out), "def f(x):", "--max-new-tokens", "4", "--no-compile"]) == 0
     assert main(["quantize", "--ckpt", str(out), "--to", "int8", "-o", str(tmp_path / "again")]) == 2
     assert "already quantized (int4)" in capsys.readouterr().err
     assert main(["quantize", "--ckpt", str(ckpt), "--to", "int8", "-o", str(ckpt)]) == 2

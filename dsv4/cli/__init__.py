@@ -287,11 +287,13 @@ def add_engine_args(p, max_len_help: str):
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint directory (config.json, *.safetensors, "
                    "tokenizer.json): ours, one written by transformers, or the released V4 layout")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
-                   help="MTP speculative decoding when the model has an MTP module (default: on unless --compile; "
+                   help="MTP speculative decoding when the model has an MTP module (default: on when not compiling; "
                         "compiled plain steps are so cheap that a draft + verify round costs about two of them)")
     p.add_argument("--max-len", type=int, default=None, help=max_len_help)
-    p.add_argument("--compile", action="store_true", help="decode steps through torch.compile: ~5x faster tokens "
-                   "after a first-use compile of a minute or two (cached on disk)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps through torch.compile: ~5x faster tokens after a first-use compile of a minute "
+                        "or two, cached on disk (default: on where torch.compile has a backend here, e.g. a C++ "
+                        "compiler on the CPU; --no-compile: the eager steps, no compile)")
     p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: also inductor's C++ wrapper "
                    "(~10%% faster steps for about twice the compile time)")
     p.add_argument("--device", default=None)
@@ -339,7 +341,8 @@ def engine_options(opts) -> dict:
     if opts.prefix_cache_gb < 0:
         raise SystemExit(f"--prefix-cache-gb must be >= 0, got {opts.prefix_cache_gb}")
     return dict(max_len=opts.max_len, device=opts.device, dtype=opts.dtype, speculative=opts.speculative,
-                compile="max" if opts.compile and opts.cpp_wrapper else opts.compile, device_map=opts.device_map,
+                compile=("auto" if opts.compile is None else "max" if opts.compile and opts.cpp_wrapper
+                         else opts.compile), device_map=opts.device_map,
                 prefix_cache_gb=opts.prefix_cache_gb)
 
 
@@ -408,6 +411,10 @@ def add_serve(subparsers):
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $DSV4_API_KEY, unset = "
                         "no key)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots)")
+    p.add_argument("--max-step-tokens", type=int, default=512, metavar="N",
+                   help="what one engine step may cost, in prompt positions at no context: a prompt arriving is "
+                        "prefilled in slices that fit beside the running streams' tokens (shorter at long contexts), "
+                        "so the streams pause at most about one such step")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint "
                    "directory's name)")
     p.add_argument("--drain-timeout", type=float, default=7.0, help="seconds running requests get to finish after "
@@ -418,7 +425,10 @@ def add_serve(subparsers):
 def run_serve(opts) -> int:
     from dsv4.serve.lifecycle import serve
 
+    if opts.max_step_tokens < 1:
+        raise SystemExit(f"--max-step-tokens must be >= 1, got {opts.max_step_tokens}")
     return serve(opts.ckpt, host=opts.host, port=opts.port, api_key=opts.api_key, max_batch=opts.max_batch,
+                 max_step_tokens=opts.max_step_tokens,
                  model_name=opts.model_name, drain_timeout=opts.drain_timeout, **engine_options(opts))
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from dsv4.device import can_compile, release_free_memory
+from dsv4.engine.budget import StepBudget
 from dsv4.engine.guidance import follow, guided_rows
 from dsv4.engine.prefix import PrefixCache
 from dsv4.engine.request import Completion, Delta, LogitsProcessor, Request, token_logprobs
@@ -42,7 +43,7 @@ class Engine(Speculation):
     TRIM_EVERY = 16384  # prompt tokens between hand-backs of freed memory to the OS during prefill
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
                  speculative: bool = False, cache_dtype: torch.dtype | None = None, compile: bool | str = False,
-                 compile_scan: bool | None = None, prefix_cache_gb: float = 0.0):
+                 compile_scan: bool | None = None, prefix_cache_gb: float = 0.0, max_step_tokens: int | None = None):
         """compile: False; True (decode, verify and draft steps through torch.compile: the first steps of each batch
         size compile, cached on disk); or "max" (also inductor's C++ wrapper, which launches the step's kernels
         without Python: ~10% faster steps for about twice the compile time; for long-lived engines).
@@ -50,7 +51,10 @@ class Engine(Speculation):
         compiles at the first prefill long enough to scan, a few seconds, cached on disk); None = where a compiler
         exists.
         prefix_cache_gb: keep snapshots of served prefixes within this many GiB and start requests that share one from
-        them (dsv4.engine.prefix); 0 = off."""
+        them (dsv4.engine.prefix); 0 = off.
+        max_step_tokens: what one step may cost, in positions at no context (default: prefill_chunk): pending
+        prompts run in slices that fit beside the decode tokens, shorter at long contexts (dsv4.engine.budget); a
+        slice never crosses a multiple of prefill_chunk."""
         if compile not in (False, True, "max"):
             raise ValueError(f"compile must be False, True or 'max', got {compile!r}")
         if speculative and not model.mtp:
@@ -72,6 +76,7 @@ class Engine(Speculation):
             compile_indexer_scan(model)
         self.max_len = min(max_len or self.args.max_seq_len, self.args.max_seq_len - speculative)
         self.max_batch, self.prefill_chunk, self.speculative = max_batch, prefill_chunk, speculative
+        self.budget = StepBudget(self.args, max_step_tokens or prefill_chunk, speculative)
         dtype = cache_dtype or model.layers[0].attn.wkv.dtype  # what the attention computes in
         # a speculative step runs one column (the draft) past the last token that can still be generated
         self.cache = KVCache(self.args, max_batch, self.max_len + speculative, self.device, dtype,
@@ -106,10 +111,15 @@ class Engine(Speculation):
 
     @torch.no_grad()
     def warm_up(self, progress: Callable[[str], None] | None = None) -> "Engine":
-        """With compile=True, compile every step graph serving can need now (each batch size up to 4, one dynamic
-        batch beyond, compressed-entry lengths made dynamic; verify and draft steps when speculating) instead of
-        stalling the first requests that hit each shape. Runs on dummy rows whose writes all go to the spare slot.
-        Returns self."""
+        """Compile now what serving would otherwise compile while requests wait: the indexer's long-context scan at
+        every block width this context reaches (with compile_scan), and with compile=True every step graph (each
+        batch size up to 4, one dynamic batch beyond, compressed-entry lengths made dynamic; verify and draft steps
+        when speculating). Runs on zeros and on dummy rows whose writes all go to the spare slot. Returns self."""
+        indexer = next((m for m in self.model.modules() if hasattr(m, "warm_scan")), None)
+        if indexer is not None:
+            if progress is not None:
+                progress("compiling the indexer's long-context scan (once; cached on disk)")
+            indexer.warm_scan(self.max_len // indexer.ratio, self.prefill_chunk, self.cache.dtype, self.device)
         if self.compile:
             self._dummy_steps(progress)
         return self
@@ -122,7 +132,8 @@ class Engine(Speculation):
         for B in sizes:
             for start in starts:
                 if progress is not None:
-                    progress(f"compiling the decode step for {B} sequence(s) at position {start}")
+                    progress(f"compiling the decode step for {B} sequence(s) at position {start} (the first time; "
+                             "cached on disk)")
                 slots = torch.arange(B, device=self.device)
                 step = self.model.make_step(self.cache, slots, torch.full((B,), start, device=self.device), width,
                                             torch.zeros(B, dtype=torch.long, device=self.device))
@@ -213,10 +224,14 @@ class Engine(Speculation):
                         self.prefix.seed(r)
                         self.stats["cached_tokens"] += r.cached
         prefill = [r for r in self.running if r.prefilling]
-        if prefill:
-            deltas += self._prefill(prefill)
-        # new ones wait a step; a guided row whose partner is still prefilling has no token to run yet
-        decode = [r for r in self.running if not r.prefilling and r not in prefill and r.pending is not None]
+        # decode: the rows that had a token to run before this step (one that finishes its prompt now samples its first
+        # token and runs it at the next step; so does a guided row whose partner finishes now)
+        decode = [r for r in self.running if not r.prefilling and r.pending is not None]
+        if prefill:  # slices that fit the step's budget beside the decode tokens (dsv4.engine.budget)
+            sizes = self.budget.plan([r.pos for r in decode], [(r.pos, len(r.prompt) - r.pos) for r in prefill],
+                                     2 if self.speculative else 1)
+            deltas += self._prefill([r for r, n in zip(prefill, sizes) if n], [n for n in sizes if n])
+        decode = [r for r in decode if r.slot is not None]  # (not ended by a partner's first token)
         if decode:
             deltas += self._speculate(decode) if self.speculative else self._decode(decode)
         self.stats["steps"] += 1
@@ -234,10 +249,11 @@ class Engine(Speculation):
                                     torch.tensor(commit, device=self.device))
         return ids, step
 
-    def _prefill(self, reqs: list[Request]) -> list[Delta]:
-        # chunks end on multiples of prefill_chunk (a request restored from the prefix cache first runs up to one)
-        chunks = [r.prompt[r.pos: min((r.pos // self.prefill_chunk + 1) * self.prefill_chunk, len(r.prompt))]
-                  for r in reqs]
+    def _prefill(self, reqs: list[Request], sizes: list[int]) -> list[Delta]:
+        # slices never cross a multiple of prefill_chunk (where snapshots are kept, and a request restored from the
+        # prefix cache lines up with one prefilled from scratch)
+        chunks = [r.prompt[r.pos: min(r.pos + n, (r.pos // self.prefill_chunk + 1) * self.prefill_chunk)]
+                  for r, n in zip(reqs, sizes)]
         ids, step = self._rows(reqs, chunks, [len(c) for c in chunks])
         h = self.model.step(ids, self.cache, step)
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)

@@ -49,7 +49,8 @@ def guided_rows(reqs: list[Request], logits: torch.Tensor) -> tuple[list[Request
 
 
 def _combine(c: torch.Tensor, u: torch.Tensor, r: Request) -> torch.Tensor:
-    return u.float() + r.guide_scale * (c.float() - u.float())
+    """u + s (c - u), computed from the nearer end (torch.lerp): exactly c at s = 1 and u at s = 0."""
+    return torch.lerp(u.float(), c.float(), r.guide_scale)
 
 
 def follow(reqs: list[Request], tokens: list[int]) -> None:

@@ -16,11 +16,11 @@ import sys
 
 import torch
 
-from dsv4.device import default_device, resolve_dtype
+from dsv4.device import can_compile, default_device, resolve_dtype
 from dsv4.engine.engine import Engine
 from dsv4.weights.checkpoint import load_checkpoint, read_config
 from dsv4.weights.info import tokens
-from dsv4.weights.placement import DeviceMap, resolve_device
+from dsv4.weights.placement import DeviceMap, main_device, resolve_device
 from dsv4.weights.plan import CACHE_DTYPES, Formats, Hardware, Plan, gb, holds, local_memory, plan
 
 AUTO = "auto"
@@ -80,15 +80,24 @@ def summary(p: Plan) -> str:
 
 
 def load_engine(model, tokenizer, max_len: int | None = None, max_batch: int = 1, compile: bool | str = False,
-                speculative: bool | None = None, prefix_cache_gb: float = 0.0) -> Engine:
-    """An engine whose cache holds `max_len` tokens (at most the model's context - 1) for `max_batch` sequences.
+                speculative: bool | None = None, prefix_cache_gb: float = 0.0, max_step_tokens: int | None = None
+                ) -> Engine:
+    """An engine whose cache holds `max_len` tokens (at most the model's context - 1) for `max_batch` sequences,
+    warmed up (Engine.warm_up).
     compile: False, True or "max" (see Engine). speculative: MTP speculation where the model has an MTP module;
     None = on unless compiled (compiled plain steps are so cheap that a draft + verify round costs about two).
-    prefix_cache_gb: see Engine."""
+    prefix_cache_gb, max_step_tokens: see Engine. compile="auto": True where torch.compile has a backend for the
+    model's device."""
     max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len - 1)
+    if compile == "auto":
+        compile = can_compile(main_device(model) if getattr(model, "placement", None) is not None
+                              else next(model.parameters()).device)
     speculative = not compile if speculative is None else speculative
-    return Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, speculative=speculative and bool(model.mtp),
-                  compile=compile, prefix_cache_gb=prefix_cache_gb)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_len, speculative=speculative and bool(model.mtp),
+                    compile=compile, prefix_cache_gb=prefix_cache_gb, max_step_tokens=max_step_tokens)
+    # what would otherwise compile while the first request waits, compiled now and said on stderr (minutes the first
+    # time with compile, then cached on disk)
+    return engine.warm_up(lambda what: print(f"dsv4: {what}", file=sys.stderr, flush=True))
 
 
 def context_len(model, max_len: int | None) -> int:

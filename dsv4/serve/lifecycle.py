@@ -26,7 +26,8 @@ DEFAULT_MAX_LEN = 8192  # the cache's context per sequence unless max_len says o
 
 
 def open_engine(ckpt: str | os.PathLike, max_len: int | None, max_batch: int, device: str | None, dtype: str,
-                compile: bool | str, speculative: bool | None, device_map=None, prefix_cache_gb: float = 0.0) -> Engine:
+                compile: bool | str, speculative: bool | None, device_map=None, prefix_cache_gb: float = 0.0,
+                max_step_tokens: int | None = None) -> Engine:
     """The engine, its step graphs compiled now (when compiling) rather than while the first clients wait. A
     multimodal checkpoint's engine runs without speculation (its visual spans are constrained). device_map: see
     dsv4.engine.load.load_model ("auto" plans for max_batch sequences of max_len tokens)."""
@@ -37,9 +38,7 @@ def open_engine(ckpt: str | os.PathLike, max_len: int | None, max_batch: int, de
             raise ValueError("a multimodal checkpoint is served without speculation (its spans are constrained)")
         speculative = False
     engine = load_engine(model, tok, max_len=max_len or DEFAULT_MAX_LEN, max_batch=max_batch, compile=compile,
-                         speculative=speculative, prefix_cache_gb=prefix_cache_gb)
-    if engine.compile:  # minutes the first time, then cached on disk
-        engine.warm_up(lambda what: print(f"dsv4 serve: {what}", file=sys.stderr, flush=True))
+                         speculative=speculative, prefix_cache_gb=prefix_cache_gb, max_step_tokens=max_step_tokens)
     return engine
 
 
@@ -84,12 +83,14 @@ def start_http(server: uvicorn.Server, runner: EngineRunner) -> threading.Thread
 def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, model_name: str | None = None, drain_timeout: float = 7.0, max_len: int | None = None,
           device: str | None = None, dtype: str = "auto", compile: bool | str = False,
-          speculative: bool | None = None, device_map=None, prefix_cache_gb: float = 0.0) -> int:
+          speculative: bool | None = None, device_map=None, prefix_cache_gb: float = 0.0,
+          max_step_tokens: int | None = None) -> int:
     """Serve the checkpoint (the OpenAI API, /health, /metrics, the web page) on host:port until SIGTERM / Ctrl-C,
     with `max_batch` cache slots of `max_len` tokens (default 8192); clients name the model `model_name` (default:
     the checkpoint directory's name). Must run on the main thread (signal handlers) -> 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = open_engine(ckpt, max_len, max_batch, device, dtype, compile, speculative, device_map, prefix_cache_gb)
+    engine = open_engine(ckpt, max_len, max_batch, device, dtype, compile, speculative, device_map, prefix_cache_gb,
+                         max_step_tokens)
     visual = visual_side(ckpt, engine)
     name = model_name or Path(ckpt).resolve().name
     runner = EngineRunner(engine)
