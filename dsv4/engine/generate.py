@@ -18,6 +18,8 @@ from dsv4.engine.load import context_len, load_engine, load_model
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.terminal import PrefillBar, pack_context, report_speed
 
+MIN_CACHE_LEN = 4096  # tokens the cache holds at least (see `generate`)
+
 
 def read_prompt(prompt: str | None, prompt_file: str | os.PathLike | None, context_dir: str | None) -> str:
     """The prompt text: `prompt`, or the contents of `prompt_file`, or "" when only a context_dir is given."""
@@ -51,7 +53,8 @@ def generate(ckpt: str | os.PathLike, prompt: str | None = None, *, prompt_file:
              compile: bool | str = False, speculative: bool | None = None, device_map=None,
              prefix_cache_gb: float = 0.0) -> str:
     """Continue the prompt with the checkpoint's model -> the generated text (also streamed to stdout). The engine's
-    cache holds prompt + max_new_tokens (max_len: that many tokens instead; the packed tree fills up to it).
+    cache holds prompt + max_new_tokens rounded up to a power of two >= MIN_CACHE_LEN (max_len: that many tokens
+    instead; the packed tree fills up to it).
     device_map: see dsv4.engine.load.load_model ("auto" plans for max_len, else the model's context)."""
     text = read_prompt(prompt, prompt_file, context_dir)
     model, tok = load_model(ckpt, device, dtype, device_map=device_map, max_len=max_len)
@@ -61,6 +64,9 @@ def generate(ckpt: str | os.PathLike, prompt: str | None = None, *, prompt_file:
         ids = pack_context(context_dir, tok, budget).ids + ids
     if not ids:
         raise ValueError("the prompt is empty (and --context-dir packed nothing)")
-    engine = load_engine(model, tok, max_len=max_len or len(ids) + max_new_tokens, compile=compile,
-                         speculative=speculative, prefix_cache_gb=prefix_cache_gb)
+    # (the cache's length rounded up to a power of two: compiled steps specialise on the cache's shapes, so runs
+    # with other prompt lengths reuse the graphs cached on disk instead of compiling anew)
+    cache_len = max_len or max(MIN_CACHE_LEN, 1 << (len(ids) + max_new_tokens - 1).bit_length())
+    engine = load_engine(model, tok, max_len=cache_len, compile=compile, speculative=speculative,
+                         prefix_cache_gb=prefix_cache_gb)
     return stream_to_stdout(engine, ids, params or SamplingParams(temperature=0.0), max_new_tokens, stop)
