@@ -204,9 +204,16 @@ class Engram(nn.Module):
         """Positions before a step that the short convolution reads (0 without it)."""
         return (self.kernel - 1) * self.dilation if self.conv is not None else 0
 
-    @torch.compiler.disable  # a sparse-gradient lookup, possibly on another device: left to eager in compiled blocks
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows [B, S, H'] of the shared table -> e [B, S, E] on the rows' device, gathered where the table lives."""
+        """Rows [B, S, H'] of the shared table -> e [B, S, E] on the rows' device, gathered where the table lives.
+        A compiled inference step on the table's device gathers them in its graph (a plain index: no gradient to
+        make sparse), so the step stays one graph; otherwise `_lookup`, left to eager."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and rows.device == self.table.weight.device:
+            return self.table.weight[rows].flatten(-2)
+        return self._lookup(rows)
+
+    @torch.compiler.disable  # a sparse-gradient lookup, possibly on another device: left to eager in compiled blocks
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
         e = kernels.lookup(self.table.weight, rows.to(self.table.weight.device)).flatten(-2)
         return e.to(rows.device)
 
