@@ -135,12 +135,14 @@ class Engine(Speculation):
                     progress(f"compiling the decode step for {B} sequence(s) at position {start} (the first time; "
                              "cached on disk)")
                 slots = torch.arange(B, device=self.device)
-                step = self.model.make_step(self.cache, slots, torch.full((B,), start, device=self.device), width,
-                                            torch.zeros(B, dtype=torch.long, device=self.device))
+                where = (self.cache, slots, torch.full((B,), start, device=self.device), width,
+                         torch.zeros(B, dtype=torch.long, device=self.device))
                 ids = torch.zeros(B, width, dtype=torch.long, device=self.device)
-                h, _ = self._compiled(self._decode_step, ids, self.cache, step)
+                # a fresh Step per call, as serving makes them (a Step keeps its rope tables once used: another guard)
+                h, _ = self._compiled(self._decode_step, ids, self.cache, self.model.make_step(*where))
                 if self.speculative:
-                    self._compiled(self._draft_step, h, ids, self.cache, step, torch.zeros_like(slots))
+                    self._compiled(self._draft_step, h, ids, self.cache, self.model.make_step(*where),
+                                   torch.zeros_like(slots))
 
     # --- requests ---
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, max_new_tokens: int = 256,
