@@ -420,3 +420,13 @@ def test_an_engram_run_resumes_exactly(tmp_path):
     shutil.rmtree(cut / "pretrain" / "step-000000008")  # as if killed after step 4's snapshot
     run(config(cut), resume=True, progress=False)
     assert losses(cut) == losses(tmp_path / "full") and len(losses(cut)) == 8
+
+
+@torch.no_grad()
+def test_a_compiled_inference_step_gathers_the_rows_in_its_graph():
+    """Compiled and without gradients, the lookup is a plain gather inside the graph (fullgraph: a break would make
+    a compiled decode step of an Engram model fall back to one graph per block); it reads what the sparse-gradient
+    lookup reads."""
+    engram = engram_model().layers[1].engram
+    rows = torch.randint(0, engram.table.weight.shape[0], (2, 5, 4))
+    assert torch.equal(torch.compile(engram.lookup, fullgraph=True, dynamic=False)(rows), engram.lookup(rows))
