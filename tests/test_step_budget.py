@@ -55,3 +55,21 @@ def test_budgeted_slices_equal_an_unchunked_prefill(speculative):
     while engine.has_work():
         engine.step()
     assert first.output[:12] == want[0].token_ids and second.output == want[1].token_ids
+
+
+@torch.no_grad()
+def test_rows_near_the_end_of_the_cache_are_not_padded_past_it():
+    """A prompt's last few positions near the end of the cache, in the same step as another prompt's wide slice:
+    padded to that width they would run past the cache; they run on their own, and both answers are right."""
+    model = random_model(0)
+    a, b = ids(35, 9), ids(30, 10)
+    engine = Engine(model, NoTokenizer(), max_batch=2, max_len=40, prefill_chunk=32, max_step_tokens=32)
+    first = engine.submit(a, GREEDY, max_new_tokens=4, ignore_eos=True)
+    engine.step()
+    assert first.pos == 32  # 3 positions left, at 32 of 40
+    second = engine.submit(b, GREEDY, max_new_tokens=4, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    alone = Engine(model, NoTokenizer(), max_batch=1, max_len=40, prefill_chunk=64)
+    assert [first.output, second.output] == [c.token_ids for c in alone.generate([a, b], GREEDY, max_new_tokens=4,
+                                                                                   ignore_eos=True)]

@@ -256,6 +256,9 @@ class Engine(Speculation):
         # prefix cache lines up with one prefilled from scratch)
         chunks = [r.prompt[r.pos: min(r.pos + n, (r.pos // self.prefill_chunk + 1) * self.prefill_chunk)]
                   for r, n in zip(reqs, sizes)]
+        if len(reqs) > 1 and max(r.pos for r in reqs) + max(map(len, chunks)) > self.cache.max_len:
+            # a row near the end of the cache, right-padded to a wider row's slice, would run past it: one at a time
+            return [d for r, n in zip(reqs, sizes) for d in self._prefill([r], [n])]
         ids, step = self._rows(reqs, chunks, [len(c) for c in chunks])
         h = self.model.step(ids, self.cache, step)
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
