@@ -139,4 +139,4 @@ def test_a_bad_budget_is_refused():
     with pytest.raises(ValueError, match="budget > 0"):
         from dsv4.engine.prefix import PrefixCache
         engine = Engine(model_for("tiny"), NoTokenizer(), max_batch=1)
-        PrefixCache(engine.cache, 0, 4, False, 8)
+        PrefixCache(engine.cache, 0, 4, False)

@@ -106,7 +106,7 @@ class Engine(Speculation):
         self.prefix = None
         if prefix_cache_gb > 0:  # a slot's state spans the MTP layers too when they run
             layers = self.args.n_layers + (self.args.n_mtp_layers if speculative else 0)
-            self.prefix = PrefixCache(self.cache, int(prefix_cache_gb * 2 ** 30), layers, speculative, prefill_chunk)
+            self.prefix = PrefixCache(self.cache, int(prefix_cache_gb * 2 ** 30), layers, speculative)
         self._untrimmed = 0  # prompt tokens prefilled since freed memory was last handed back
 
     @torch.no_grad()

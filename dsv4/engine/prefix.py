@@ -19,9 +19,10 @@ tokens for Q = committed, and also Q = committed - 1 (a state with one position 
 position before: the re-run rewrites what that position wrote before anything reads it, see dsv4.model.cache), which
 is what a repeated prompt needs. At least one prompt token is always run, for the logits of the first new token.
 
-Snapshots are taken where a slot's state is whole: at prefill chunk ends on a multiple of `every` tokens, at the end
-of a prompt, and when a request finishes (its prompt and output: the next chat turn's prefix). Eviction: the least
-recently used snapshot that no other snapshot or running request builds on, until the total is within the budget.
+The engine takes snapshots where a slot's state is whole: at prefill chunk ends on a multiple of its prefill chunk,
+at the end of a prompt, and when a request finishes (its prompt and output: the next chat turn's prefix). Eviction:
+the least recently used snapshot that no other snapshot or running request builds on, until the total is within the
+budget.
 """
 
 import itertools
@@ -87,10 +88,10 @@ class PrefixCache:
     """Snapshots of a KVCache's slots within `budget` bytes. `layers`: how many of the cache's layers a slot's state
     spans (the main ones, and the MTP ones when speculating)."""
 
-    def __init__(self, cache: KVCache, budget: int, layers: int, speculative: bool, every: int):
-        if budget <= 0 or every < 1:
-            raise ValueError(f"a prefix cache needs a budget > 0 bytes and every >= 1, got {budget} and {every}")
-        self.cache, self.budget, self.layers, self.speculative, self.every = cache, budget, layers, speculative, every
+    def __init__(self, cache: KVCache, budget: int, layers: int, speculative: bool):
+        if budget <= 0:
+            raise ValueError(f"a prefix cache needs a budget > 0 bytes, got {budget}")
+        self.cache, self.budget, self.layers, self.speculative = cache, budget, layers, speculative
         self.rings, self.entry_buffers = cache.slot_state(layers)
         self.snapshots: dict[int, list[Snapshot]] = {}  # by committed
         self.nbytes = 0
