@@ -135,6 +135,25 @@ def test_tiny_budgets_evict_and_stay_exact(data):
     assert cached.prefix.stats.evicted > 0
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompts_admitted_together_share_their_first_chunks(speculative):
+    """n choices of one prompt (or prompts sharing a start) arrive together: the budget runs one at a time, and each
+    waiting one looks again before its first slice, continuing from the chunks the first one saved."""
+    model = model_for("tiny")
+    prompt = ids(90, 11)
+    engine = Engine(model, NoTokenizer(), max_batch=3, prefill_chunk=24, max_step_tokens=24, speculative=speculative,
+                    prefix_cache_gb=0.01)
+    plain = run(Engine(model, NoTokenizer(), max_batch=1, prefill_chunk=24, speculative=speculative), prompt)
+    outs = engine.generate([prompt, prompt, prompt[:80] + ids(5, 12)], GREEDY, max_new_tokens=8, ignore_eos=True,
+                           logprobs=3)
+    assert_same(outs[0], plain)
+    assert_same(outs[1], plain)
+    reused = engine.prefix.stats.tokens_reused
+    assert engine.stats["cached_tokens"] == reused >= 2 * 24  # the 2nd and the 3rd started at least a chunk in
+    assert engine.prefix.stats.lookups == 3  # one per request, however often each looked again
+    assert engine.stats["prefill_tokens"] == 90 + 90 + 85 - reused
+
+
 def test_a_bad_budget_is_refused():
     with pytest.raises(ValueError, match="budget > 0"):
         from dsv4.engine.prefix import PrefixCache

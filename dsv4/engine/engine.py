@@ -222,10 +222,10 @@ class Engine(Speculation):
                 for r in (req, req.twin) if req.twin is not None else (req,):
                     r.slot = self.free.pop()
                     self.running.append(r)
-                    if self.prefix is not None:
-                        self.prefix.seed(r)
-                        self.stats["cached_tokens"] += r.cached
+                    self._seed(r)
         prefill = [r for r in self.running if r.prefilling]
+        for r in prefill:  # still waiting for a first slice: snapshots saved since it looked may serve it now
+            self._seed(r)
         # decode: the rows that had a token to run before this step (one that finishes its prompt now samples its first
         # token and runs it at the next step; so does a guided row whose partner finishes now)
         decode = [r for r in self.running if not r.prefilling and r.pending is not None]
@@ -238,6 +238,10 @@ class Engine(Speculation):
             deltas += self._speculate(decode) if self.speculative else self._decode(decode)
         self.stats["steps"] += 1
         return deltas
+
+    def _seed(self, r: Request):
+        if self.prefix is not None:
+            self.stats["cached_tokens"] += self.prefix.seed(r)
 
     def _rows(self, reqs: list[Request], columns: list[list[int]], commit: list[int], width: int | None = None,
               start: list[int] | None = None):

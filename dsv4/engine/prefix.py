@@ -101,9 +101,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return sum(len(v) for v in self.snapshots.values())
 
-    def lookup(self, prompt: Sequence[int]) -> Hit | None:
-        """The snapshot sharing the longest prefix with `prompt` that leaves at least one token to run."""
-        self.stats.lookups += 1
+    def lookup(self, prompt: Sequence[int], again: bool = False) -> Hit | None:
+        """The snapshot sharing the longest prefix with `prompt` that leaves at least one token to run (again: the
+        same request looking once more, not counted as a lookup)."""
+        self.stats.lookups += not again
         tokens = array("l", prompt)
         for committed in sorted(self.snapshots, reverse=True):
             for q in (committed, committed - 1):
@@ -163,18 +164,23 @@ class PrefixCache:
         return snap if snap in self.snapshots.get(committed, ()) else None
 
     # --- a request's side (dsv4.engine.engine) ---
-    def seed(self, r: "Request"):
-        """Start a request that just took a slot from the snapshot of the longest prefix of its prompt, if any."""
-        if r.twin is not None or r.guides is not None:  # (guided pairs: always from scratch)
-            return
-        hit = self.lookup(r.prompt)
+    def seed(self, r: "Request") -> int:
+        """Start a request that holds a slot but has run nothing yet from the snapshot of the longest prefix of its
+        prompt, if any. The engine asks when the request takes its slot, and again before each step while it waits
+        for its first slice if snapshots were saved since (a prompt admitted with another that shares its start,
+        e.g. n choices of one prompt, then continues from the other's first chunks). -> the prompt tokens restored."""
+        if r.twin is not None or r.guides is not None or r.pos or r.sought == self.stats.saved:
+            return 0  # (guided pairs: always from scratch)
+        again, r.sought = r.sought >= 0, self.stats.saved
+        hit = self.lookup(r.prompt, again)
         if hit is None:
-            return
+            return 0
         self.restore(hit, r.slot)
         r.pos = r.written = r.cached = r.snapshot_at = hit.position
         r.mtp_rows = [hit.hidden] if self.speculative else []
         r.snapshot = hit.snapshot
         self.hold(r.snapshot)
+        return hit.position
 
     def keep(self, r: "Request", tokens: Sequence[int], streams: dict[int, torch.Tensor]):
         """Save r's state (its `written` positions of `tokens`; streams: the main model's by position, for the MTP

@@ -76,6 +76,7 @@ class Request:
     cached: int = 0  # prompt tokens restored from the prefix cache instead of prefilled (dsv4.engine.prefix)
     snapshot: object = None  # the prefix-cache snapshot this sequence continues from, and the position it did so
     snapshot_at: int = 0
+    sought: int = -1  # the prefix cache's count of saved snapshots when this request last looked (-1: never)
     pending: int | None = None  # the last sampled token, not yet run through the model
     output: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # [V] generated-token counts (only when a penalty is set)
