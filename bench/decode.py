@@ -83,11 +83,11 @@ def child(opts) -> dict:
     if opts.impl == "ours":
         import dsv4
         from dsv4.engine import Engine, SamplingParams
-        from dsv4.tokenizers.text import Tokenizer
+        from dsv4.tokenizers.text import IdsOnly, Tokenizer
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
         tok_path = os.path.join(opts.ckpt, "tokenizer.json")
-        tok = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else NoTokenizer()
+        tok = Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else IdsOnly()  # (the shared checkpoint)
         prompts = [torch.randint(0, model.args.vocab_size, (P,), generator=g).tolist() for _ in range(B)]
         if opts.mtp_child:  # real text for a trained model: its held-out files, cut into prompts
             prompts = text_prompts(tok, B, P)
@@ -141,20 +141,6 @@ def child(opts) -> dict:
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"decode_tok_s": B * len(steps) / (stamps[-1] - stamps[0]), "prefill_s": stamps[0] - t0,
             "median_step_s": statistics.median(steps)}
-
-
-class NoTokenizer:
-    """The engine only needs eos and a stream decoder; the shared random checkpoint has no tokenizer."""
-    eos_id = None
-
-    def stream(self, errors="replace"):
-        class Quiet:
-            def push(self, ids):
-                return ""
-
-            def flush(self):
-                return ""
-        return Quiet()
 
 
 def text_prompts(tok, batch: int, length: int) -> list[list[int]]:

@@ -46,15 +46,14 @@ def child(opts) -> dict:
     L, N = opts.length, opts.new_tokens
     g = torch.Generator().manual_seed(opts.seed)
     if opts.impl == "ours":
-        from decode import NoTokenizer
-
         import dsv4
         from dsv4.engine import Engine, SamplingParams
+        from dsv4.tokenizers.text import IdsOnly
 
         model = dsv4.from_pretrained(opts.ckpt, device="cpu", dtype=dtype).eval()
         L = min(L, model.args.max_seq_len - N - 1)  # 1M: the prompt and the decoded tokens fill the whole context
         ids = torch.randint(0, model.args.vocab_size, (L,), generator=g).tolist()
-        engine = Engine(model, NoTokenizer(), max_batch=1, max_len=L + N + 1)
+        engine = Engine(model, IdsOnly(), max_batch=1, max_len=L + N + 1)
         base = rss_kb()
         engine.submit(ids, SamplingParams(temperature=0), max_new_tokens=N, ignore_eos=True)
         t0 = time.perf_counter()

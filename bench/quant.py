@@ -39,11 +39,11 @@ CPU_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTI
 
 def child(opts) -> dict:
     import torch
-    from decode import NoTokenizer
 
     import dsv4
     from dsv4.device import resolve_dtype, tune_cpu_allocator
     from dsv4.engine import Engine, SamplingParams
+    from dsv4.tokenizers.text import IdsOnly
 
     watchdog(opts.limit_kb)
     tune_cpu_allocator()
@@ -55,7 +55,7 @@ def child(opts) -> dict:
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     g = torch.Generator().manual_seed(opts.seed)
     prompt = torch.randint(0, model.args.vocab_size, (opts.prompt,), generator=g).tolist()
-    engine = Engine(model, NoTokenizer(), max_batch=1, max_len=opts.prompt + opts.new_tokens + 1,
+    engine = Engine(model, IdsOnly(), max_batch=1, max_len=opts.prompt + opts.new_tokens + 1,
                     prefill_chunk=opts.prompt, speculative=False, compile=True)
     for _ in range(2):  # the first round compiles; the second is timed
         engine.submit(prompt, SamplingParams(temperature=0), max_new_tokens=opts.new_tokens, ignore_eos=True)

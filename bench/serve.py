@@ -36,21 +36,8 @@ async def client(url: str, texts: list[str], max_tokens: int) -> list[dict]:
     out = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         for text in texts:
-            body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            t0, first, tokens = time.perf_counter(), None, 0
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                        first = time.perf_counter()
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-            out.append({"ttft": (first or time.perf_counter()) - t0, "tokens": tokens})
+            r = await streamed(http, text, max_tokens, ignore_eos=False)
+            out.append({"ttft": r["ttft_s"], "tokens": r["usage"]["completion_tokens"] if r["usage"] else 0})
     return out
 
 
@@ -66,11 +53,12 @@ async def level(url: str, n: int, texts: list[str], requests: int, max_tokens: i
             "ttft_p99_s": ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
 
 
-async def streamed(http: httpx.AsyncClient, text: str, max_tokens: int, stamps: list[float] | None = None) -> dict:
-    """One greedy streaming completion -> its time to first token (and, into `stamps`, the arrival time of every
-    text chunk)."""
+async def streamed(http: httpx.AsyncClient, text: str, max_tokens: int, stamps: list[float] | None = None,
+                   ignore_eos: bool = True) -> dict:
+    """One greedy streaming completion -> its time to first token and usage (and, into `stamps`, the arrival time of
+    every text chunk)."""
     body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
     t0, first, usage = time.perf_counter(), None, None
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:

@@ -52,3 +52,23 @@ def test_forward_in_query_blocks_equals_one_block():
     ix.block_size = S
     whole = ix(x, qr, cos, sin)
     assert blocked.shape == (1, S, 4) and torch.equal(blocked.sort(-1).values, whole.sort(-1).values)
+
+
+@torch.no_grad()
+def test_the_scan_warm_up_covers_the_widths_a_context_reaches():
+    """Engine.warm_up compiles the scan blocks a server's context will need: a power-of-two width from the smallest
+    block up to the context's entries (capped at SCAN_BLOCK), only when the scan is compiled (a copy on the instance,
+    as compile_scan leaves it) and the context is long enough to scan at all."""
+    indexer = Indexer(tiny_args())
+    assert indexer.scan_widths(6272, 512) == []  # not compiled
+    calls = []
+
+    def block(q, keys, w, visible, first, best, best_at, ambiguous, sub):
+        calls.append(keys.shape[1])
+        return Indexer.scan_block(q, keys, w, visible, first, best, best_at, ambiguous, sub)
+    indexer.scan_block = block
+    assert indexer.scan_widths(6272, 512) == [1024, 2048, 4096, 8192]
+    assert indexer.scan_widths(10 ** 6, 512) == [1024 << i for i in range(5)]  # up to SCAN_BLOCK = 16384
+    assert indexer.scan_widths(64, 512) == []  # a short context never scans
+    indexer.warm_scan([1024, 2048], torch.float32, "cpu")
+    assert calls == [1024, 2048]

@@ -8,23 +8,11 @@ from hypothesis import strategies as st
 
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
+from dsv4.tokenizers.text import IdsOnly
 from tests.helpers import random_model
 
 GREEDY = SamplingParams(temperature=0)
 CHUNK = 24  # prefill chunk: not a multiple of the HCA ratio (16), so snapshots fall inside and on its windows
-
-
-class NoTokenizer:  # token-id prompts only; the engine needs eos and a stream decoder
-    eos_id = None
-
-    def stream(self, errors="replace"):
-        class Quiet:
-            def push(self, ids):
-                return ""
-
-            def flush(self):
-                return ""
-        return Quiet()
 
 
 MODELS = {}
@@ -66,7 +54,7 @@ def test_restored_state_is_the_prefilled_state(name, speculative):
     model = model_for(name)
     for length in (37, 48, 72):
         prompt = ids(length + 5, length)
-        engine = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative,
+        engine = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative,
                         prefix_cache_gb=0.01)
         req = engine.submit(prompt[:length], GREEDY, max_new_tokens=4, ignore_eos=True)
         while req.prefilling:
@@ -90,9 +78,9 @@ def test_reuse_gives_the_logits_of_no_reuse(speculative):
     chunk end, a repeated prompt (restored one position early) and a prompt that is a prefix of a served one: every
     hit continues as prefilling from scratch does."""
     model = model_for("engram")
-    cached = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative,
+    cached = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative,
                     prefix_cache_gb=0.01)
-    plain = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative)
+    plain = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=CHUNK, speculative=speculative)
     first = ids(61, 1)
     answer = run(cached, first, 10)
     assert_same(answer, run(plain, first, 10))
@@ -120,11 +108,11 @@ def test_tiny_budgets_evict_and_stay_exact(data):
         stem = data.draw(st.sampled_from(stems))
         cut = data.draw(st.integers(1, len(stem)))
         prompts.append(stem[:cut] + ids(data.draw(st.integers(0, 12)), len(prompts) + 100))
-    cached = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=data.draw(st.sampled_from([8, 16, 24])),
+    cached = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=data.draw(st.sampled_from([8, 16, 24])),
                     speculative=speculative, prefix_cache_gb=1e-9)
     one = sum(t[0].numel() * t.element_size() for t in cached.prefix.rings)
     cached.prefix.budget = int(one * data.draw(st.floats(1.1, 6)))
-    plain = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=cached.prefill_chunk, speculative=speculative)
+    plain = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=cached.prefill_chunk, speculative=speculative)
     for a, b in zip(cached.generate(prompts, GREEDY, max_new_tokens=6, ignore_eos=True),
                     plain.generate(prompts, GREEDY, max_new_tokens=6, ignore_eos=True)):
         assert a.token_ids == b.token_ids
@@ -141,9 +129,9 @@ def test_prompts_admitted_together_share_their_first_chunks(speculative):
     waiting one looks again before its first slice, continuing from the chunks the first one saved."""
     model = model_for("tiny")
     prompt = ids(90, 11)
-    engine = Engine(model, NoTokenizer(), max_batch=3, prefill_chunk=24, max_step_tokens=24, speculative=speculative,
+    engine = Engine(model, IdsOnly(), max_batch=3, prefill_chunk=24, max_step_tokens=24, speculative=speculative,
                     prefix_cache_gb=0.01)
-    plain = run(Engine(model, NoTokenizer(), max_batch=1, prefill_chunk=24, speculative=speculative), prompt)
+    plain = run(Engine(model, IdsOnly(), max_batch=1, prefill_chunk=24, speculative=speculative), prompt)
     outs = engine.generate([prompt, prompt, prompt[:80] + ids(5, 12)], GREEDY, max_new_tokens=8, ignore_eos=True,
                            logprobs=3)
     assert_same(outs[0], plain)
@@ -157,5 +145,5 @@ def test_prompts_admitted_together_share_their_first_chunks(speculative):
 def test_a_bad_budget_is_refused():
     with pytest.raises(ValueError, match="budget > 0"):
         from dsv4.engine.prefix import PrefixCache
-        engine = Engine(model_for("tiny"), NoTokenizer(), max_batch=1)
+        engine = Engine(model_for("tiny"), IdsOnly(), max_batch=1)
         PrefixCache(engine.cache, 0, 4, False)

@@ -8,8 +8,9 @@ from dsv4 import ModelArgs
 from dsv4.engine.budget import StepBudget
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
+from dsv4.tokenizers.text import IdsOnly
 from tests.helpers import random_model
-from tests.test_prefix import NoTokenizer, ids
+from tests.test_prefix import ids
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -37,9 +38,9 @@ def test_budgeted_slices_equal_an_unchunked_prefill(speculative):
     an engine that prefills each prompt in one piece."""
     model = random_model(0)
     long, short = ids(150, 7), ids(20, 8)
-    whole = Engine(model, NoTokenizer(), max_batch=1, prefill_chunk=256, speculative=speculative)
+    whole = Engine(model, IdsOnly(), max_batch=1, prefill_chunk=256, speculative=speculative)
     want = [whole.generate([p], GREEDY, max_new_tokens=12, ignore_eos=True)[0] for p in (short, long)]
-    engine = Engine(model, NoTokenizer(), max_batch=2, prefill_chunk=64, max_step_tokens=6, speculative=speculative)
+    engine = Engine(model, IdsOnly(), max_batch=2, prefill_chunk=64, max_step_tokens=6, speculative=speculative)
     first = engine.submit(short, GREEDY, max_new_tokens=12 if not speculative else 40, ignore_eos=True)
     while first.prefilling or first.pending is None:
         engine.step()
@@ -63,13 +64,13 @@ def test_rows_near_the_end_of_the_cache_are_not_padded_past_it():
     padded to that width they would run past the cache; they run on their own, and both answers are right."""
     model = random_model(0)
     a, b = ids(35, 9), ids(30, 10)
-    engine = Engine(model, NoTokenizer(), max_batch=2, max_len=40, prefill_chunk=32, max_step_tokens=32)
+    engine = Engine(model, IdsOnly(), max_batch=2, max_len=40, prefill_chunk=32, max_step_tokens=32)
     first = engine.submit(a, GREEDY, max_new_tokens=4, ignore_eos=True)
     engine.step()
     assert first.pos == 32  # 3 positions left, at 32 of 40
     second = engine.submit(b, GREEDY, max_new_tokens=4, ignore_eos=True)
     while engine.has_work():
         engine.step()
-    alone = Engine(model, NoTokenizer(), max_batch=1, max_len=40, prefill_chunk=64)
+    alone = Engine(model, IdsOnly(), max_batch=1, max_len=40, prefill_chunk=64)
     assert [first.output, second.output] == [c.token_ids for c in alone.generate([a, b], GREEDY, max_new_tokens=4,
                                                                                    ignore_eos=True)]

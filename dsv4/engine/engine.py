@@ -115,11 +115,12 @@ class Engine(Speculation):
         every block width this context reaches (with compile_scan), and with compile=True every step graph (each
         batch size up to 4, one dynamic batch beyond, compressed-entry lengths made dynamic; verify and draft steps
         when speculating). Runs on zeros and on dummy rows whose writes all go to the spare slot. Returns self."""
-        indexer = next((m for m in self.model.modules() if hasattr(m, "warm_scan")), None)
-        if indexer is not None:
+        indexer = next((m for m in self.model.modules() if hasattr(m, "scan_widths")), None)
+        widths = [] if indexer is None else indexer.scan_widths(self.max_len // indexer.ratio, self.prefill_chunk)
+        if widths:
             if progress is not None:
-                progress("compiling the indexer's long-context scan (once; cached on disk)")
-            indexer.warm_scan(self.max_len // indexer.ratio, self.prefill_chunk, self.cache.dtype, self.device)
+                progress("compiling the indexer's long-context scan (the first time; cached on disk)")
+            indexer.warm_scan(widths, self.cache.dtype, self.device)
         if self.compile:
             self._dummy_steps(progress)
         return self
@@ -222,9 +223,8 @@ class Engine(Speculation):
                 for r in (req, req.twin) if req.twin is not None else (req,):
                     r.slot = self.free.pop()
                     self.running.append(r)
-                    self._seed(r)
         prefill = [r for r in self.running if r.prefilling]
-        for r in prefill:  # still waiting for a first slice: snapshots saved since it looked may serve it now
+        for r in prefill:  # before its first slice: from the prefix cache (again if snapshots were saved since)
             self._seed(r)
         # decode: the rows that had a token to run before this step (one that finishes its prompt now samples its first
         # token and runs it at the next step; so does a guided row whose partner finishes now)

@@ -28,7 +28,7 @@ budget.
 import itertools
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,7 +81,7 @@ class PrefixStats:
 class Hit:
     snapshot: Snapshot
     position: int  # the request continues from here: its first `position` prompt tokens are restored
-    hidden: torch.Tensor | None = field(default=None)  # the streams at position - 1 (speculation)
+    hidden: torch.Tensor | None = None  # the streams at position - 1 (speculation)
 
 
 class PrefixCache:
@@ -91,7 +91,7 @@ class PrefixCache:
     def __init__(self, cache: KVCache, budget: int, layers: int, speculative: bool):
         if budget <= 0:
             raise ValueError(f"a prefix cache needs a budget > 0 bytes, got {budget}")
-        self.cache, self.budget, self.layers, self.speculative = cache, budget, layers, speculative
+        self.budget, self.speculative = budget, speculative
         self.rings, self.entry_buffers = cache.slot_state(layers)
         self.snapshots: dict[int, list[Snapshot]] = {}  # by committed
         self.nbytes = 0

@@ -49,10 +49,10 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 def compile_scan(model: nn.Module) -> nn.Module:
     """Every lightning indexer (a module with a `scan_block`) scores its long-context scan blocks through one
-    torch.compile'd copy of its class's `scan_block`: a few fixed block shapes, compiled at the first long prefill,
-    then cached on disk. It fuses the ReLU, the weighted head sum, the mask, the top-k's bookkeeping and the merge
-    into passes over cache-sized pieces of the block instead of a dozen eager passes over all of it. Returns the
-    model."""
+    torch.compile'd copy of its class's `scan_block`: a few fixed block shapes, compiled by Engine.warm_up or else at
+    the first long prefill, then cached on disk. It fuses the ReLU, the weighted head sum, the mask, the top-k's
+    bookkeeping and the merge into passes over cache-sized pieces of the block instead of a dozen eager passes over
+    all of it. Returns the model."""
     for module in model.modules():
         plain = getattr(type(module), "scan_block", None)  # the class's plain function (the instance may hold a copy)
         if plain is not None:

@@ -177,29 +177,30 @@ class Indexer(nn.Module):
             out.append(torch.where(g.best_at < g.visible[..., None], g.best_at, -1)[:, :g.n])
         return torch.cat(out, dim=1)
 
-    @torch.no_grad()
-    def warm_scan(self, entries: int, queries: int, dtype: torch.dtype, device) -> int:
-        """Run this indexer's compiled scan block (compile_scan) once at every block width that chunks of `queries`
-        positions reach in a context of `entries` compressed entries, on zeros, so that a long prefill never stops
-        to compile them (a server's running streams would wait). -> how many widths ran (0: the scan is not
-        compiled, or never used at that length)."""
+    def scan_widths(self, entries: int, queries: int) -> list[int]:
+        """The block widths of this indexer's compiled scan (compile_scan) that chunks of `queries` positions reach in
+        a context of `entries` compressed entries (none when the scan is not compiled, or never used there)."""
         if "scan_block" not in self.__dict__ or queries * self.n_heads * entries <= self.SCAN_ABOVE:
-            return 0
-        nq, k, widths = self.SCAN_QUERIES, self.topk, 0
+            return []
+        widths = [self.SCAN_MIN_BLOCK]
+        while widths[-1] < min(entries, self.SCAN_BLOCK):
+            widths.append(2 * widths[-1])
+        return widths
+
+    @torch.no_grad()
+    def warm_scan(self, widths: list[int], dtype: torch.dtype, device):
+        """Run the compiled scan block once at each of `widths` (`scan_widths`) on zeros, so that a long prefill never
+        stops to compile them (a server's running streams would wait)."""
+        nq, k = self.SCAN_QUERIES, self.topk
         q = torch.zeros(1, nq, self.n_heads, self.head_dim, dtype=dtype, device=device)
         w = torch.zeros(1, nq, self.n_heads, device=device)
         visible = torch.zeros(1, nq, dtype=torch.long, device=device)
         best = torch.full((1, nq, k), float("-inf"), device=device)
         best_at = torch.full((1, nq, k), -1, dtype=torch.long, device=device)
-        width = self.SCAN_MIN_BLOCK
-        while True:
+        for width in widths:
             keys = torch.zeros(1, width, self.head_dim, dtype=dtype, device=device)
             self.scan_block(q, keys, w, visible, torch.tensor(0, device=device), best, best_at,
                             torch.zeros_like(visible, dtype=torch.bool), self.SCAN_SUB)
-            widths += 1
-            if width >= min(entries, self.SCAN_BLOCK):
-                return widths
-            width *= 2
 
     def _block(self, entries: Callable[[int, int], torch.Tensor], j0: int, seen: int) -> torch.Tensor:
         """Entries j0.. of the scan (at most SCAN_BLOCK, and none at or beyond `seen`), zero-padded to the block's

@@ -217,3 +217,18 @@ class Tokenizer:
             ids += piece
             mask += [int(answer)] * len(piece)
         return ids, mask
+
+
+class IdsOnly:
+    """What the engine needs of a tokenizer, for prompts given as token ids when there is no tokenizer (benchmarks
+    and tests on random weights): no end-of-text token, and a stream decoder that shows no text."""
+    eos_id = None
+
+    def stream(self, errors: str = "replace") -> IdsOnly:
+        return self  # (stateless: one serves every request)
+
+    def push(self, ids) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
