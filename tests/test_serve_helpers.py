@@ -197,10 +197,12 @@ def test_validation_errors_name_the_field():
 # ---- the app in-process ----
 @pytest.fixture(scope="module")
 def client(tok):
-    engine = Engine(random_model(0), tok, max_batch=2, max_len=64, compile_scan=False)
-    with TestClient(create_app(engine, "m", api_key="k", shutdown_timeout=1)) as client:
-        client.engine = engine
+    with TestClient(create_app(app_engine(tok), "m", api_key="k", shutdown_timeout=1)) as client:
         yield client
+
+
+def app_engine(tok) -> Engine:
+    return Engine(random_model(0), tok, max_batch=2, max_len=64, compile_scan=False)
 
 
 AUTH = {"Authorization": "Bearer k"}
@@ -227,12 +229,13 @@ def test_every_kind_of_error_is_an_openai_error_body(client):
     assert client.get("/health").json() == {"status": "ok", "model": "m", "running": 0, "waiting": 0}
 
 
-def test_completion_and_its_stream_agree_and_the_stream_is_framed(client):
+def test_completion_and_its_stream_agree_and_the_stream_is_framed(client, tok):
     body = {"model": "m", "prompt": "def f", "max_tokens": 5, "temperature": 0}
     r = client.post("/v1/completions", headers=AUTH, json=body)
     assert r.status_code == 200
     text = r.json()["choices"][0]["text"]
-    want = client.engine.generate(["def f"], SamplingParams(temperature=0), max_new_tokens=5)[0].text
+    # (a twin engine: the server's own is stepped by its runner thread, which would race a second driver)
+    want = app_engine(tok).generate(["def f"], SamplingParams(temperature=0), max_new_tokens=5)[0].text
     assert text == want and r.json()["usage"]["completion_tokens"] <= 5
     r = client.post("/v1/completions", headers=AUTH, json={**body, "stream": True,
                                                            "stream_options": {"include_usage": True}})
